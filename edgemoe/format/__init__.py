@@ -1,0 +1,1 @@
+"""The edgemoe model directory: a trunk GGUF, one GGUF per (layer, expert), and a manifest."""

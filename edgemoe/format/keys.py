@@ -1,0 +1,13 @@
+"""The edgemoe.* metadata namespace added to every trunk and expert GGUF (see docs/FORMAT.md)."""
+
+FORMAT_VERSION = "edgemoe.format_version"
+ROLE = "edgemoe.role"  # "trunk" or "expert"
+SOURCE_SHA256 = "edgemoe.source.sha256"
+N_LAYERS = "edgemoe.n_layers"
+N_EXPERTS = "edgemoe.n_experts"
+N_EXPERTS_USED = "edgemoe.n_experts_used"
+EXPERT_LAYER = "edgemoe.expert.layer"
+EXPERT_INDEX = "edgemoe.expert.index"
+
+ROLE_TRUNK = "trunk"
+ROLE_EXPERT = "expert"

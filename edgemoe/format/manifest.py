@@ -1,0 +1,121 @@
+"""`manifest.json`: what a converted model directory holds, with the size and sha256 of every file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgemoe.errors import UserError
+
+FORMAT_NAME = "edgemoe"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TRUNK_NAME = "trunk.gguf"
+EXPERTS_DIR = "experts"
+
+_HASH_CHUNK = 8 << 20
+
+
+def expert_file_name(layer: int, expert: int) -> str:
+    """Path of one expert's shard, relative to the model directory."""
+    return f"{EXPERTS_DIR}/blk.{layer:03d}.expert.{expert:03d}.gguf"
+
+
+def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+@dataclass
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    architecture: str
+    source_file: str
+    source_sha256: str
+    source_size: int
+    n_layers: int
+    n_experts: int
+    n_experts_used: int
+    moe_layers: list[int]
+    expert_tensors: list[str]  # per-layer parts, e.g. ["gate", "up", "down"]
+    shared_expert: bool
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["files"] = {k: asdict(v) for k, v in sorted(self.files.items())}
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise UserError(f"not an edgemoe manifest (format {d.get('format')!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"manifest format version {d.get('format_version')} is not supported (this edgemoe reads {FORMAT_VERSION})")
+        try:
+            files = {k: FileEntry(int(v["size"]), str(v["sha256"])) for k, v in d["files"].items()}
+            return cls(**{**d, "files": files})
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"malformed manifest ({type(e).__name__}: {e})") from None
+
+    def expert_files(self) -> list[tuple[int, int, str]]:
+        return [(l, e, expert_file_name(l, e)) for l in self.moe_layers for e in range(self.n_experts)]
+
+
+def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    path = Path(model_dir) / MANIFEST_NAME
+    if not Path(model_dir).is_dir():
+        raise UserError(f"{model_dir}: not a directory")
+    if not path.is_file():
+        raise UserError(f"{model_dir}: not an edgemoe model directory (no {MANIFEST_NAME})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: malformed manifest (not a JSON object)")
+    return Manifest.from_dict(data)
+
+
+def manifest_hash(model_dir: str | os.PathLike[str]) -> str:
+    """Identity of a converted model: sha256 of its manifest (which pins every file's sha256)."""
+    return sha256_file(Path(model_dir) / MANIFEST_NAME)
+
+
+def verify_model_dir(model_dir: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> list[str]:
+    """Re-check every file against the manifest; returns one message per mismatch (empty: all good)."""
+    m = load_manifest(model_dir)
+    root = Path(model_dir)
+    problems: list[str] = []
+    for rel, entry in sorted(m.files.items()):
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = p.stat().st_size
+        if size != entry.size:
+            problems.append(f"{rel}: size {size}, manifest says {entry.size}")
+            if progress is not None:
+                progress(entry.size)
+            continue
+        digest = sha256_file(p, progress)
+        if digest != entry.sha256:
+            problems.append(f"{rel}: sha256 {digest}, manifest says {entry.sha256}")
+    return problems

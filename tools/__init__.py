@@ -1,0 +1,1 @@
+"""Tools that produce edgemoe model directories and test models."""

@@ -1,0 +1,147 @@
+"""Inspect a source GGUF and decide what goes where; every check on the input happens here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.gguf_reader import ReaderTensor
+
+from edgemoe.errors import UserError
+from edgemoe.format.arch import ARCHITECTURES, MoeArch, parse_expert_tensor_name
+from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
+from edgemoe.format.manifest import TRUNK_NAME, expert_file_name
+
+
+@dataclass
+class StackedExpertTensor:
+    """One `blk.L.ffn_<part>_exps.<kind>` tensor; expert e is bytes [e*slice_nbytes, (e+1)*slice_nbytes)."""
+
+    name: str
+    layer: int
+    part: str
+    kind: str
+    tensor: ReaderTensor
+    ne: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+
+    @property
+    def slice_nbytes(self) -> int:
+        return int(self.tensor.n_bytes) // self.ne[-1]
+
+    @property
+    def slice_ne(self) -> tuple[int, ...]:
+        return self.ne[:-1]
+
+
+@dataclass
+class ConversionPlan:
+    src: Path
+    reader: GGUFReader
+    arch: MoeArch
+    name: str
+    n_layers: int
+    n_experts: int
+    n_experts_used: int
+    trunk_tensors: list[ReaderTensor]
+    experts: dict[int, list[StackedExpertTensor]] = field(default_factory=dict)  # layer -> its stacked tensors
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self.experts)
+
+    @property
+    def expert_parts(self) -> list[str]:
+        first = self.experts[self.moe_layers[0]]
+        return [t.part for t in first if t.kind == "weight"]
+
+    def trunk_nbytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.trunk_tensors)
+
+    def expert_nbytes(self, layer: int) -> int:
+        return sum(t.slice_nbytes for t in self.experts[layer])
+
+    def files(self) -> list[tuple[str, int]]:
+        """(relative path, tensor bytes) of every file to write."""
+        out = [(TRUNK_NAME, self.trunk_nbytes())]
+        for layer in self.moe_layers:
+            size = self.expert_nbytes(layer)
+            out.extend((expert_file_name(layer, e), size) for e in range(self.n_experts))
+        return out
+
+    def total_nbytes(self) -> int:
+        return sum(size for _, size in self.files())
+
+
+_PART_ORDER = {"gate": 0, "up": 1, "gate_up": 1, "down": 2}
+
+
+def plan_conversion(src: str | os.PathLike[str]) -> ConversionPlan:
+    """Validate the source and lay out the conversion. Raises UserError on any bad input."""
+    src = Path(src)
+    reader = open_gguf(src)
+    arch_name = get_str(reader, "general.architecture")
+    if arch_name is None:
+        raise UserError(f"{src}: no general.architecture key; not a llama.cpp model file")
+
+    stacked: dict[int, list[StackedExpertTensor]] = {}
+    trunk: list[ReaderTensor] = []
+    for t in reader.tensors:
+        parsed = parse_expert_tensor_name(t.name)
+        if parsed is None:
+            trunk.append(t)
+            continue
+        layer, part, kind = parsed
+        stacked.setdefault(layer, []).append(
+            StackedExpertTensor(t.name, layer, part, kind, t, tensor_ne(t), GGMLQuantizationType(int(t.tensor_type)))
+        )
+
+    n_experts = get_int(reader, f"{arch_name}.expert_count")
+    if not stacked or not n_experts:
+        raise UserError(f"{src}: a dense model ({arch_name}, no routed expert tensors); only MoE models can be split")
+    arch = ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise UserError(f"{src}: unsupported architecture '{arch_name}' (supported: {', '.join(sorted(ARCHITECTURES))})")
+    n_layers = get_int(reader, f"{arch_name}.block_count")
+    n_used = get_int(reader, f"{arch_name}.expert_used_count")
+    if not n_layers or not n_used:
+        raise UserError(f"{src}: missing {arch_name}.block_count or {arch_name}.expert_used_count")
+
+    for layer in range(n_layers):
+        tensors = stacked.get(layer, [])
+        weights = {t.part for t in tensors if t.kind == "weight"}
+        if weights not in arch.expert_weight_sets:
+            wanted = " or ".join("{" + ", ".join(f"ffn_{p}_exps" for p in sorted(s)) + "}" for s in arch.expert_weight_sets)
+            have = ", ".join(sorted(f"ffn_{p}_exps" for p in weights)) or "none"
+            raise UserError(f"{src}: layer {layer} has expert tensors [{have}]; {arch_name} needs {wanted}")
+        for t in tensors:
+            if len(t.ne) < 2 or t.ne[-1] != n_experts:
+                raise UserError(f"{src}: tensor {t.name} has shape {list(t.ne)}; its last dimension must be the expert count {n_experts}")
+            if int(t.tensor.n_bytes) % n_experts:
+                raise UserError(f"{src}: tensor {t.name} ({t.tensor.n_bytes} bytes) does not split evenly into {n_experts} experts")
+        _check_expert_shapes(src, layer, tensors)
+        tensors.sort(key=lambda t: (t.kind != "weight", _PART_ORDER.get(t.part, 9), t.part))
+    extra = sorted(set(stacked) - set(range(n_layers)))
+    if extra:
+        raise UserError(f"{src}: expert tensors for layer {extra[0]}, but the model has {n_layers} layers")
+
+    name = get_str(reader, "general.name") or src.stem
+    return ConversionPlan(src, reader, arch, name, n_layers, n_experts, n_used, trunk, stacked)
+
+
+def _check_expert_shapes(src: Path, layer: int, tensors: list[StackedExpertTensor]) -> None:
+    """gate/up map n_embd -> n_ff, down maps n_ff -> n_embd; a mismatch means a broken file."""
+    w = {t.part: t.ne for t in tensors if t.kind == "weight"}
+    down = w["down"]
+    if len(down) != 3:
+        raise UserError(f"{src}: blk.{layer}.ffn_down_exps.weight has shape {list(down)}; expected [n_ff, n_embd, n_expert]")
+    n_ff, n_embd = down[0], down[1]
+    expected = {"gate": (n_embd, n_ff), "up": (n_embd, n_ff), "gate_up": (n_embd, 2 * n_ff)}
+    for part, ne in w.items():
+        if part in expected and tuple(ne[:2]) != expected[part]:
+            raise UserError(
+                f"{src}: blk.{layer}.ffn_{part}_exps.weight has shape {list(ne)}; "
+                f"expected {[*expected[part], down[2]]} to match ffn_down_exps {list(down)}"
+            )
