@@ -1,0 +1,80 @@
+"""Where routed experts are computed: one small interface, an in-process implementation.
+
+The engine hands a backend the FFN inputs of one MoE layer and the router's choices; the backend
+returns every selected expert's output. The cluster runtime is another backend.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.format.manifest import expert_file_name
+from edgemoe.ggml import Compute
+from edgemoe.model.expert_ffn import ExpertFFN, MappedShard, ShardLayout
+
+
+@dataclass
+class ExpertStats:
+    calls: int = 0
+    tokens: int = 0
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    bytes_loaded: int = 0
+
+
+class ExpertBackend(ABC):
+    """Computes routed experts. Subclasses implement compute(); compute_layer() groups tokens by expert."""
+
+    stats: ExpertStats
+
+    @abstractmethod
+    def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
+        """hidden: float32 [n, n_embd] (the FFN-normed inputs) -> float32 [n, n_embd]."""
+
+    def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> np.ndarray:
+        """hidden [T, n_embd], selected int32 [T, k] -> outputs float32 [T, k, n_embd] (unweighted)."""
+        n_tok, k = selected.shape
+        out = np.empty((n_tok, k, hidden.shape[1]), dtype=np.float32)
+        for expert in np.unique(selected):
+            tok, slot = np.nonzero(selected == expert)
+            out[tok, slot] = self.compute(layer, int(expert), np.ascontiguousarray(hidden[tok]))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class LocalExperts(ExpertBackend):
+    """In-process: map the shard, compute, unmap. No expert stays resident between calls."""
+
+    def __init__(self, model_dir: str | Path, compute: Compute) -> None:
+        self.model_dir = Path(model_dir)
+        self.ffn = ExpertFFN(compute)
+        self._layouts: dict[tuple[int, int], ShardLayout] = {}
+        self.stats = ExpertStats()
+
+    def layout(self, layer: int, expert: int) -> ShardLayout:
+        key = (layer, expert)
+        if key not in self._layouts:
+            self._layouts[key] = ShardLayout.read(self.model_dir / expert_file_name(layer, expert))
+        return self._layouts[key]
+
+    def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        layout = self.layout(layer, expert)
+        with MappedShard(layout) as shard:
+            t1 = time.perf_counter()
+            out = self.ffn.run(shard, hidden)
+        t2 = time.perf_counter()
+        s = self.stats
+        s.calls += 1
+        s.tokens += hidden.shape[0]
+        s.load_s += t1 - t0
+        s.compute_s += t2 - t1
+        s.bytes_loaded += layout.size
+        return out

@@ -1,0 +1,204 @@
+"""The trunk's ggml graph: everything but the routed experts, op for op as llama.cpp builds it.
+
+Each function adds the nodes of one block to a graph context, mirroring llama.cpp's
+llm_graph_context (build_norm, build_qkv, build_attn with flash attention, build_moe_ffn's
+router and weighting, build_ffn). Matching the op sequence, shapes and types is what makes the
+results equal to llama.cpp's: the same ggml kernels run on the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemoe.ggml import Context, GGMLType, TensorPtr, lib
+from edgemoe.ggml.context import aligned_empty
+from edgemoe.ggml.lib import GGMLPrec
+from edgemoe.model.config import ModelConfig
+from edgemoe.model.weights import GGUFTensors
+
+_YARN_BETA_FAST = 32.0  # llama.cpp hparams defaults; only used by YaRN, which edgemoe refuses
+_YARN_BETA_SLOW = 1.0
+_WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16
+
+
+class KVCache:
+    """F32 K and V per layer, [n_ctx, n_embd_kv] each, not transposed (flash-attention layout)."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int) -> None:
+        self.n_ctx = n_ctx
+        self.k = [aligned_empty((n_ctx, cfg.n_embd_kv)) for _ in range(cfg.n_layer)]
+        self.v = [aligned_empty((n_ctx, cfg.n_embd_kv)) for _ in range(cfg.n_layer)]
+        self.clear()
+
+    def clear(self) -> None:
+        for a in (*self.k, *self.v):
+            a.fill(0.0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.k, *self.v))
+
+
+@dataclass
+class StepInputs:
+    """Per-eval inputs shared by every segment, as numpy arrays the graphs view."""
+
+    tokens: np.ndarray  # int32 [T]
+    pos: np.ndarray  # int32 [T]
+    kv_idx: np.ndarray  # int64 [T]: cache rows the new K/V go to
+    mask: np.ndarray  # float16 [T, n_kv]: 0 where visible, -inf elsewhere
+    out_ids: np.ndarray  # int32 [n_out]: rows whose output is needed after the last layer
+
+    @property
+    def n_kv(self) -> int:
+        return self.mask.shape[1]
+
+
+class Trunk:
+    """Graph builders over the trunk's weights; one instance per loaded model."""
+
+    def __init__(self, cfg: ModelConfig, weights: GGUFTensors, kv: KVCache) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.kv = kv
+        self.output = weights.get("output.weight") or weights.require("token_embd.weight")
+
+    def is_moe_layer(self, il: int) -> bool:
+        return f"blk.{il}.ffn_gate_inp.weight" in self.w
+
+    def _lw(self, il: int, name: str) -> TensorPtr | None:
+        return self.w.get(f"blk.{il}.{name}")
+
+    # building blocks -------------------------------------------------------------------------
+    def norm(self, ctx: Context, x: TensorPtr, weight: TensorPtr) -> TensorPtr:
+        return ctx.mul(ctx.rms_norm(x, self.cfg.rms_eps), weight)
+
+    def embed(self, ctx: Context, inp: StepInputs) -> TensorPtr:
+        return ctx.get_rows(self.w.require("token_embd.weight"), ctx.from_numpy(inp.tokens))
+
+    def attention(self, ctx: Context, graph, il: int, x: TensorPtr, inp: StepInputs) -> TensorPtr:
+        """attn_norm -> q/k/v (+bias, q/k norm) -> RoPE -> KV store -> flash attention -> wo."""
+        cfg, tr = self.cfg, self.cfg.traits
+        n_tok = x.contents.ne[1]
+        cur = self.norm(ctx, x, self._lw(il, "attn_norm.weight"))
+
+        def proj(name: str) -> TensorPtr:
+            t = ctx.mul_mat(self._lw(il, f"attn_{name}.weight"), cur)
+            b = self._lw(il, f"attn_{name}.bias")
+            return ctx.add(t, b) if b is not None else t
+
+        q, k, v = proj("q"), proj("k"), proj("v")
+        if tr.qk_norm == "full":  # olmoe: norm over the whole projection, before the head split
+            q = self.norm(ctx, q, self._lw(il, "attn_q_norm.weight"))
+            k = self.norm(ctx, k, self._lw(il, "attn_k_norm.weight"))
+        q = ctx.reshape_3d(q, cfg.head_dim, cfg.n_head, n_tok)
+        k = ctx.reshape_3d(k, cfg.head_dim, cfg.n_head_kv, n_tok)
+        v = ctx.reshape_3d(v, cfg.head_dim, cfg.n_head_kv, n_tok)
+        if tr.qk_norm == "head":  # qwen3moe: norm per head
+            q = self.norm(ctx, q, self._lw(il, "attn_q_norm.weight"))
+            k = self.norm(ctx, k, self._lw(il, "attn_k_norm.weight"))
+        pos = ctx.from_numpy(inp.pos)
+        rope = (cfg.rope_dims, tr.rope_type, cfg.n_ctx_train, cfg.rope_freq_base, cfg.rope_freq_scale,
+                0.0, 1.0, _YARN_BETA_FAST, _YARN_BETA_SLOW)
+        q = ctx.rope_ext(q, pos, None, *rope)
+        k = ctx.rope_ext(k, pos, None, *rope)
+        for t in (q, v, k):  # llama.cpp's expansion order
+            lib.ggml_build_forward_expand(graph, t)
+
+        # store this step's K/V into the cache rows, then attend over the first n_kv cells
+        kc = ctx.from_numpy(self.kv.k[il])
+        vc = ctx.from_numpy(self.kv.v[il])
+        idx = ctx.from_numpy(inp.kv_idx)
+        lib.ggml_build_forward_expand(graph, ctx.set_rows(kc, ctx.view_2d(k, cfg.n_embd_kv, n_tok, k.contents.nb[2], 0), idx))
+        lib.ggml_build_forward_expand(graph, ctx.set_rows(vc, ctx.view_2d(v, cfg.n_embd_kv, n_tok, v.contents.nb[2], 0), idx))
+        row = 4 * cfg.head_dim
+        n_kv, n_ctx = inp.n_kv, self.kv.n_ctx
+        kview = ctx.view_4d(kc, cfg.head_dim, cfg.n_head_kv, n_kv, 1, row, 4 * cfg.n_embd_kv, 4 * cfg.n_embd_kv * n_ctx, 0)
+        vview = ctx.view_4d(vc, cfg.head_dim, cfg.n_head_kv, n_kv, 1, row, 4 * cfg.n_embd_kv, 4 * cfg.n_embd_kv * n_ctx, 0)
+
+        qc = q.contents
+        q = ctx.view_4d(q, qc.ne[0], qc.ne[1], qc.ne[2], 1, qc.nb[1], qc.nb[2], qc.nb[2] * qc.ne[2], 0)
+        q = ctx.permute(q, 0, 2, 1, 3)
+        kp = ctx.cast(ctx.permute(kview, 0, 2, 1, 3), GGMLType.F16)  # F32 cache: llama.cpp casts for FA
+        vp = ctx.cast(ctx.permute(vview, 0, 2, 1, 3), GGMLType.F16)
+        mask = ctx.from_numpy(inp.mask)
+        att = ctx.flash_attn_ext(q, kp, vp, mask, cfg.kq_scale, 0.0, 0.0)
+        lib.ggml_flash_attn_ext_set_n_kv_max(att, 0)
+        lib.ggml_prec_set_acc(att, GGMLPrec.F32)
+        ac = att.contents
+        cur = ctx.reshape_2d(att, ac.ne[0] * ac.ne[1], ac.ne[2] * ac.ne[3])
+        cur = ctx.mul_mat(self._lw(il, "attn_output.weight"), cur)
+        wo_b = self._lw(il, "attn_output.bias")
+        return ctx.add(cur, wo_b) if wo_b is not None else cur
+
+    def router(self, ctx: Context, il: int, cur: TensorPtr) -> tuple[TensorPtr, TensorPtr]:
+        """Softmax gating, top-k, and the selected experts' weights: (selected [k,T] i32, weights [1,k,T])."""
+        cfg = self.cfg
+        n_tok = cur.contents.ne[1]
+        logits = ctx.mul_mat(self._lw(il, "ffn_gate_inp.weight"), cur)
+        probs = ctx.soft_max(logits)
+        b = self._lw(il, "exp_probs_b.bias")
+        selection = ctx.add(probs, b) if b is not None else probs
+        selected = ctx.argsort_top_k(selection, cfg.n_expert_used)
+        weights = ctx.get_rows(ctx.reshape_3d(probs, 1, cfg.n_expert, n_tok), selected)
+        if cfg.traits.norm_topk:
+            w2 = ctx.reshape_2d(weights, cfg.n_expert_used, n_tok)
+            total = ctx.clamp(ctx.sum_rows(w2), _WEIGHT_SUM_MIN, float("inf"))
+            weights = ctx.reshape_3d(ctx.div(w2, total), 1, cfg.n_expert_used, n_tok)
+        if cfg.expert_weights_scale not in (0.0, 1.0):
+            weights = ctx.scale(weights, cfg.expert_weights_scale)
+        return selected, weights
+
+    def ffn(self, ctx: Context, cur: TensorPtr, up: TensorPtr, gate: TensorPtr, down: TensorPtr,
+            biases: tuple[TensorPtr | None, ...] = (None, None, None)) -> TensorPtr:
+        """SwiGLU FFN with parallel gate (llama.cpp build_ffn, LLM_FFN_SILU + LLM_FFN_PAR)."""
+        up_b, gate_b, down_b = biases
+        tmp = ctx.mul_mat(up, cur)
+        if up_b is not None:
+            tmp = ctx.add(tmp, up_b)
+        g = ctx.mul_mat(gate, cur)
+        if gate_b is not None:
+            g = ctx.add(g, gate_b)
+        out = ctx.mul_mat(down, ctx.swiglu_split(g, tmp))
+        return ctx.add(out, down_b) if down_b is not None else out
+
+    def dense_ffn(self, ctx: Context, il: int, cur: TensorPtr) -> TensorPtr:
+        lw = lambda n: self._lw(il, n)  # noqa: E731
+        return self.ffn(ctx, cur, lw("ffn_up.weight"), lw("ffn_gate.weight"), lw("ffn_down.weight"),
+                        (lw("ffn_up.bias"), lw("ffn_gate.bias"), lw("ffn_down.bias")))
+
+    def shared_expert(self, ctx: Context, il: int, cur: TensorPtr) -> TensorPtr:
+        """qwen2moe: sigmoid(gate_inp_shexp . x) * FFN_shexp(x); sigmoid computed as silu(g)/g like llama.cpp."""
+        g = ctx.mul_mat(self._lw(il, "ffn_gate_inp_shexp.weight"), cur)
+        gate = ctx.div(ctx.silu(g), g)
+        ffn = self.ffn(ctx, cur, self._lw(il, "ffn_up_shexp.weight"), self._lw(il, "ffn_gate_shexp.weight"),
+                       self._lw(il, "ffn_down_shexp.weight"))
+        return ctx.mul(ffn, gate)
+
+    def moe_combine(self, ctx: Context, graph, experts: TensorPtr, weights: TensorPtr) -> TensorPtr:
+        """Weighted sum of the k expert outputs, added in rank order (llama.cpp's exact order)."""
+        weighted = ctx.mul(experts, weights)
+        lib.ggml_build_forward_expand(graph, weighted)
+        c = weighted.contents
+        n_embd, k, n_tok = c.ne[0], c.ne[1], c.ne[2]
+        views = [ctx.view_2d(weighted, n_embd, n_tok, c.nb[2], i * c.nb[1]) for i in range(k)]
+        for v in views:
+            lib.ggml_build_forward_expand(graph, v)
+        out = views[0]
+        for v in views[1:]:
+            out = ctx.add(out, v)
+            lib.ggml_build_forward_expand(graph, out)
+        return ctx.cont(out) if k == 1 else out
+
+    def head(self, ctx: Context, x: TensorPtr) -> TensorPtr:
+        return ctx.mul_mat(self.output, self.norm(ctx, x, self.w.require("output_norm.weight")))
+
+    def activation_bytes(self, n_tok: int, n_kv: int, n_out: int) -> int:
+        """A safe upper bound on one segment's context memory (ggml aborts if it runs out)."""
+        c = self.cfg
+        wide = max(c.n_embd, c.n_embd_q)
+        per_tok = 4 * (32 * wide + 6 * max(c.n_ff, c.n_ff_exp, 1) + 8 * max(c.n_expert, 1) + 3 * max(c.n_expert_used, 1) * c.n_embd)
+        fa = 2 * 2 * n_kv * c.n_embd_kv + 4 * c.n_head * n_tok * 64  # f16 K/V copies, FA scratch
+        return int(1.5 * (n_tok * per_tok + fa + 4 * n_out * (c.n_vocab + c.n_embd))) + (1 << 20)
