@@ -25,6 +25,7 @@ _CTX_FUNCTIONS = {
 _NP_DTYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.I32: np.int32, GGMLType.I64: np.int64}
 _GGML_TYPES = {np.dtype(v): k for k, v in _NP_DTYPES.items()}
 GRAPH_SIZE = 8192
+_VIEW_TENSORS = 256  # outside-memory tensors per compute context (weights are viewed by the weights context)
 
 
 class Context:
@@ -39,17 +40,23 @@ class Context:
         if not self.ptr:
             raise MemoryError(f"ggml_init failed for {mem_size} bytes")
         self._keep: list[Any] = []  # Python objects whose memory tensors point into
+        self._alloc = alloc
+        self._views: int | None = None  # no-alloc companion context for tensors over outside memory
 
     @staticmethod
     def overhead(n_tensors: int, graph_size: int = GRAPH_SIZE) -> int:
         """Bytes of context memory for n_tensors tensor headers plus one graph."""
-        return n_tensors * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(graph_size, False) + 1024
+        graph = lib.ggml_graph_overhead_custom(graph_size, False) if graph_size else 0
+        return n_tensors * lib.ggml_tensor_overhead() + graph + 1024
 
     def close(self) -> None:
         if self.ptr:
             lib.ggml_free(self.ptr)
             self.ptr = None
-            self._keep.clear()
+        if self._views:
+            lib.ggml_free(self._views)
+            self._views = None
+        self._keep.clear()
 
     def __enter__(self) -> "Context":
         return self
@@ -81,7 +88,17 @@ class Context:
         """A tensor over memory that ggml does not own (an mmapped GGUF, a numpy array)."""
         if address % 32:
             raise ValueError(f"tensor {name or ''} data is not 32-byte aligned")
-        t = self.new(ggml_type, *ne, name=name)
+        ctx = self.ptr
+        if self._alloc:  # headers only: the data lives elsewhere
+            if self._views is None:
+                self._views = lib.ggml_init(ggml_init_params(Context.overhead(_VIEW_TENSORS, 0), None, True))
+            ctx = self._views
+        arr = (ctypes.c_int64 * len(ne))(*ne)
+        t = lib.ggml_new_tensor(ctx, int(ggml_type), len(ne), arr)
+        if not t:
+            raise MemoryError("ggml context out of memory")
+        if name:
+            lib.ggml_set_name(t, name.encode())
         t.contents.data = address
         if owner is not None:
             self._keep.append(owner)

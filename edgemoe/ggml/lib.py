@@ -13,6 +13,9 @@ from ctypes import POINTER, c_bool, c_char, c_char_p, c_float, c_int, c_int32, c
 
 import llama_cpp
 
+# A failed ggml assert aborts the process; without this it first attaches gdb to print a backtrace.
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
 EXPECTED_GGML_VERSION = "0.25.3"
 GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10

@@ -176,8 +176,8 @@ class Engine:
                     lib.ggml_build_forward_expand(graph, t)
                 self.compute.run(graph)
                 n_rows = ffn_inp.contents.ne[1]
-                sel = np.ascontiguousarray(to_numpy(selected).reshape(n_rows, cfg.n_expert_used))
-                hidden = np.ascontiguousarray(to_numpy(normed).reshape(n_rows, cfg.n_embd))
+                sel = np.array(to_numpy(selected).reshape(n_rows, cfg.n_expert_used), dtype=np.int32)
+                hidden = np.array(to_numpy(normed).reshape(n_rows, cfg.n_embd), dtype=np.float32)
                 pending = _MoEPending(
                     ffn_inp=aligned_copy(to_numpy(ffn_inp).reshape(n_rows, cfg.n_embd)),
                     experts=np.empty(0),

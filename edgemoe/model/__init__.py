@@ -1,0 +1,1 @@
+"""Model layer: per-architecture config, trunk graph, expert FFN, KV cache, tokenizer, sampling."""

@@ -1,0 +1,295 @@
+"""llama.cpp as the numeric reference: logits, greedy traces and expert routing for tests/benchmarks.
+
+Uses llama-cpp-python's low-level ctypes API, configured so that llama.cpp runs the same ggml
+CPU kernels that edgemoe calls itself (no weight repacking, f32 KV cache, whole prompt in one
+ubatch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import llama_cpp
+import numpy as np
+
+from edgemoe.util import proc
+from edgemoe.util.llamacpp import init_llama, load_model, meta_str, tokenize
+
+GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26
+_TOPK_NAME = re.compile(rb"^ffn_moe_topk-(\d+)$")
+
+
+class GgmlTensor(ctypes.Structure):
+    """`struct ggml_tensor` (ggml.h of the bundled llama.cpp), enough to read a CPU tensor."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+assert ctypes.sizeof(GgmlTensor) == 336  # GGML_TENSOR_SIZE on 64-bit builds
+
+
+@dataclass
+class Trace:
+    """One greedy generation: chosen tokens, the logits they came from, routing and timings."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)  # generated
+    logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # [n_steps, n_vocab]
+    routing: list[np.ndarray] = field(default_factory=list)  # per eval: [n_layer, n_tokens, k]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def n_decode_steps(self) -> int:
+        """Single-token decode calls (the first generated token comes from the prompt batch)."""
+        return max(len(self.tokens) - 1, 0)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens per second of the prompt batch."""
+        return len(self.prompt_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second over the single-token decode steps."""
+        return self.n_decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class LlamaCppReference:
+    """A llama.cpp model + context on CPU, evaluated batch by batch through llama_decode."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_ctx: int = 512,
+        n_threads: int = 2,
+        kv_f32: bool = True,
+        flash_attn: bool = True,
+        extra_bufts: bool = False,
+        capture_routing: bool = False,
+    ) -> None:
+        init_llama()
+        self._model: int | None = None
+        self._ctx: int | None = None
+        self._batch: llama_cpp.llama_batch | None = None
+
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        # This version replaced `use_mmap`/`use_mlock` with `load_mode`.
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        # Repacked (extra buffer type) weights run different kernels than edgemoe's ggml calls.
+        mp.use_extra_bufts = extra_bufts
+        self._model = load_model(model_path, mp)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(self._model)
+        self.arch: str = meta_str(self._model, "general.architecture") or ""
+        self.n_expert: int = int(meta_str(self._model, f"{self.arch}.expert_count") or 0)
+        self.n_expert_used: int = int(meta_str(self._model, f"{self.arch}.expert_used_count") or 0)
+        self.n_ctx = n_ctx
+
+        self._capture = capture_routing
+        self._seen: dict[int, np.ndarray] = {}  # layer -> [n_rows, k] of the current decode
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = n_ctx  # the whole prompt in one ubatch: one graph, like edgemoe's prefill
+        cp.n_seq_max = 1
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads
+        if kv_f32:
+            cp.type_k = GGML_TYPE_F32
+            cp.type_v = GGML_TYPE_F32
+        cp.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cp.no_perf = False
+        cp.offload_kqv = False
+        cp.op_offload = False
+        if capture_routing:
+            # Kept on self: llama.cpp holds only the raw function pointer.
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_cb)
+            cp.cb_eval = self._cb
+            cp.cb_eval_user_data = None
+        ctx = llama_cpp.llama_init_from_model(self._model, cp)
+        if not ctx:
+            self.close()
+            raise RuntimeError(f"llama_init_from_model failed for {model_path} (n_ctx={n_ctx})")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.n_past = 0
+        self.routing: list[np.ndarray] = []  # one entry per eval() when capture_routing
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the batch, context and model (idempotent)."""
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaCppReference:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be gone
+            pass
+
+    # -- routing capture -------------------------------------------------------------------------
+
+    def _eval_cb(self, t_ptr: int, ask: bool, user_data: int) -> bool:
+        """ggml_backend_sched_eval_callback: ask for and copy every `ffn_moe_topk-<il>` tensor."""
+        t = GgmlTensor.from_address(t_ptr)
+        m = _TOPK_NAME.match(t.name)
+        if ask:
+            return m is not None
+        if m is None:
+            return True
+        if t.type != GGML_TYPE_I32 or not t.data:
+            return True
+        # A strided view of the argsort result: ne = [k, n_rows], nb[1] = n_expert * 4.
+        ne0, ne1 = int(t.ne[0]), int(t.ne[1])
+        nb0, nb1 = int(t.nb[0]), int(t.nb[1])
+        span = (ne1 - 1) * nb1 + ne0 * nb0 if ne1 > 0 else 0
+        raw = (ctypes.c_char * span).from_address(t.data)
+        arr = np.ndarray((ne1, ne0), dtype=np.int32, buffer=raw, strides=(nb1, nb0)).copy()
+        self._seen[int(m.group(1))] = arr
+        return True  # keep computing
+
+    def _collect_routing(self, n_tokens: int, out_rows: list[int]) -> np.ndarray:
+        """[n_layer, n_tokens, k] from the tensors seen in the last decode (-1 where none)."""
+        k = self.n_expert_used or max((a.shape[1] for a in self._seen.values()), default=0)
+        r = np.full((self.n_layer, n_tokens, k), -1, dtype=np.int32)
+        for il, arr in self._seen.items():
+            if arr.shape[0] == n_tokens:
+                r[il] = arr
+            elif arr.shape[0] == len(out_rows):
+                # llama.cpp drops non-output rows before the last layer's FFN (inp_out_ids), so
+                # that layer only routes the tokens whose logits were requested.
+                r[il, out_rows] = arr
+        self._seen = {}
+        return r
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """llama_tokenize with this model's vocabulary."""
+        return tokenize(self._vocab, text, add_special, parse_special)
+
+    def is_eog(self, tok: int) -> bool:
+        """Whether tok ends generation for this model's vocabulary."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, tok))
+
+    def reset(self) -> None:
+        """Clear the KV cache; the next eval starts at position 0."""
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self.n_past = 0
+
+    def _decode(self, tokens: list[int]) -> float:
+        """Decode tokens at the next positions, logits for the last only; returns seconds spent."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("eval() needs at least one token")
+        if self.n_past + n > self.n_ctx:
+            raise ValueError(f"context full: {self.n_past} + {n} tokens > n_ctx={self.n_ctx}")
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise ValueError(f"token id out of range [0, {self.n_vocab})")
+        b = self._batch
+        assert b is not None and self._ctx
+        b.n_tokens = n
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = self.n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i == n - 1
+        self._seen = {}
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.n_past += n
+        if self._capture:
+            self.routing.append(self._collect_routing(n, [n - 1]))
+        return dt
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise RuntimeError("llama_get_logits_ith returned NULL")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
+
+    def eval(self, tokens: list[int]) -> np.ndarray:
+        """Decode tokens as one batch at the next positions; float32 logits [n_vocab] of the last."""
+        self._decode(list(tokens))
+        return self._last_logits()
+
+    def greedy(self, prompt_tokens: list[int], n_predict: int, stop_at_eos: bool = False) -> Trace:
+        """Reset the KV cache, prefill the prompt in one batch, then generate by argmax."""
+        if n_predict < 1:
+            raise ValueError("n_predict must be >= 1")
+        self.reset()
+        self.routing = []
+        tr = Trace(prompt_tokens=list(prompt_tokens))
+        rows: list[np.ndarray] = []
+        tr.prefill_s = self._decode(tr.prompt_tokens)
+        while True:
+            logits = self._last_logits()
+            rows.append(logits)
+            tok = int(np.argmax(logits))
+            tr.tokens.append(tok)
+            if len(tr.tokens) >= n_predict:
+                break
+            if stop_at_eos and self.is_eog(tok):
+                break
+            tr.decode_s += self._decode([tok])
+        tr.logits = np.stack(rows).astype(np.float32, copy=False)
+        tr.routing = list(self.routing) if self._capture else []
+        return tr
+
+    @staticmethod
+    def rss_bytes() -> int:
+        """Current resident set size of this process, in bytes."""
+        return proc.rss_bytes()
+
+
+__all__ = ["GgmlTensor", "LlamaCppReference", "Trace"]

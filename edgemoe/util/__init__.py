@@ -1,0 +1,1 @@
+"""Small helpers shared by every layer: process stats, llama.cpp plumbing."""

@@ -1,0 +1,26 @@
+"""Process memory statistics read from /proc/<pid>/status (Linux only)."""
+
+from __future__ import annotations
+
+
+def _status_kib(field: str, pid: int | None) -> int:
+    """Value of a `<field>: N kB` line of /proc/<pid>/status, in KiB."""
+    path = f"/proc/{pid if pid is not None else 'self'}/status"
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{path} has no {field} line")
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Current resident set size (VmRSS) of a process (default: this one), in bytes."""
+    return _status_kib("VmRSS", pid) * 1024
+
+
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """Peak resident set size (VmHWM) of a process (default: this one), in bytes."""
+    return _status_kib("VmHWM", pid) * 1024
+
+
+__all__ = ["peak_rss_bytes", "rss_bytes"]

@@ -1,0 +1,36 @@
+"""Deterministic random-weight MoE GGUF test models (llama, qwen2moe, qwen3moe, olmoe).
+
+    python -m tools.testmodels OUT_DIR [--only NAME ...]
+
+writes OUT_DIR/<model>-<type>.gguf (models llama-moe, qwen2moe, qwen3moe, olmoe; types f32,
+q8_0, q4_k_m; MODELS lists them as (file stem, arch, type)) and OUT_DIR/fixtures.json (file,
+model, arch, type, size, sha256 of each, and the generator fingerprint).
+"""
+
+from .archs import ARCHS, FTYPES, ArchSpec
+from .generate import (
+    MODELS,
+    build_all,
+    build_model,
+    ensure_built,
+    file_name,
+    fingerprint,
+    is_fresh,
+    smollm2_path,
+    tokenizer_kvs,
+)
+
+__all__ = [
+    "ARCHS",
+    "FTYPES",
+    "MODELS",
+    "ArchSpec",
+    "build_all",
+    "build_model",
+    "ensure_built",
+    "file_name",
+    "fingerprint",
+    "is_fresh",
+    "smollm2_path",
+    "tokenizer_kvs",
+]

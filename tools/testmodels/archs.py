@@ -1,0 +1,149 @@
+"""The test architectures: shapes, metadata keys and tensor lists, as llama.cpp expects them.
+
+Shapes are written in ggml order (``ne``: fastest dimension first), as llama.cpp's loader states
+them (``create_tensor(name, {ne0, ne1, ne2})``). numpy shapes are the reverse.
+
+Everything here was checked against llama.cpp as bundled in llama-cpp-python 0.3.36
+(``src/models/{llama,qwen2moe,qwen3moe,olmoe}.cpp`` and ``llama_model_base::load_hparams``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One test model: a real llama.cpp architecture at toy size."""
+
+    name: str  # model name: file stem prefix and general.name
+    arch: str  # general.architecture
+    n_embd: int = 256
+    n_layer: int = 4
+    n_head: int = 8
+    n_head_kv: int = 4
+    head_dim: int = 32
+    n_expert: int = 8
+    n_expert_used: int = 2
+    n_ff_exp: int = 512  # routed expert FFN width
+    n_ff_shexp: int = 0  # shared expert FFN width (0: no shared expert)
+    n_ctx_train: int = 512
+    rms_eps: float = 1e-5
+    rope_freq_base: float = 10000.0
+    qkv_bias: bool = False  # blk.N.attn_{q,k,v}.bias
+    qk_norm: str = ""  # "": none, "head": [head_dim] (qwen3), "full": [n_embd] (olmoe)
+    tied_output: bool = False  # no output.weight: llama.cpp falls back to token_embd
+    key_value_length: bool = False  # write attention.key_length / value_length
+    # extra <arch>.* metadata (suffix -> (value, kind)), kind in {"u32", "f32"}
+    extra_keys: tuple[tuple[str, int | float, str], ...] = field(default_factory=tuple)
+
+    @property
+    def n_embd_k_gqa(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+    @property
+    def n_embd_q(self) -> int:
+        return self.head_dim * self.n_head
+
+    def tensor_shapes(self, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, ggml ne) of every tensor, in the order they are written."""
+        E, H = self.n_embd, self.n_ff_exp
+        q, kv = self.n_embd_q, self.n_embd_k_gqa
+        out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (E, n_vocab))]
+        for i in range(self.n_layer):
+            p = f"blk.{i}."
+            out.append((p + "attn_norm.weight", (E,)))
+            out.append((p + "attn_q.weight", (E, q)))
+            out.append((p + "attn_k.weight", (E, kv)))
+            out.append((p + "attn_v.weight", (E, kv)))
+            if self.qkv_bias:
+                out.append((p + "attn_q.bias", (q,)))
+                out.append((p + "attn_k.bias", (kv,)))
+                out.append((p + "attn_v.bias", (kv,)))
+            if self.qk_norm == "head":
+                out.append((p + "attn_q_norm.weight", (self.head_dim,)))
+                out.append((p + "attn_k_norm.weight", (self.head_dim,)))
+            elif self.qk_norm == "full":
+                out.append((p + "attn_q_norm.weight", (q,)))
+                out.append((p + "attn_k_norm.weight", (kv,)))
+            out.append((p + "attn_output.weight", (q, E)))
+            out.append((p + "ffn_norm.weight", (E,)))
+            out.append((p + "ffn_gate_inp.weight", (E, self.n_expert)))
+            out.append((p + "ffn_gate_exps.weight", (E, H, self.n_expert)))
+            out.append((p + "ffn_up_exps.weight", (E, H, self.n_expert)))
+            out.append((p + "ffn_down_exps.weight", (H, E, self.n_expert)))
+            if self.n_ff_shexp:
+                S = self.n_ff_shexp
+                out.append((p + "ffn_gate_inp_shexp.weight", (E,)))
+                out.append((p + "ffn_gate_shexp.weight", (E, S)))
+                out.append((p + "ffn_up_shexp.weight", (E, S)))
+                out.append((p + "ffn_down_shexp.weight", (S, E)))
+        out.append(("output_norm.weight", (E,)))
+        if not self.tied_output:
+            out.append(("output.weight", (E, n_vocab)))
+        return out
+
+
+ARCHS: dict[str, ArchSpec] = {
+    s.name: s
+    for s in (
+        # Mixtral layout. Expert width is llama.feed_forward_length. rope type NORM
+        # (pairs of consecutive values). Routing: softmax over all experts, top-k, renormalized.
+        ArchSpec(
+            name="llama-moe",
+            arch="llama",
+            n_ff_exp=512,
+            extra_keys=(("feed_forward_length", 512, "u32"),),
+        ),
+        # Qwen1.5-MoE layout: q/k/v biases, sigmoid-gated shared expert. rope type NEOX.
+        # Expert width: qwen2moe.expert_feed_forward_length; shared: ..._shared_feed_forward_length.
+        # Routing: softmax, top-k, NOT renormalized.
+        ArchSpec(
+            name="qwen2moe",
+            arch="qwen2moe",
+            n_ff_exp=256,
+            n_ff_shexp=512,
+            rms_eps=1e-6,
+            qkv_bias=True,
+            extra_keys=(
+                ("feed_forward_length", 512, "u32"),
+                ("expert_feed_forward_length", 256, "u32"),
+                ("expert_shared_feed_forward_length", 512, "u32"),
+            ),
+        ),
+        # Qwen3-MoE layout: per-head q/k RMS norms, tied output (no output.weight). rope NEOX.
+        # feed_forward_length (512) is the unused dense width, as in real Qwen3 MoE files:
+        # the expert width is qwen3moe.expert_feed_forward_length (256). Routing renormalized.
+        ArchSpec(
+            name="qwen3moe",
+            arch="qwen3moe",
+            n_ff_exp=256,
+            rms_eps=1e-6,
+            qk_norm="head",
+            tied_output=True,
+            key_value_length=True,
+            extra_keys=(
+                ("feed_forward_length", 512, "u32"),
+                ("expert_feed_forward_length", 256, "u32"),
+            ),
+        ),
+        # OLMoE layout: no GQA (llama.cpp requires head_count_kv == head_count), q/k RMS norms
+        # over the whole projection ([n_embd]). llama.cpp reads the expert width from
+        # olmoe.feed_forward_length. rope NEOX. Routing: softmax, top-k, NOT renormalized.
+        ArchSpec(
+            name="olmoe",
+            arch="olmoe",
+            n_head_kv=8,
+            n_ff_exp=256,
+            qk_norm="full",
+            extra_keys=(("feed_forward_length", 256, "u32"),),
+        ),
+    )
+}
+
+# file types: suffix -> llama_ftype (None: written by gguf-py as F32)
+FTYPES: dict[str, int | None] = {
+    "f32": None,
+    "q8_0": 7,  # LLAMA_FTYPE_MOSTLY_Q8_0
+    "q4_k_m": 15,  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+}
