@@ -119,3 +119,24 @@ def verify_model_dir(model_dir: str | os.PathLike[str], progress: Callable[[int]
         if digest != entry.sha256:
             problems.append(f"{rel}: sha256 {digest}, manifest says {entry.sha256}")
     return problems
+
+
+def check_model_files(model_dir: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Cheap load-time check: every file of the manifest exists with its size (no hashing)."""
+    root = Path(model_dir)
+    for rel, entry in sorted(manifest.files.items()):
+        p = root / rel
+        if not p.is_file():
+            raise UserError(f"{model_dir}: {rel} is missing (the model directory is incomplete)")
+        if p.stat().st_size != entry.size:
+            raise UserError(f"{model_dir}: {rel} has {p.stat().st_size} bytes, the manifest says {entry.size}")
+
+
+def check_file_hash(model_dir: str | os.PathLike[str], manifest: Manifest, rel: str) -> None:
+    """Hash one file of the model and compare it with the manifest (done once per file per process)."""
+    entry = manifest.files.get(rel)
+    if entry is None:
+        raise UserError(f"{model_dir}: {rel} is not listed in the manifest")
+    digest = sha256_file(Path(model_dir) / rel)
+    if digest != entry.sha256:
+        raise UserError(f"{model_dir}: {rel} does not match the manifest (sha256 {digest[:16]}..., expected {entry.sha256[:16]}...)")

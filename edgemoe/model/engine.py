@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.errors import UserError
-from edgemoe.format.manifest import TRUNK_NAME, load_manifest
+from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check_model_files, load_manifest
 from edgemoe.ggml import Compute, Context, lib
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
 from edgemoe.model.config import ModelConfig
@@ -44,12 +44,18 @@ class _MoEPending:
     shared: np.ndarray | None  # [T, n_embd] shared-expert output (qwen2moe)
 
 
-def resolve_model(path: str | Path) -> tuple[Path, Path | None]:
-    """(trunk GGUF, model dir or None) for a converted model directory or a plain dense GGUF."""
+def resolve_model(path: str | Path) -> tuple[Path, Manifest | None]:
+    """(trunk GGUF, manifest or None) for a converted model directory or a plain dense GGUF.
+
+    A model directory is checked on load: every file present with its size, the trunk's sha256;
+    expert shards are hashed when first used (see LocalExperts).
+    """
     p = Path(path)
     if p.is_dir():
-        load_manifest(p)  # validates the directory
-        return p / TRUNK_NAME, p
+        manifest = load_manifest(p)
+        check_model_files(p, manifest)
+        check_file_hash(p, manifest, TRUNK_NAME)
+        return p / TRUNK_NAME, manifest
     if p.is_file():
         return p, None
     raise UserError(f"{p}: no such model directory or GGUF file")
@@ -60,7 +66,8 @@ class Engine:
 
     def __init__(self, model: str | Path, *, n_ctx: int | None = None, n_threads: int = 2,
                  experts: ExpertBackend | None = None, compute: Compute | None = None) -> None:
-        trunk_path, self.model_dir = resolve_model(model)
+        trunk_path, self.manifest = resolve_model(model)
+        self.model_dir = Path(model) if self.manifest is not None else None
         self.weights = GGUFTensors(trunk_path)
         self.cfg = ModelConfig.from_metadata(self.weights.meta, str(trunk_path))
         self.n_ctx = min(n_ctx or self.cfg.n_ctx_train, self.cfg.n_ctx_train)
@@ -71,7 +78,7 @@ class Engine:
         if self.moe_layers and experts is None:
             if self.model_dir is None:
                 raise UserError(f"{trunk_path}: a MoE GGUF must be converted first: edgemoe convert {trunk_path} OUT_DIR")
-            experts = LocalExperts(self.model_dir, self.compute)
+            experts = LocalExperts(self.model_dir, self.compute, self.manifest)
         self.experts = experts
         self.n_past = 0
         self.stats = EvalStats()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.format.manifest import expert_file_name
+from edgemoe.format.manifest import Manifest, check_file_hash, expert_file_name
 from edgemoe.ggml import Compute
 from edgemoe.model.expert_ffn import ExpertFFN, MappedShard, ShardLayout
 
@@ -52,8 +52,9 @@ class ExpertBackend(ABC):
 class LocalExperts(ExpertBackend):
     """In-process: map the shard, compute, unmap. No expert stays resident between calls."""
 
-    def __init__(self, model_dir: str | Path, compute: Compute) -> None:
+    def __init__(self, model_dir: str | Path, compute: Compute, manifest: Manifest | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.manifest = manifest  # when given, each shard's sha256 is checked on first use
         self.ffn = ExpertFFN(compute)
         self._layouts: dict[tuple[int, int], ShardLayout] = {}
         self.stats = ExpertStats()
@@ -61,7 +62,10 @@ class LocalExperts(ExpertBackend):
     def layout(self, layer: int, expert: int) -> ShardLayout:
         key = (layer, expert)
         if key not in self._layouts:
-            self._layouts[key] = ShardLayout.read(self.model_dir / expert_file_name(layer, expert))
+            rel = expert_file_name(layer, expert)
+            if self.manifest is not None:
+                check_file_hash(self.model_dir, self.manifest, rel)
+            self._layouts[key] = ShardLayout.read(self.model_dir / rel)
         return self._layouts[key]
 
     def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:

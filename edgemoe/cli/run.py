@@ -1,0 +1,107 @@
+"""`edgemoe run`: complete a raw-text prompt, streaming tokens, then print timings (or JSON stats)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from edgemoe.errors import UserError
+
+HELP = "generate a completion of a raw-text prompt"
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (llama.cpp's sampler chain)")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the K most likely tokens; 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; 1.0 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below P x the best one; 0 = off (default 0.05)")
+    g.add_argument("--seed", type=int, default=-1, help="random seed; -1 = random (default)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", "-t", type=int, default=default_threads(), help="CPU threads for ggml (default %(default)s)")
+    p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length in tokens, capped by the model's (default 4096)")
+    p.add_argument("--workers", type=int, default=0, help="0 = compute experts in this process (default)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help=HELP, description=HELP + " (tokenized as llama.cpp does: add_special, no special-token parsing).")
+    p.add_argument("model", metavar="MODEL", help="converted model directory (edgemoe convert), or a dense GGUF file")
+    p.add_argument("--prompt", "-p", required=True, help="prompt text")
+    p.add_argument("--n-predict", "-n", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line: prompt_tokens, tokens, text, stats")
+    p.set_defaults(handler=run)
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    if args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if args.ctx_size < 8:
+        raise UserError("--ctx-size must be at least 8")
+    if args.workers < 0:
+        raise UserError("--workers must be 0 or more")
+    if args.workers > 0:
+        raise UserError("--workers N > 0 needs the cluster runtime, which this build does not include yet; use --workers 0")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from edgemoe.model.sampling import SamplingParams
+
+    if args.top_k < 0 or not 0.0 <= args.top_p <= 1.0 or not 0.0 <= args.min_p <= 1.0:
+        raise UserError("--top-k must be >= 0, --top-p and --min-p within [0, 1]")
+    return SamplingParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          seed=None if args.seed < 0 else args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_engine_args(args)
+    if args.n_predict < 1:
+        raise UserError("--n-predict must be at least 1")
+    sampling = sampling_from_args(args)
+
+    from edgemoe.model.engine import Engine
+    from edgemoe.model.generate import generate
+    from edgemoe.model.tokenizer import Tokenizer
+    from edgemoe.util.proc import peak_rss_bytes
+
+    with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads) as engine:
+        with Tokenizer(engine.weights.path) as tok:
+            prompt_tokens = tok.tokenize(args.prompt, add_special=True, parse_special=False)
+            if len(prompt_tokens) >= engine.n_ctx:
+                raise UserError(f"the prompt is {len(prompt_tokens)} tokens, longer than the context of {engine.n_ctx} (--ctx-size)")
+
+            def emit(text: str) -> None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            gen = generate(engine, tok, prompt_tokens, n_predict=args.n_predict, sampling=sampling,
+                           ignore_eos=args.ignore_eos, on_text=emit)
+    sys.stdout.write("\n")
+    print(f"prompt: {len(gen.prompt_tokens)} tokens, {gen.prefill_tok_s:.1f} tok/s | "
+          f"generated: {len(gen.tokens)} tokens, {gen.decode_tok_s:.1f} tok/s | stop: {gen.stop}", file=sys.stderr)
+    if args.json:
+        stats = {
+            "prefill_tok_s": gen.prefill_tok_s,
+            "decode_tok_s": gen.decode_tok_s,
+            "prefill_s": gen.prefill_s,
+            "decode_s": gen.decode_s,
+            "trunk_s": engine.stats.trunk_s,
+            "experts_s": engine.stats.experts_s,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "stop": gen.stop,
+            "seed": gen.seed,
+            "workers": args.workers,
+            "threads": args.threads,
+        }
+        print(json.dumps({"prompt_tokens": gen.prompt_tokens, "tokens": gen.tokens, "text": gen.text, "stats": stats}))
+    return 0
