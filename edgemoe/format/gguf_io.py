@@ -17,6 +17,23 @@ GGUF_MAGIC = b"GGUF"
 _VIRTUAL_KEYS = ("GGUF.",)
 
 
+class _Reader(GGUFReader):
+    """gguf-py's reader, slicing a plain ndarray view of the memory map while it parses.
+
+    np.memmap's per-slice subclass bookkeeping makes parsing a 49k-token vocabulary take ~1.6 s;
+    on a plain view of the same mapping it takes a fraction of that, with identical results.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None or plain.base is not self.data:
+            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        count = int(count)
+        dt = np.dtype(dtype)
+        arr = plain[offset : offset + dt.itemsize * count].view(dtype=dt)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
 def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
     """Open and fully validate a GGUF file (header, metadata, every tensor inside the file)."""
     p = Path(path)
@@ -29,7 +46,7 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
     if magic != GGUF_MAGIC:
         raise UserError(f"{p}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
     try:
-        reader = GGUFReader(p, "r")
+        reader = _Reader(p, "r")
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged files
         raise UserError(f"{p}: damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
     size = p.stat().st_size
