@@ -16,7 +16,7 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check_model_files, load_manifest
-from edgemoe.ggml import Compute, Context, lib
+from edgemoe.ggml import Compute, Context, TensorPtr, lib
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.experts import ExpertBackend, LocalExperts
@@ -35,13 +35,13 @@ class EvalStats:
 
 
 @dataclass
-class _MoEPending:
-    """A MoE layer's state between its router and the combine that opens the next segment."""
+class _Segment:
+    """One graph: the trunk from one MoE router (or the embeddings) to the next, or the output head."""
 
-    ffn_inp: np.ndarray  # [T, n_embd] residual
-    experts: np.ndarray  # [T, k, n_embd] expert outputs
-    weights: np.ndarray  # [T, k, 1]
-    shared: np.ndarray | None  # [T, n_embd] shared-expert output (qwen2moe)
+    ctx: Context
+    graph: object
+    carry: dict[str, np.ndarray]  # inputs from the previous segment: experts, weights, ffn_inp, shared | resid
+    outputs: dict[str, TensorPtr]
 
 
 def resolve_model(path: str | Path) -> tuple[Path, Manifest | None]:
@@ -84,6 +84,7 @@ class Engine:
         self.stats = EvalStats()
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
         self._arena = aligned_empty(1 << 20, np.uint8)
+        self._decode_cache: tuple[int, StepInputs, list[_Segment]] | None = None
 
     # ------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -91,6 +92,7 @@ class Engine:
         self.kv.clear()
 
     def close(self) -> None:
+        self._drop_decode_cache()
         if self.experts is not None:
             self.experts.close()
         self.weights.close()
@@ -118,11 +120,77 @@ class Engine:
             out_ids=aligned_copy(out_ids),
         )
 
-    def _context(self, inp: StepInputs) -> Context:
-        n_bytes = Context.overhead(4096) + self.trunk.activation_bytes(len(inp.tokens), inp.n_kv, len(inp.out_ids))
-        if self._arena.nbytes < n_bytes:
-            self._arena = aligned_empty(n_bytes, np.uint8)
-        return Context(n_bytes, arena=self._arena)
+    def _segment_bytes(self, inp: StepInputs) -> int:
+        return Context.overhead(4096) + self.trunk.activation_bytes(len(inp.tokens), inp.n_kv, len(inp.out_ids))
+
+    def _build_segment(self, ctx: Context, il: int, inp: StepInputs, carry: dict[str, np.ndarray]) -> _Segment:
+        """Add segment il's nodes to a new graph: combine what enters it, then layer il up to its
+        router (or through its dense FFN); il == n_layer is the output head. carry holds the numpy
+        arrays the segment reads: pending MoE state (experts, weights, ffn_inp, shared) or resid."""
+        trunk, cfg = self.trunk, self.cfg
+        graph = ctx.graph()
+        outputs: dict[str, TensorPtr] = {}
+        if il == 0:
+            x = trunk.embed(ctx, inp)
+        elif "experts" in carry:
+            moe = trunk.moe_combine(ctx, graph, ctx.from_numpy(carry["experts"]), ctx.from_numpy(carry["weights"]))
+            if "shared" in carry:
+                moe = ctx.add(moe, ctx.from_numpy(carry["shared"]))
+            x = ctx.add(moe, ctx.from_numpy(carry["ffn_inp"]))
+        else:
+            x = ctx.from_numpy(carry["resid"])
+        if il == cfg.n_layer:
+            outputs["logits"] = trunk.head(ctx, x)
+        else:
+            cur = trunk.attention(ctx, graph, il, x, inp)
+            if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
+                ids = ctx.from_numpy(inp.out_ids)
+                cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
+            ffn_inp = ctx.add(cur, x)
+            normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
+            if trunk.is_moe_layer(il):
+                outputs["ffn_inp"], outputs["normed"] = ffn_inp, normed
+                outputs["selected"], outputs["weights"] = trunk.router(ctx, il, normed)
+                if cfg.traits.shared_expert:
+                    outputs["shared"] = trunk.shared_expert(ctx, il, normed)
+            else:
+                outputs["resid"] = ctx.add(trunk.dense_ffn(ctx, il, normed), ffn_inp)
+        for t in outputs.values():
+            lib.ggml_build_forward_expand(graph, t)
+        return _Segment(ctx, graph, carry, outputs)
+
+    def _decode_segments(self, inp: StepInputs) -> list[_Segment]:
+        """Graphs for one-token decode, built once per KV length (n_kv grows in steps of 256) and reused:
+        each step only writes new values into their input arrays."""
+        cache = self._decode_cache
+        if cache is not None and cache[0] == inp.n_kv:
+            np.copyto(cache[1].tokens, inp.tokens)
+            np.copyto(cache[1].pos, inp.pos)
+            np.copyto(cache[1].kv_idx, inp.kv_idx)
+            np.copyto(cache[1].mask, inp.mask)
+            return cache[2]
+        self._drop_decode_cache()
+        cfg = self.cfg
+        k, d = cfg.n_expert_used, cfg.n_embd
+        segments = []
+        for il in range(cfg.n_layer + 1):
+            carry: dict[str, np.ndarray] = {}
+            if il > 0 and self.trunk.is_moe_layer(il - 1):
+                carry = {"experts": aligned_empty((1, k, d)), "weights": aligned_empty((1, k, 1)), "ffn_inp": aligned_empty((1, d))}
+                if cfg.traits.shared_expert:
+                    carry["shared"] = aligned_empty((1, d))
+            elif il > 0:
+                carry = {"resid": aligned_empty((1, d))}
+            ctx = Context(self._segment_bytes(inp))
+            segments.append(self._build_segment(ctx, il, inp, carry))
+        self._decode_cache = (inp.n_kv, inp, segments)
+        return segments
+
+    def _drop_decode_cache(self) -> None:
+        if self._decode_cache is not None:
+            for seg in self._decode_cache[2]:
+                seg.ctx.close()
+            self._decode_cache = None
 
     def eval(self, tokens: list[int] | np.ndarray, *, logits_all: bool = False) -> np.ndarray:
         """Run tokens at the next positions; returns float32 logits [n_out, n_vocab] (last token, or all)."""
@@ -134,70 +202,51 @@ class Engine:
             raise UserError(f"{self.n_past + n_tok} tokens do not fit the context of {self.n_ctx} tokens")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
             raise UserError(f"token id out of range [0, {self.cfg.n_vocab})")
+        cfg = self.cfg
         inp = self._inputs(tokens, logits_all)
-        trunk, cfg = self.trunk, self.cfg
-        pending: _MoEPending | None = None
-        resid: np.ndarray | None = None
+        cached = self._decode_segments(inp) if n_tok == 1 and not logits_all else None
+        state: dict[str, np.ndarray] = {}  # what the previous segment hands to the next
         self.routing = [None] * cfg.n_layer
 
         for il in range(cfg.n_layer + 1):
             t0 = time.perf_counter()
-            with self._context(inp) as ctx:
-                graph = ctx.graph()
-                # the residual stream entering this segment
-                if il == 0:
-                    x = trunk.embed(ctx, inp)
-                elif pending is not None:
-                    moe = trunk.moe_combine(ctx, graph, ctx.from_numpy(pending.experts), ctx.from_numpy(pending.weights))
-                    if pending.shared is not None:
-                        moe = ctx.add(moe, ctx.from_numpy(pending.shared))
-                    x = ctx.add(moe, ctx.from_numpy(pending.ffn_inp))
+            if cached is not None:
+                seg = cached[il]
+                for name, arr in seg.carry.items():
+                    np.copyto(arr, state[name].reshape(arr.shape))
+            else:
+                n_bytes = self._segment_bytes(inp)
+                if self._arena.nbytes < n_bytes:
+                    self._arena = aligned_empty(n_bytes, np.uint8)
+                seg = self._build_segment(Context(n_bytes, arena=self._arena), il, inp, state)
+            try:
+                self.compute.run(seg.graph)
+                out = {name: to_numpy(t) for name, t in seg.outputs.items()}
+                if il == cfg.n_layer:
+                    logits = out["logits"].reshape(len(inp.out_ids), cfg.n_vocab).copy()
+                elif "resid" in out:
+                    state = {"resid": aligned_copy(out["resid"].reshape(-1, cfg.n_embd))}
                 else:
-                    x = ctx.from_numpy(resid)
-                pending = None
-                if il == cfg.n_layer:  # final norm and output head
-                    logits = trunk.head(ctx, x)
-                    lib.ggml_build_forward_expand(graph, logits)
-                    self.compute.run(graph)
-                    out = to_numpy(logits).reshape(len(inp.out_ids), cfg.n_vocab).copy()
-                    self.stats.trunk_s += time.perf_counter() - t0
-                    break
-
-                cur = trunk.attention(ctx, graph, il, x, inp)
-                if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
-                    ids = ctx.from_numpy(inp.out_ids)
-                    cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
-                ffn_inp = ctx.add(cur, x)
-                normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
-                if not trunk.is_moe_layer(il):
-                    y = ctx.add(trunk.dense_ffn(ctx, il, normed), ffn_inp)
-                    lib.ggml_build_forward_expand(graph, y)
-                    self.compute.run(graph)
-                    resid = aligned_copy(to_numpy(y).reshape(-1, cfg.n_embd))
-                    self.stats.trunk_s += time.perf_counter() - t0
-                    continue
-
-                selected, weights = trunk.router(ctx, il, normed)
-                shared = trunk.shared_expert(ctx, il, normed) if cfg.traits.shared_expert else None
-                for t in (ffn_inp, normed, selected, weights, *([shared] if shared is not None else [])):
-                    lib.ggml_build_forward_expand(graph, t)
-                self.compute.run(graph)
-                n_rows = ffn_inp.contents.ne[1]
-                sel = np.array(to_numpy(selected).reshape(n_rows, cfg.n_expert_used), dtype=np.int32)
-                hidden = np.array(to_numpy(normed).reshape(n_rows, cfg.n_embd), dtype=np.float32)
-                pending = _MoEPending(
-                    ffn_inp=aligned_copy(to_numpy(ffn_inp).reshape(n_rows, cfg.n_embd)),
-                    experts=np.empty(0),
-                    weights=aligned_copy(to_numpy(weights).reshape(n_rows, cfg.n_expert_used, 1)),
-                    shared=aligned_copy(to_numpy(shared).reshape(n_rows, cfg.n_embd)) if shared is not None else None,
-                )
+                    n_rows = out["ffn_inp"].size // cfg.n_embd
+                    sel = np.array(out["selected"].reshape(n_rows, cfg.n_expert_used), dtype=np.int32)
+                    hidden = np.array(out["normed"].reshape(n_rows, cfg.n_embd), dtype=np.float32)
+                    state = {
+                        "ffn_inp": aligned_copy(out["ffn_inp"].reshape(n_rows, cfg.n_embd)),
+                        "weights": aligned_copy(out["weights"].reshape(n_rows, cfg.n_expert_used, 1)),
+                    }
+                    if "shared" in out:
+                        state["shared"] = aligned_copy(out["shared"].reshape(n_rows, cfg.n_embd))
+            finally:
+                if cached is None:
+                    seg.ctx.close()
             t1 = time.perf_counter()
-            self.routing[il] = sel
-            pending.experts = aligned_copy(self.experts.compute_layer(il, hidden, sel))
             self.stats.trunk_s += t1 - t0
-            self.stats.experts_s += time.perf_counter() - t1
+            if il < cfg.n_layer and "selected" in seg.outputs:
+                self.routing[il] = sel
+                state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel))
+                self.stats.experts_s += time.perf_counter() - t1
 
         self.n_past += n_tok
         self.stats.evals += 1
         self.stats.tokens += n_tok
-        return out
+        return logits
