@@ -19,7 +19,8 @@ _CTX_FUNCTIONS = {
     name[len("ggml_"):]
     for name, fn in vars(lib).items()
     if name.startswith("ggml_") and getattr(fn, "argtypes", None) and fn.argtypes[0] is ctypes.c_void_p
-    and name not in ("ggml_free", "ggml_build_forward_expand", "ggml_graph_n_nodes", "ggml_threadpool_free")
+    and name not in ("ggml_free", "ggml_build_forward_expand", "ggml_graph_n_nodes", "ggml_threadpool_free",
+                     "ggml_graph_plan", "ggml_graph_compute")
 }
 
 _NP_DTYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.I32: np.int32, GGMLType.I64: np.int64}
