@@ -35,6 +35,7 @@ demo: setup fixtures
 	$(BIN)/edgemoe convert --force $(DEMO_SRC) $(DEMO_DIR)
 	$(BIN)/edgemoe convert --verify $(DEMO_DIR)
 	@ls -l $(DEMO_DIR) && echo "... $$(ls $(DEMO_DIR)/experts | wc -l) files in $(DEMO_DIR)/experts"
+	$(BIN)/edgemoe run $(DEMO_DIR) --prompt "Once upon a time" --n-predict 32 --temp 0 --ignore-eos
 
 clean:
 	rm -rf build
