@@ -1,0 +1,144 @@
+"""The wire protocol between coordinator and workers (docs/PROTOCOL.md).
+
+Every message is a ZeroMQ multipart message: one msgpack header (a map with the protocol version
+"v", the message type "t" and typed fields), then zero or more raw tensor frames (little-endian,
+C order, dtype and shape given in the header). Nothing is pickled. This module does not import
+any compute code: it only encodes, decodes and validates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 << 10
+MAX_TENSOR_BYTES = 256 << 20  # a prefill mini-batch of a large model stays far below this
+
+# message types ---------------------------------------------------------------------------------
+HELLO = "hello"  # worker -> coordinator (DEALER -> ROUTER): who I am, what I can do
+WELCOME = "welcome"  # coordinator -> worker: accepted; where predictions are published
+REJECT = "reject"  # coordinator -> worker: refused (e.g. another model); the worker exits
+COMPUTE = "compute"  # coordinator -> worker: run expert (layer, expert) on the attached hidden states
+RESULT = "result"  # worker -> coordinator: the expert's output, with timings
+FAIL = "fail"  # worker -> coordinator: a request could not be served (message says why)
+PREFETCH = "prefetch"  # coordinator -> all workers (PUB): load these experts now, compute follows
+HEARTBEAT = "heartbeat"  # both ways: liveness, with the worker's memory use
+BYE = "bye"  # worker -> coordinator: shutting down cleanly
+UNKNOWN_PEER = "unknown"  # coordinator -> worker: I do not know you (I restarted): say hello again
+
+# fields each message type must carry, with their Python types
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    HELLO: {"name": str, "model": str, "budget": int, "threads": int, "pid": int, "baseline_rss": int},
+    WELCOME: {"worker_id": int, "pub": str, "heartbeat_s": (int, float)},
+    REJECT: {"reason": str},
+    COMPUTE: {"req": int, "layer": int, "expert": int, "dtype": str, "shape": list},
+    RESULT: {"req": int, "layer": int, "expert": int, "dtype": str, "shape": list,
+             "load_s": (int, float), "wait_s": (int, float), "compute_s": (int, float), "hit": bool, "rss": int},
+    FAIL: {"req": int, "reason": str},
+    PREFETCH: {"step": int, "loads": list},
+    HEARTBEAT: {"rss": int, "peak_rss": int},
+    BYE: {},
+    UNKNOWN_PEER: {},
+}
+_TENSOR_TYPES = {COMPUTE, RESULT}
+_DTYPES = {"f32": np.float32}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the receiver logs it and drops it."""
+
+
+@dataclass
+class Message:
+    type: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensor: np.ndarray | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
+def encode(msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> list[bytes | memoryview]:
+    """Frames for one message. The tensor frame is the array's own buffer (no copy)."""
+    if msg_type not in _SCHEMA:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    header = {"v": PROTOCOL_VERSION, "t": msg_type, **fields}
+    frames: list[bytes | memoryview] = []
+    if msg_type in _TENSOR_TYPES:
+        if tensor is None:
+            raise ProtocolError(f"{msg_type} needs a tensor")
+        arr = np.ascontiguousarray(tensor, dtype=np.float32)
+        header["dtype"], header["shape"] = "f32", list(arr.shape)
+        frames.append(memoryview(arr).cast("B"))
+    _validate(header)
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def decode(frames: list[bytes | memoryview | Any]) -> Message:
+    """Parse and validate a received message (frames after any ROUTER identity). Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    raw = _bytes(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several exception types on garbage
+        raise ProtocolError(f"header is not msgpack ({type(e).__name__})") from None
+    _validate(header)
+    t = header["t"]
+    tensor = None
+    if t in _TENSOR_TYPES:
+        if len(frames) != 2:
+            raise ProtocolError(f"{t} must have exactly one tensor frame, got {len(frames) - 1}")
+        shape = header["shape"]
+        if not (1 <= len(shape) <= 4) or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise ProtocolError(f"bad tensor shape {shape!r}")
+        dtype = _DTYPES.get(header["dtype"])
+        if dtype is None:
+            raise ProtocolError(f"unsupported dtype {header['dtype']!r}")
+        payload = _buffer(frames[1])
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if expected > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"tensor of {expected} bytes exceeds {MAX_TENSOR_BYTES}")
+        if len(payload) != expected:
+            raise ProtocolError(f"tensor frame has {len(payload)} bytes, shape {shape} needs {expected}")
+        tensor = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    elif len(frames) != 1:
+        raise ProtocolError(f"{t} takes no tensor frames, got {len(frames) - 1}")
+    fields = {k: v for k, v in header.items() if k not in ("v", "t")}
+    return Message(t, fields, tensor)
+
+
+def _validate(header: Any) -> None:
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    v = header.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {v!r}, this side speaks {PROTOCOL_VERSION}")
+    t = header.get("t")
+    schema = _SCHEMA.get(t) if isinstance(t, str) else None
+    if schema is None:
+        raise ProtocolError(f"unknown message type {t!r}")
+    for name, typ in schema.items():
+        if name not in header:
+            raise ProtocolError(f"{t} lacks field {name!r}")
+        value = header[name]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ProtocolError(f"{t}.{name} has type {type(value).__name__}")
+    if t == PREFETCH:
+        for item in header["loads"]:
+            if not (isinstance(item, list) and len(item) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
+                raise ProtocolError("prefetch loads must be [worker_id, layer, expert] integer triples")
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _buffer(frame: Any) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
