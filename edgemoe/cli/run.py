@@ -28,7 +28,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=default_threads(), help="CPU threads for ggml (default %(default)s)")
     p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length in tokens, capped by the model's (default 4096)")
-    p.add_argument("--workers", type=int, default=0, help="0 = compute experts in this process (default)")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--workers", type=int, default=0,
+                   help="spawn N local worker processes on loopback; 0 = compute experts in this process (default)")
+    g.add_argument("--bind", metavar="tcp://HOST:PORT", help="serve workers started elsewhere (edgemoe worker --connect)")
+    g.add_argument("--wait-workers", type=int, default=0, metavar="N", help="with --bind: wait for N remote workers")
+    g.add_argument("--predictor", default="lookahead", help="expert predictor: reactive, random, lookahead (default)")
+    g.add_argument("--memory-budget", metavar="SIZE", help="memory budget of each spawned worker, e.g. 256MiB")
+    g.add_argument("--worker-threads", type=int, default=1, help="threads per spawned worker (default 1)")
+    g.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds before a worker's request is retried elsewhere (default 30)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,10 +57,46 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise UserError("--threads must be at least 1")
     if args.ctx_size < 8:
         raise UserError("--ctx-size must be at least 8")
-    if args.workers < 0:
-        raise UserError("--workers must be 0 or more")
-    if args.workers > 0:
-        raise UserError("--workers N > 0 needs the cluster runtime, which this build does not include yet; use --workers 0")
+    if args.workers < 0 or args.wait_workers < 0 or args.worker_threads < 1:
+        raise UserError("--workers and --wait-workers must be 0 or more, --worker-threads at least 1")
+    if args.wait_workers and not args.bind:
+        raise UserError("--wait-workers needs --bind tcp://HOST:PORT")
+    if args.bind and not args.bind.startswith("tcp://"):
+        raise UserError(f"--bind {args.bind}: expected tcp://HOST:PORT")
+    if args.bind and args.workers + args.wait_workers == 0:
+        raise UserError("--bind needs --wait-workers N (or --workers N)")
+    from edgemoe.predict import PREDICTORS
+
+    if args.predictor not in PREDICTORS:
+        raise UserError(f"unknown predictor '{args.predictor}' (available: {', '.join(PREDICTORS)})")
+    if args.request_timeout <= 0:
+        raise UserError("--request-timeout must be positive")
+
+
+def cluster_options(args: argparse.Namespace):
+    from edgemoe.cluster.session import ClusterOptions
+
+    return ClusterOptions(workers=args.workers, bind=args.bind, wait_workers=args.wait_workers, predictor=args.predictor,
+                          memory_budget=args.memory_budget, worker_threads=args.worker_threads,
+                          request_timeout_s=args.request_timeout)
+
+
+def cluster_stats(engine) -> dict:
+    """The cluster part of --json stats (empty for an in-process run)."""
+    experts = engine.experts
+    if not hasattr(experts, "summary"):
+        return {}
+    out = experts.summary()
+    s = experts.stats
+    out["breakdown_s"] = {"trunk": engine.stats.trunk_s, "experts_wall": s.wall_s, "network": s.network_s,
+                          "expert_load": s.worker_load_s, "expert_wait": s.worker_wait_s,
+                          "expert_compute": s.worker_compute_s, "stall": s.stall_s}
+    local = getattr(engine, "local_workers", None)
+    if local is not None:
+        peaks = local.peak_rss()
+        for w in out["workers"]:
+            w["peak_rss_outside"] = peaks.get(w["pid"], 0)
+    return out
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -69,12 +114,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--n-predict must be at least 1")
     sampling = sampling_from_args(args)
 
-    from edgemoe.model.engine import Engine
+    from edgemoe.cluster.session import open_engine
     from edgemoe.model.generate import generate
     from edgemoe.model.tokenizer import Tokenizer
     from edgemoe.util.proc import peak_rss_bytes
 
-    with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads) as engine:
+    with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads) as engine:
         with Tokenizer(engine.weights.path) as tok:
             prompt_tokens = tok.tokenize(args.prompt, add_special=True, parse_special=False)
             if len(prompt_tokens) >= engine.n_ctx:
@@ -86,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
             gen = generate(engine, tok, prompt_tokens, n_predict=args.n_predict, sampling=sampling,
                            ignore_eos=args.ignore_eos, on_text=emit)
+        cluster = cluster_stats(engine)
     sys.stdout.write("\n")
     print(f"prompt: {len(gen.prompt_tokens)} tokens, {gen.prefill_tok_s:.1f} tok/s | "
           f"generated: {len(gen.tokens)} tokens, {gen.decode_tok_s:.1f} tok/s | stop: {gen.stop}", file=sys.stderr)
@@ -100,8 +146,11 @@ def run(args: argparse.Namespace) -> int:
             "peak_rss_bytes": peak_rss_bytes(),
             "stop": gen.stop,
             "seed": gen.seed,
-            "workers": args.workers,
             "threads": args.threads,
+            "n_prompt": len(gen.prompt_tokens),
+            "n_generated": len(gen.tokens),
         }
+        if cluster:
+            stats["cluster"] = cluster
         print(json.dumps({"prompt_tokens": gen.prompt_tokens, "tokens": gen.tokens, "text": gen.text, "stats": stats}))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -65,7 +66,8 @@ class Engine:
     """A model loaded for inference: trunk weights mapped, KV cache allocated, experts behind a backend."""
 
     def __init__(self, model: str | Path, *, n_ctx: int | None = None, n_threads: int = 2,
-                 experts: ExpertBackend | None = None, compute: Compute | None = None) -> None:
+                 experts: ExpertBackend | Callable[["Engine"], ExpertBackend] | None = None,
+                 compute: Compute | None = None) -> None:
         trunk_path, self.manifest = resolve_model(model)
         self.model_dir = Path(model) if self.manifest is not None else None
         self.weights = GGUFTensors(trunk_path)
@@ -79,6 +81,8 @@ class Engine:
             if self.model_dir is None:
                 raise UserError(f"{trunk_path}: a MoE GGUF must be converted first: edgemoe convert {trunk_path} OUT_DIR")
             experts = LocalExperts(self.model_dir, self.compute, self.manifest)
+        if callable(experts) and not isinstance(experts, ExpertBackend):  # a factory that needs the loaded model
+            experts = experts(self)
         self.experts = experts
         self.n_past = 0
         self.stats = EvalStats()
@@ -90,6 +94,8 @@ class Engine:
     def reset(self) -> None:
         self.n_past = 0
         self.kv.clear()
+        if self.experts is not None:
+            self.experts.reset()
 
     def close(self) -> None:
         self._drop_decode_cache()
@@ -243,7 +249,7 @@ class Engine:
             self.stats.trunk_s += t1 - t0
             if il < cfg.n_layer and "selected" in seg.outputs:
                 self.routing[il] = sel
-                state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel))
+                state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"]))
                 self.stats.experts_s += time.perf_counter() - t1
 
         self.n_past += n_tok

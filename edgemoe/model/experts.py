@@ -36,14 +36,19 @@ class ExpertBackend(ABC):
     def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
         """hidden: float32 [n, n_embd] (the FFN-normed inputs) -> float32 [n, n_embd]."""
 
-    def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> np.ndarray:
-        """hidden [T, n_embd], selected int32 [T, k] -> outputs float32 [T, k, n_embd] (unweighted)."""
+    def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
+                      residual: np.ndarray | None = None) -> np.ndarray:
+        """hidden [T, n_embd] (FFN-normed), selected int32 [T, k] -> outputs float32 [T, k, n_embd]
+        (unweighted). residual [T, n_embd] is the layer's FFN input, for backends that predict."""
         n_tok, k = selected.shape
         out = np.empty((n_tok, k, hidden.shape[1]), dtype=np.float32)
         for expert in np.unique(selected):
             tok, slot = np.nonzero(selected == expert)
             out[tok, slot] = self.compute(layer, int(expert), np.ascontiguousarray(hidden[tok]))
         return out
+
+    def reset(self) -> None:
+        """A new sequence begins."""
 
     def close(self) -> None:
         pass

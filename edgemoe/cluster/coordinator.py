@@ -1,0 +1,402 @@
+"""The coordinator side of the cluster: an ExpertBackend that sends expert work to remote workers.
+
+Decode follows OD-MoE: workers form groups of size top-k; MoE layer l is served by group
+l mod n_groups, one expert per worker; predicted experts of the coming layers are broadcast
+(PUB) as soon as they are known so their workers load while other groups compute; the trunk's
+router decides, and an expert nobody predicted is loaded on demand by a free worker of the group.
+Prefill spreads every expert of a layer over all workers, tokens grouped by expert, in
+mini-batches that pipeline transfer and compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from edgemoe.cluster import protocol as P
+from edgemoe.errors import UserError
+from edgemoe.format.manifest import manifest_hash
+from edgemoe.model.experts import ExpertBackend, ExpertStats
+from edgemoe.predict.base import Predictor, RecallMeter
+from edgemoe.util.proc import peak_rss_bytes
+
+log = logging.getLogger("edgemoe.coordinator")
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: int
+    identity: bytes
+    name: str
+    budget: int
+    threads: int
+    pid: int
+    baseline_rss: int
+    last_seen: float
+    alive: bool = True
+    rss: int = 0
+    peak_rss: int = 0
+    requests: int = 0
+    hits: int = 0
+
+
+@dataclass
+class ClusterStats(ExpertStats):
+    """Wall-clock and worker-reported times, all in seconds, summed over the run."""
+
+    decode_layers: int = 0
+    wall_s: float = 0.0  # coordinator waiting on experts
+    worker_load_s: float = 0.0  # on-demand loads inside compute requests (a miss)
+    worker_wait_s: float = 0.0  # compute requests waiting for a prefetch still loading
+    worker_compute_s: float = 0.0
+    stall_s: float = 0.0  # per layer: the longest load+wait among its requests
+    network_s: float = 0.0  # per layer: wall time not explained by the slowest request's work
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    retries: int = 0
+    predicted: int = 0
+    hits: int = 0
+
+
+@dataclass
+class _Request:
+    req: int
+    layer: int
+    expert: int
+    rows: np.ndarray  # token rows of the layer's input
+    slots: np.ndarray  # top-k slot of each row
+    hidden: np.ndarray
+    worker: WorkerInfo
+    sent_at: float = 0.0
+    work_s: float = 0.0  # worker-reported load + wait + compute
+    stall_s: float = 0.0  # worker-reported load + wait
+
+
+class ClusterExperts(ExpertBackend):
+    """Experts computed by workers over ZeroMQ; construct, then wait_for_workers(n)."""
+
+    def __init__(self, model_dir: str | Path, *, n_embd: int, n_expert: int, k: int, moe_layers: list[int],
+                 bind: str = "tcp://127.0.0.1:0", predictor: Predictor | None = None, group_size: int | None = None,
+                 timeout_s: float = 30.0, prefill_batch: int = 64, heartbeat_s: float = 1.0) -> None:
+        self.model_dir = Path(model_dir)
+        self.model_hash = manifest_hash(model_dir)
+        self.n_embd, self.n_expert, self.k = n_embd, n_expert, k
+        self.moe_layers = moe_layers
+        self.predictor = predictor
+        self.group_size = group_size or k
+        self.timeout_s = timeout_s
+        self.prefill_batch = prefill_batch
+        self.heartbeat_s = heartbeat_s
+        self.stats = ClusterStats()
+        self.recall = RecallMeter(k)
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self._next_id = 0
+        self._req = 0
+        self._step = -1
+        self._assigned: dict[tuple[int, int], WorkerInfo] = {}  # prefetched (layer, expert) -> worker
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for this token
+        self._zctx = zmq.Context()
+        self.router = self._zctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same name takes over
+        self.pub = self._zctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        try:
+            self.endpoint = _bind(self.router, bind)
+            host = bind.rsplit(":", 1)[0]
+            self.pub_endpoint = _bind(self.pub, f"{host}:0")
+        except zmq.ZMQError as e:
+            self.close()
+            raise UserError(f"cannot bind {bind}: {e}") from None
+        self._poller = zmq.Poller()
+        self._poller.register(self.router, zmq.POLLIN)
+        log.info("listening on %s (predictions on %s)", self.endpoint, self.pub_endpoint)
+
+    # workers ------------------------------------------------------------------------------------
+    def live_workers(self) -> list[WorkerInfo]:
+        return sorted((w for w in self.workers.values() if w.alive), key=lambda w: w.worker_id)
+
+    def wait_for_workers(self, n: int, timeout_s: float, check: "Callable[[], None] | None" = None) -> None:
+        """Serve hellos until n workers have joined; check() may raise to give up early."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.live_workers()) < n:
+            if check is not None:
+                check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(f"only {len(self.live_workers())} of {n} workers joined within {timeout_s:.0f} s")
+            self._poll(min(left, 0.2))
+
+    def groups(self) -> list[list[WorkerInfo]]:
+        """Workers in groups of group_size (the last group takes any remainder)."""
+        live = self.live_workers()
+        if not live:
+            raise RuntimeError("no live workers")
+        size = min(self.group_size, len(live))
+        n_groups = max(1, len(live) // size)
+        groups = [live[i * size:(i + 1) * size] for i in range(n_groups)]
+        for i, w in enumerate(live[n_groups * size:]):
+            groups[i % n_groups].append(w)
+        return groups
+
+    def group_of(self, layer: int) -> list[WorkerInfo]:
+        groups = self.groups()
+        return groups[self.moe_layers.index(layer) % len(groups)]
+
+    # the ExpertBackend interface -----------------------------------------------------------------
+    def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
+        selected = np.full((hidden.shape[0], 1), expert, dtype=np.int32)
+        return self.compute_layer(layer, hidden, selected)[:, 0]
+
+    def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
+                      residual: np.ndarray | None = None) -> np.ndarray:
+        n_tok = hidden.shape[0]
+        decode = n_tok == 1
+        if decode:
+            if layer == self.moe_layers[0]:
+                self._begin_token()
+            self.recall.record(self._step, self._predicted.get(layer), selected[0])
+            if self.predictor is not None and residual is not None:
+                self._prefetch(self.predictor.after_router(layer, residual[0], selected[0]), layer)
+            requests = self._plan_decode(layer, hidden, selected)
+        else:
+            requests = self._plan_prefill(layer, hidden, selected)
+        out = np.empty((n_tok, selected.shape[1], self.n_embd), dtype=np.float32)
+        self._run(requests, out, decode)
+        for e in {int(x) for x in selected.reshape(-1)}:
+            self._assigned.pop((layer, e), None)
+        return out
+
+    def _begin_token(self) -> None:
+        self._step += 1
+        self._assigned.clear()
+        self._predicted.clear()
+        if self.predictor is not None:
+            self._prefetch(self.predictor.begin_token(self._step), -1)
+
+    def reset(self) -> None:
+        """A new sequence: predictions restart (recall keeps accumulating)."""
+        if self.predictor is not None:
+            self.predictor.reset()
+
+    # scheduling ---------------------------------------------------------------------------------
+    def _prefetch(self, predictions: dict[int, list[int]], current: int) -> None:
+        """Assign predicted experts of coming layers to their group's workers and broadcast them."""
+        loads = []
+        for layer, experts in sorted(predictions.items()):
+            if layer <= current or layer not in self.moe_layers:
+                continue
+            group = self.group_of(layer)
+            # keep earlier assignments of this layer; give new experts to the least-loaded workers
+            keep = {e for e in experts if (layer, e) in self._assigned}
+            for (l, e) in [key for key in self._assigned if key[0] == layer and key[1] not in experts]:
+                del self._assigned[(l, e)]
+            used = [self._assigned[(layer, e)] for e in keep]
+            for e in experts:
+                if e in keep:
+                    continue
+                w = min(group, key=lambda w: (used.count(w), w.worker_id))
+                used.append(w)
+                self._assigned[(layer, e)] = w
+                loads.append([w.worker_id, layer, e])
+            self._predicted[layer] = set(experts)
+        if loads:
+            self.stats.predicted += len(loads)
+            self._send_pub(P.encode(P.PREFETCH, step=self._step, loads=loads))
+
+    def _plan_decode(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
+        group = self.group_of(layer)
+        taken = [self._assigned[(layer, int(e))] for e in selected[0] if (layer, int(e)) in self._assigned]
+        requests = []
+        for slot, e in enumerate(int(x) for x in selected[0]):
+            w = self._assigned.get((layer, e))
+            if w is None or not w.alive:  # a miss: the least busy worker of the group loads it on demand
+                w = min(group, key=lambda w: (taken.count(w), w.worker_id))
+                taken.append(w)
+            requests.append(self._request(layer, e, np.array([0]), np.array([slot]), hidden[:1], w))
+        return requests
+
+    def _plan_prefill(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
+        live = self.live_workers()
+        if not live:
+            raise RuntimeError("no live workers")
+        requests = []
+        for e in np.unique(selected):
+            rows, slots = np.nonzero(selected == e)
+            w = live[int(e) % len(live)]
+            for i in range(0, len(rows), self.prefill_batch):  # mini-batches: the first computes while later ones travel
+                r, s = rows[i:i + self.prefill_batch], slots[i:i + self.prefill_batch]
+                requests.append(self._request(layer, int(e), r, s, np.ascontiguousarray(hidden[r]), w))
+        return requests
+
+    def _request(self, layer: int, expert: int, rows: np.ndarray, slots: np.ndarray, hidden: np.ndarray,
+                 worker: WorkerInfo) -> _Request:
+        self._req += 1
+        return _Request(self._req, layer, expert, rows, slots, hidden, worker)
+
+    # sending and receiving ----------------------------------------------------------------------
+    def _send(self, identity: bytes, frames: list) -> None:
+        self.router.send_multipart([identity, *frames], copy=False)
+        self.stats.bytes_sent += sum(len(f) for f in frames)
+
+    def _send_pub(self, frames: list) -> None:
+        self.pub.send_multipart(frames, copy=False)
+        self.stats.bytes_sent += sum(len(f) for f in frames)
+
+    def _dispatch(self, r: _Request) -> None:
+        r.sent_at = time.monotonic()
+        r.worker.requests += 1
+        self._send(r.worker.identity, P.encode(P.COMPUTE, r.hidden, req=r.req, layer=r.layer, expert=r.expert))
+
+    def _run(self, requests: list[_Request], out: np.ndarray, decode: bool) -> None:
+        t0 = time.monotonic()
+        pending = {r.req: r for r in requests}
+        for r in requests:
+            self._dispatch(r)
+        while pending:
+            self._poll(0.05, pending, out)
+            now = time.monotonic()
+            for r in list(pending.values()):
+                if not r.worker.alive or now - r.sent_at > self.timeout_s:
+                    self._retry(r, pending, "timed out" if r.worker.alive else "is gone")
+        wall = time.monotonic() - t0
+        slowest_work = max(r.work_s for r in requests)
+        slowest_stall = max(r.stall_s for r in requests)
+        s = self.stats
+        s.wall_s += wall
+        s.stall_s += slowest_stall
+        s.network_s += max(0.0, wall - slowest_work)
+        s.decode_layers += int(decode)
+
+    def _retry(self, r: _Request, pending: dict[int, _Request], why: str) -> None:
+        """Recompute a lost request on another live worker so the answer is still correct."""
+        log.warning("worker %s %s on request %d (layer %d, expert %d); marking it lost and retrying elsewhere",
+                    r.worker.name, why, r.req, r.layer, r.expert)
+        r.worker.alive = False
+        for key in [k for k, w in self._assigned.items() if w is r.worker]:
+            del self._assigned[key]
+        live = self.live_workers()
+        if not live:
+            raise RuntimeError("every worker is gone; cannot finish the request")
+        del pending[r.req]
+        self._req += 1
+        r.req, r.worker = self._req, live[r.expert % len(live)]
+        pending[r.req] = r
+        self.stats.retries += 1
+        self._dispatch(r)
+
+    def _poll(self, timeout_s: float, pending: dict[int, _Request] | None = None, out: np.ndarray | None = None) -> None:
+        events = dict(self._poller.poll(int(timeout_s * 1000)))
+        if self.router not in events:
+            return
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.stats.bytes_received += sum(len(f.buffer) for f in frames[1:])
+            self._handle(frames[0].bytes, frames[1:], pending, out)
+
+    def _handle(self, identity: bytes, frames: list, pending: dict[int, _Request] | None, out: np.ndarray | None) -> None:
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError as e:
+            log.warning("dropped a malformed message from %r: %s", identity, e)
+            return
+        w = self.workers.get(identity)
+        if msg.type == P.HELLO:
+            self._hello(identity, msg)
+            return
+        if w is None:
+            self._send(identity, P.encode(P.UNKNOWN_PEER))
+            return
+        w.last_seen = time.monotonic()
+        if msg.type == P.HEARTBEAT:
+            w.rss, w.peak_rss = msg["rss"], max(w.peak_rss, msg["peak_rss"])
+        elif msg.type == P.BYE:
+            log.info("worker %s left", w.name)
+            w.alive = False
+        elif msg.type == P.RESULT:
+            r = pending.get(msg["req"]) if pending is not None else None
+            if r is None or r.worker is not w:
+                log.warning("dropped a result for unknown request %d from %s", msg["req"], w.name)
+                return
+            if msg.tensor.shape != (len(r.rows), self.n_embd):
+                log.warning("dropped a result of shape %s from %s", msg.tensor.shape, w.name)
+                return
+            out[r.rows, r.slots] = msg.tensor
+            del pending[r.req]
+            s = self.stats
+            s.calls += 1
+            s.tokens += len(r.rows)
+            s.worker_load_s += msg["load_s"]
+            s.worker_wait_s += msg["wait_s"]
+            s.worker_compute_s += msg["compute_s"]
+            s.hits += int(msg["hit"])
+            w.hits += int(msg["hit"])
+            w.rss = msg["rss"]
+            w.peak_rss = max(w.peak_rss, msg["rss"])
+            r.work_s = msg["load_s"] + msg["wait_s"] + msg["compute_s"]
+            r.stall_s = msg["load_s"] + msg["wait_s"]
+        elif msg.type == P.FAIL:
+            r = pending.get(msg["req"]) if pending is not None else None
+            log.warning("worker %s failed request %d: %s", w.name, msg["req"], msg["reason"])
+            if r is not None:
+                self._retry(r, pending, f"failed ({msg['reason']})")
+        else:
+            log.warning("dropped an unexpected %s message from %s", msg.type, w.name)
+
+    def _hello(self, identity: bytes, msg: P.Message) -> None:
+        if msg["model"] != self.model_hash:
+            reason = (f"model mismatch: worker {msg['name']} has model {msg['model']}, "
+                      f"the coordinator serves {self.model_hash}")
+            log.warning("refused worker %s: %s", msg["name"], reason)
+            self._send(identity, P.encode(P.REJECT, reason=reason))
+            return
+        w = self.workers.get(identity)
+        if w is None:
+            w = WorkerInfo(self._next_id, identity, msg["name"], msg["budget"], msg["threads"], msg["pid"],
+                           msg["baseline_rss"], time.monotonic())
+            self._next_id += 1
+            self.workers[identity] = w
+            log.info("worker %s joined (id %d, budget %d MiB, baseline %d MiB)", w.name, w.worker_id,
+                     w.budget >> 20, w.baseline_rss >> 20)
+        else:
+            w.alive, w.last_seen = True, time.monotonic()
+            log.info("worker %s rejoined (id %d)", w.name, w.worker_id)
+        self._send(identity, P.encode(P.WELCOME, worker_id=w.worker_id, pub=self.pub_endpoint, heartbeat_s=self.heartbeat_s))
+
+    def summary(self) -> dict:
+        s = self.stats
+        return {
+            "workers": [{"name": w.name, "id": w.worker_id, "pid": w.pid, "budget": w.budget, "peak_rss": w.peak_rss,
+                         "requests": w.requests, "hits": w.hits, "alive": w.alive} for w in self.workers.values()],
+            "recall": self.recall.recall,
+            "predicted_loads": s.predicted,
+            "bytes_sent": s.bytes_sent,
+            "bytes_received": s.bytes_received,
+            "retries": s.retries,
+            "coordinator_peak_rss": peak_rss_bytes(),
+        }
+
+    def close(self) -> None:
+        for sock in (getattr(self, "router", None), getattr(self, "pub", None)):
+            if sock is not None:
+                sock.close(0)
+        self._zctx.term()
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind, resolving port 0 to a free port; returns the endpoint actually bound."""
+    host, _, port = endpoint.rpartition(":")
+    if port in ("0", "*"):
+        port_no = sock.bind_to_random_port(host)
+        return f"{host}:{port_no}"
+    sock.bind(endpoint)
+    return endpoint

@@ -1,0 +1,77 @@
+"""A local cluster: N worker processes on loopback, started and stopped by the coordinator process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from edgemoe.util.proc import peak_rss_bytes
+
+
+class LocalWorkers:
+    """Spawns `edgemoe worker` processes; always stops them (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, model_dir: str | Path, n: int, connect: str, *, memory_budget: str | None = None,
+                 threads: int = 1, log_dir: str | Path | None = None) -> None:
+        self.model_dir, self.n, self.connect = Path(model_dir), n, connect
+        self.memory_budget, self.threads = memory_budget, threads
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="edgemoe-workers-"))
+        self.procs: list[subprocess.Popen] = []
+        self._peak: dict[int, int] = {}
+
+    def start(self) -> "LocalWorkers":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.n):
+            cmd = [sys.executable, "-m", "edgemoe", "worker", "--connect", self.connect, "--model", str(self.model_dir),
+                   "--threads", str(self.threads), "--name", f"local-{i}"]
+            if self.memory_budget:
+                cmd += ["--memory-budget", self.memory_budget]
+            log = open(self.log_dir / f"worker-{i}.log", "ab")
+            env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+            log.close()
+        return self
+
+    def sample_rss(self) -> None:
+        """Record each worker's peak RSS (VmHWM), read from outside the process."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    self._peak[p.pid] = max(self._peak.get(p.pid, 0), peak_rss_bytes(p.pid))
+                except OSError:
+                    pass
+
+    def peak_rss(self) -> dict[int, int]:
+        self.sample_rss()
+        return dict(self._peak)
+
+    def failed(self) -> list[str]:
+        """Workers that exited, with the last line of their log."""
+        out = []
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                lines = (self.log_dir / f"worker-{i}.log").read_text(errors="replace").strip().splitlines()
+                out.append(f"worker local-{i} exited with status {p.returncode}: {lines[-1] if lines else '(no output)'}")
+        return out
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.sample_rss()
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=timeout_s)
+
+    def __enter__(self) -> "LocalWorkers":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

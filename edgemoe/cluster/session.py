@@ -1,0 +1,72 @@
+"""Open an engine whose experts run on a cluster: local worker processes or workers started elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from edgemoe.cluster.coordinator import ClusterExperts
+from edgemoe.cluster.local import LocalWorkers
+from edgemoe.errors import UserError
+from edgemoe.model.engine import Engine
+from edgemoe.predict import make_predictor
+
+
+@dataclass
+class ClusterOptions:
+    workers: int = 0  # local worker processes to spawn
+    bind: str | None = None  # serve workers started elsewhere on this endpoint
+    wait_workers: int = 0  # how many remote workers to wait for
+    predictor: str = "lookahead"
+    memory_budget: str | None = None
+    worker_threads: int = 1
+    join_timeout_s: float = 120.0
+    request_timeout_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.workers > 0 or self.bind is not None
+
+
+@contextlib.contextmanager
+def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int) -> Iterator[Engine]:
+    """An Engine; with opts.enabled its experts are computed by cluster workers."""
+    if not opts.enabled:
+        with Engine(model, n_ctx=n_ctx, n_threads=n_threads) as engine:
+            yield engine
+        return
+    if not Path(model).is_dir():
+        raise UserError(f"{model}: a cluster needs a converted model directory (edgemoe convert)")
+    local: LocalWorkers | None = None
+    cluster: ClusterExperts | None = None
+
+    def make_backend(engine: Engine) -> ClusterExperts:
+        nonlocal cluster
+        cfg = engine.cfg
+        n = opts.workers + opts.wait_workers
+        n_groups = max(1, n // max(1, min(cfg.n_expert_used, n)))
+        predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1))
+        cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
+                                 moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
+                                 timeout_s=opts.request_timeout_s)
+        return cluster
+
+    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend)
+    try:
+        assert cluster is not None
+        if opts.workers:
+            local = LocalWorkers(model, opts.workers, cluster.endpoint, memory_budget=opts.memory_budget,
+                                 threads=opts.worker_threads).start()
+        def check() -> None:
+            if local is not None and local.failed():
+                raise UserError("; ".join(local.failed()))
+
+        cluster.wait_for_workers(opts.workers + opts.wait_workers, opts.join_timeout_s, check)
+        engine.local_workers = local  # type: ignore[attr-defined]
+        yield engine
+    finally:
+        if local is not None:
+            local.stop()
+        engine.close()

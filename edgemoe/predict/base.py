@@ -1,0 +1,54 @@
+"""The predictor interface and recall accounting (OD-MoE paper, eq. 2-3)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+
+import numpy as np
+
+
+class Predictor(ABC):
+    """Called by the coordinator during decode, after each MoE layer's router has run.
+
+    `after_router(layer, residual, selected)` returns {future_layer: [expert ids]}: the experts it
+    expects the next layers of this token to pick. residual is the layer's FFN input (the
+    residual stream, [n_embd] float32), selected the experts the router chose for it.
+    """
+
+    name = "base"
+
+    def reset(self) -> None:
+        """A new sequence begins."""
+
+    def begin_token(self, step: int) -> dict[int, list[int]]:
+        """Predictions available before the token's first layer runs."""
+        return {}
+
+    @abstractmethod
+    def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
+        ...
+
+
+class RecallMeter:
+    """recall = correctly predicted experts / activated experts, per token and per layer distance."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.correct = 0
+        self.activated = 0
+        self.by_step: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+
+    def record(self, step: int, predicted: set[int] | None, actual: np.ndarray) -> None:
+        hits = len(predicted & {int(e) for e in actual}) if predicted else 0
+        self.correct += hits
+        self.activated += len(actual)
+        self.by_step[step][0] += hits
+        self.by_step[step][1] += len(actual)
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.activated if self.activated else 0.0
+
+    def per_step(self) -> list[float]:
+        return [c / a if a else 0.0 for _, (c, a) in sorted(self.by_step.items())]
