@@ -97,6 +97,12 @@ class Engine:
         if self.experts is not None:
             self.experts.reset()
 
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every position from n_tokens on (their cache rows are overwritten when reused)."""
+        if not 0 <= n_tokens <= self.n_past:
+            raise ValueError(f"cannot truncate {self.n_past} tokens to {n_tokens}")
+        self.n_past = n_tokens
+
     def close(self) -> None:
         self._drop_decode_cache()
         if self.experts is not None:
