@@ -29,6 +29,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
     e.set_defaults(handler=run_engine)
 
+    c = kinds.add_parser("cluster", help="decode tok/s of a local cluster vs llama.cpp fully cached",
+                         description="Decode tok/s of a local cluster of budget-limited workers against llama.cpp "
+                         "holding the whole model, same run; stall share, recall, peak RSS of every worker.")
+    c.add_argument("model", metavar="MODEL", help="converted model directory")
+    c.add_argument("--reference", metavar="SRC.gguf", help="the GGUF llama.cpp runs (default: MODEL's source next to it)")
+    c.add_argument("--workers", type=int, default=4, help="local worker processes (default 4)")
+    c.add_argument("--memory-budget", metavar="SIZE", help="each worker's memory budget, e.g. 256MiB")
+    c.add_argument("--predictor", default="lookahead", help="reactive, random, lookahead (default)")
+    c.add_argument("--threads", "-t", type=int, default=1, help="threads of the coordinator and of llama.cpp (default 1)")
+    c.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
+    c.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
+    c.add_argument("--repeat", type=int, default=3, help="measured runs (default 3, after one warm-up)")
+    c.add_argument("--json", action="store_true", help="print the full result as JSON")
+    c.set_defaults(handler=run_cluster)
+
 
 def _reference_for(model: str, reference: str | None) -> Path:
     if reference:
@@ -62,5 +77,31 @@ def run_engine(args: argparse.Namespace) -> int:
     print(f"{'':10} {'edgemoe':>10} {'llama.cpp':>10} {'ratio':>7}")
     for key in ("prefill", "decode"):
         print(f"{key + ' tok/s':10} {s[f'edgemoe_{key}_tok_s']:10.1f} {s[f'llama_cpp_{key}_tok_s']:10.1f} {s[f'ratio_{key}']:7.2f}")
+    print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
+    return 0
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    if min(args.workers, args.threads, args.prompt_tokens, args.repeat) < 1 or args.n_predict < 2:
+        raise UserError("--workers, --threads, --prompt-tokens, --repeat must be >= 1 and --n-predict >= 2")
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model}: a cluster needs a converted model directory")
+    from edgemoe.bench.cluster import bench_cluster
+
+    r = bench_cluster(args.model, _reference_for(args.model, args.reference), workers=args.workers,
+                      memory_budget=args.memory_budget, predictor=args.predictor, threads=args.threads,
+                      prompt_tokens=args.prompt_tokens, n_predict=args.n_predict, repeats=args.repeat)
+    s = r.summary()
+    if args.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
+    print(f"cluster of {r.workers} workers (budget {r.memory_budget or 'none'}, predictor {r.predictor}) vs llama.cpp "
+          f"fully cached, {r.threads} thread(s), median of {r.repeats}")
+    print(f"decode tok/s: cluster {s['cluster_decode_tok_s']:.1f}, llama.cpp {s['llama_cpp_decode_tok_s']:.1f}, "
+          f"ratio {s['ratio']:.2f}")
+    print(f"stalled on expert loads: {100 * s['stall_share']:.1f}% of decode time; recall {s['recall']:.3f}")
+    print(f"peak RSS: workers {', '.join(mib(x) for x in r.worker_peak_rss)}; coordinator {mib(r.coordinator_peak_rss)}; "
+          f"llama.cpp process {mib(r.llama_cpp_rss)}; model file {mib(r.model_bytes)}")
     print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
     return 0
