@@ -82,46 +82,73 @@ class MappedShard:
         self.close()
 
 
+@dataclass
+class _FFNGraph:
+    """A built expert graph; weight tensors are re-pointed at each newly mapped shard."""
+
+    ctx: Context
+    graph: object
+    weights: dict[str, object]  # part -> ggml tensor whose data pointer is set per call
+    x: np.ndarray  # input rows [n_tok, n_embd], viewed by the graph
+    out: object
+
+
 class ExpertFFN:
-    """Runs expert FFNs: out = down(silu(gate(x)) * up(x)) for a batch of token rows."""
+    """Runs expert FFNs: out = down(silu(gate(x)) * up(x)) for a batch of token rows.
+
+    Graphs are built once per (tensor layout, n_tokens) and reused: a call only points the
+    weight tensors at the shard's bytes and copies the input rows in.
+    """
+
+    _CACHE_TOKENS = 8  # graphs for up to this many rows are kept (decode); larger batches are built per call
 
     def __init__(self, compute: Compute) -> None:
         self.compute = compute
-        self._arena = aligned_empty(1 << 20, np.uint8)
+        self._graphs: dict[tuple, _FFNGraph] = {}
 
-    def _ensure_arena(self, n_bytes: int) -> None:
-        if self._arena.nbytes < n_bytes:
-            self._arena = aligned_empty(max(n_bytes, 2 * self._arena.nbytes), np.uint8)
+    def _build(self, layout: ShardLayout, n_tok: int, n_embd: int) -> _FFNGraph:
+        n_ff = layout.n_ff
+        act = 4 * n_tok * (2 * n_embd + 4 * n_ff + 8) + 64 * 32
+        ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
+        w = {part: ctx.external(32, t.ggml_type, t.ne[0], t.ne[1], 1) for part, t in layout.tensors.items()}
+        x = aligned_empty((n_tok, n_embd))
+        b = ctx.reshape_3d(ctx.from_numpy(x), n_embd, 1, n_tok)
+        ids = ctx.new(GGMLType.I32, 1, n_tok)
+        to_numpy(ids)[...] = 0
+        if "gate_up" in w:
+            gate_up = ctx.mul_mat_id(w["gate_up"], b, ids)  # [2*n_ff, 1, n_tok]
+            c = gate_up.contents
+            gate = ctx.view_3d(gate_up, n_ff, 1, n_tok, c.nb[1], c.nb[2], 0)
+            up = ctx.view_3d(gate_up, n_ff, 1, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
+        else:
+            up = ctx.mul_mat_id(w["up"], b, ids)
+            gate = ctx.mul_mat_id(w["gate"], b, ids)
+        out = ctx.mul_mat_id(w["down"], ctx.swiglu_split(gate, up), ids)  # [n_embd, 1, n_tok]
+        graph = ctx.graph(64)
+        lib.ggml_build_forward_expand(graph, out)
+        return _FFNGraph(ctx, graph, w, x, out)
 
     def run(self, shard: MappedShard, x: np.ndarray) -> np.ndarray:
         """x: float32 [n_tokens, n_embd] -> float32 [n_tokens, n_embd]."""
         layout = shard.layout
         n_tok, n_embd = x.shape
-        n_ff = layout.n_ff
-        # activations: inputs, ids, gate/up (or gate_up), swiglu, output, plus row padding
-        act = 4 * n_tok * (2 * n_embd + 4 * n_ff + 8) + 64 * 32
-        mem = Context.overhead(32, graph_size=64) + act + 4096
-        self._ensure_arena(mem)
-        with Context(mem, arena=self._arena) as ctx:
-            w = {
-                part: ctx.external(shard.address + t.offset, t.ggml_type, t.ne[0], t.ne[1], 1)
-                for part, t in layout.tensors.items()
-            }
-            b = ctx.new(GGMLType.F32, n_embd, 1, n_tok)
-            to_numpy(b).reshape(n_tok, n_embd)[...] = x
-            ids = ctx.new(GGMLType.I32, 1, n_tok)
-            to_numpy(ids)[...] = 0
-            if "gate_up" in w:
-                gate_up = ctx.mul_mat_id(w["gate_up"], b, ids)  # [2*n_ff, 1, n_tok]
-                c = gate_up.contents
-                gate = ctx.view_3d(gate_up, n_ff, 1, n_tok, c.nb[1], c.nb[2], 0)
-                up = ctx.view_3d(gate_up, n_ff, 1, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
-            else:
-                up = ctx.mul_mat_id(w["up"], b, ids)
-                gate = ctx.mul_mat_id(w["gate"], b, ids)
-            par = ctx.swiglu_split(gate, up)
-            out = ctx.mul_mat_id(w["down"], par, ids)  # [n_embd, 1, n_tok]
-            graph = ctx.graph(64)
-            lib.ggml_build_forward_expand(graph, out)
-            self.compute.run(graph)
-            return to_numpy(out).reshape(n_tok, n_embd).copy()
+        key = (tuple(sorted((p, t.ggml_type, t.ne) for p, t in layout.tensors.items())), n_tok)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._build(layout, n_tok, n_embd)
+            if n_tok <= self._CACHE_TOKENS:
+                self._graphs[key] = g
+        try:
+            for part, t in layout.tensors.items():
+                g.weights[part].contents.data = shard.address + t.offset
+            g.x[...] = x
+            self.compute.run(g.graph)
+            return to_numpy(g.out).reshape(n_tok, n_embd).copy()
+        finally:
+            if n_tok > self._CACHE_TOKENS:
+                g.ctx.close()
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.ctx.close()
+        self._graphs.clear()
