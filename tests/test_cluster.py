@@ -1,0 +1,192 @@
+"""Coordinator + worker processes over real ZeroMQ sockets on loopback == the in-process engine, bit for bit.
+
+Predictions and worker counts may only change speed: tokens and logits must be identical.
+Every test that spawns workers stops them (LocalWorkers sends SIGTERM, then SIGKILL, with timeouts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edgemoe.cluster.session import ClusterOptions, open_engine
+from edgemoe.model.engine import Engine
+
+PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
+N_PREDICT = 12
+
+
+def greedy(engine: Engine, n_predict: int = N_PREDICT) -> tuple[list[int], np.ndarray]:
+    engine.reset()
+    logits = engine.eval(PROMPT)[0]
+    rows, tokens = [logits], [int(np.argmax(logits))]
+    for _ in range(n_predict - 1):
+        logits = engine.eval([tokens[-1]])[0]
+        rows.append(logits)
+        tokens.append(int(np.argmax(logits)))
+    return tokens, np.array(rows)
+
+
+_reference_cache: dict[str, tuple[list[int], np.ndarray]] = {}
+
+
+def in_process(model: Path) -> tuple[list[int], np.ndarray]:
+    if str(model) not in _reference_cache:
+        with Engine(model, n_ctx=256, n_threads=1) as engine:
+            _reference_cache[str(model)] = greedy(engine)
+    return _reference_cache[str(model)]
+
+
+def cluster_run(model: Path, **opts) -> tuple[list[int], np.ndarray, dict]:
+    with open_engine(model, ClusterOptions(**opts), n_ctx=256, n_threads=1) as engine:
+        tokens, logits = greedy(engine)
+        return tokens, logits, engine.experts.summary()
+
+
+def test_every_test_model_on_four_workers(converted_models: dict[str, Path]) -> None:
+    for name, model in converted_models.items():
+        want_tokens, want_logits = in_process(model)
+        tokens, logits, summary = cluster_run(model, workers=4, predictor="lookahead")
+        assert tokens == want_tokens, name
+        assert np.array_equal(logits, want_logits), name
+        assert sum(w["requests"] for w in summary["workers"]) > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+@pytest.mark.parametrize("predictor", ["reactive", "random", "lookahead"])
+def test_worker_counts_and_predictors_change_nothing(converted_models: dict[str, Path], workers: int, predictor: str) -> None:
+    model = converted_models["qwen2moe-q4_k_m"]
+    want_tokens, want_logits = in_process(model)
+    tokens, logits, summary = cluster_run(model, workers=workers, predictor=predictor)
+    assert tokens == want_tokens
+    assert np.array_equal(logits, want_logits)
+    assert len(summary["workers"]) == workers
+    if predictor == "reactive":
+        assert summary["recall"] == 0.0 and summary["predicted_loads"] == 0
+    if predictor == "lookahead" and workers >= 4:
+        assert summary["recall"] > 0.2
+
+
+def test_lookahead_beats_random_on_recall(converted_models: dict[str, Path]) -> None:
+    model = converted_models["llama-moe-q8_0"]
+    recall = {p: cluster_run(model, workers=4, predictor=p)[2]["recall"] for p in ("random", "lookahead")}
+    assert 0.0 < recall["random"] < recall["lookahead"], recall
+
+
+def test_lost_worker_is_replaced_and_the_answer_stays_exact(converted_models: dict[str, Path]) -> None:
+    model = converted_models["olmoe-q8_0"]
+    want_tokens, want_logits = in_process(model)
+    with open_engine(model, ClusterOptions(workers=3, predictor="lookahead", request_timeout_s=2.0), n_ctx=256, n_threads=1) as engine:
+        victim = engine.local_workers.procs[0]
+        victim.send_signal(signal.SIGKILL)  # gone without a word, mid-session
+        victim.wait(timeout=10)
+        tokens, logits = greedy(engine)
+        summary = engine.experts.summary()
+    assert tokens == want_tokens and np.array_equal(logits, want_logits)
+    assert summary["retries"] >= 1
+    assert sum(1 for w in summary["workers"] if not w["alive"]) == 1
+
+
+def test_worker_with_another_model_is_refused(converted_models: dict[str, Path], tmp_path: Path) -> None:
+    from edgemoe.cluster.coordinator import ClusterExperts
+    from edgemoe.format.manifest import manifest_hash
+
+    model, other = converted_models["llama-moe-q8_0"], converted_models["qwen3moe-q8_0"]
+    cluster = ClusterExperts(model, n_embd=256, n_expert=8, k=2, moe_layers=[0, 1, 2, 3])
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "worker", "--connect", cluster.endpoint, "--model", str(other),
+                             "--name", "stranger"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            cluster._poll(0.2)
+        assert proc.returncode == 2
+        err = proc.stderr.read()
+        assert manifest_hash(model) in err and manifest_hash(other) in err, err
+        assert not cluster.live_workers()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        cluster.close()
+
+
+def test_coordinator_survives_malformed_messages(converted_models: dict[str, Path]) -> None:
+    from edgemoe.cluster import protocol as P
+    from edgemoe.cluster.coordinator import ClusterExperts
+
+    cluster = ClusterExperts(converted_models["llama-moe-q8_0"], n_embd=256, n_expert=8, k=2, moe_layers=[0, 1, 2, 3])
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.ROUTING_ID, b"prankster")
+    try:
+        peer.connect(cluster.endpoint)
+        bad = [[b"\xc1garbage"], [b"\x92\x01\x02"], [P.msgpack.packb({"v": 99, "t": "hello"})],
+               [P.msgpack.packb({"v": 1, "t": "nonsense"})], [b"x" * (P.MAX_HEADER_BYTES + 1)],
+               [P.msgpack.packb({"v": 1, "t": "result", "req": 1}), b"123"]]
+        for frames in bad:
+            peer.send_multipart(frames)
+        for _ in range(10):
+            cluster._poll(0.05)
+        # still serving: a well-formed message from a stranger gets "unknown"
+        peer.send_multipart(P.encode(P.HEARTBEAT, rss=1, peak_rss=1))
+        cluster._poll(0.5)
+        assert peer.poll(2000), "the coordinator stopped answering"
+        assert P.decode(peer.recv_multipart()).type == P.UNKNOWN_PEER
+    finally:
+        peer.close(0)
+        ctx.term()
+        cluster.close()
+
+
+def test_budget_limited_workers_complete_and_stay_under_budget(converted_models: dict[str, Path]) -> None:
+    """Each worker may hold its baseline plus two experts; its peak RSS, read from outside, stays below."""
+    model = converted_models["llama-moe-f32"]
+    shard = max((model / "experts").iterdir(), key=lambda p: p.stat().st_size).stat().st_size
+    # a worker's baseline, measured by a probe worker that reports it in its hello
+    from edgemoe.cluster.coordinator import ClusterExperts
+
+    probe = ClusterExperts(model, n_embd=256, n_expert=8, k=2, moe_layers=[0, 1, 2, 3])
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "worker", "--connect", probe.endpoint, "--model", str(model),
+                             "--name", "probe"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe.wait_for_workers(1, 60)
+        baseline = probe.live_workers()[0].baseline_rss
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        probe.close()
+    budget = baseline + 2 * shard + (8 << 20)  # two experts plus a small activation reserve
+    want_tokens, want_logits = in_process(model)
+    with open_engine(model, ClusterOptions(workers=2, memory_budget=str(budget)), n_ctx=256, n_threads=1) as engine:
+        tokens, logits = greedy(engine)
+        peaks = engine.local_workers.peak_rss()
+    assert tokens == want_tokens and np.array_equal(logits, want_logits)
+    assert len(peaks) == 2
+    for pid, peak in peaks.items():
+        assert 0 < peak <= budget, f"worker {pid}: peak RSS {peak} > budget {budget}"
+
+
+def test_run_cli_with_local_workers_reports_cluster_stats(converted_models: dict[str, Path]) -> None:
+    model = converted_models["qwen3moe-q4_k_m"]
+    r = subprocess.run([sys.executable, "-m", "edgemoe", "run", str(model), "-p", "Hello world", "-n", "8", "--temp", "0",
+                        "--ignore-eos", "--workers", "2", "--json", "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = subprocess.run([sys.executable, "-m", "edgemoe", "run", str(model), "-p", "Hello world", "-n", "8", "--temp", "0",
+                          "--ignore-eos", "--json", "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert out["tokens"] == json.loads(ref.stdout.strip().splitlines()[-1])["tokens"]
+    c = out["stats"]["cluster"]
+    assert len(c["workers"]) == 2 and all(w["peak_rss_outside"] > 0 for w in c["workers"])
+    assert c["bytes_sent"] > 0 and c["bytes_received"] > 0 and 0.0 <= c["recall"] <= 1.0
+    for key in ("trunk", "network", "expert_load", "expert_compute", "stall"):
+        assert key in c["breakdown_s"]
