@@ -8,10 +8,10 @@ Accounting. The budget bounds the worker process's whole resident memory:
     budget >= baseline + reserve + sum(size of every shard mapped or being mapped)
 
 - baseline: the process's own resident memory with no shard mapped (interpreter, numpy, ggml,
-  thread pool, sockets). Measured at start-up (VmHWM) and re-observed while serving; it never
-  goes below the start-up value.
+  thread pool, sockets). Measured at start-up (VmHWM) and re-observed while serving: growth
+  beyond the slack raises it; it never goes below the start-up value.
 - reserve: room kept free for one request's activations (input frame, ggml arena and work
-  buffer, output) plus a little runtime slack; see `activation_bytes`.
+  buffer, output; see `activation_bytes`) plus RUNTIME_SLACK for the baseline's growth.
 - shard sizes are rounded up to whole pages: a mapped, populated shard is resident page by page.
 
 Policy.
@@ -111,6 +111,7 @@ def activation_bytes(n_tokens: int, n_embd: int, n_ff: int) -> int:
 
 
 def default_reserve(n_embd: int, n_ff: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+    """Activations of one request of max_tokens rows, plus RUNTIME_SLACK."""
     return activation_bytes(max_tokens, n_embd, n_ff) + RUNTIME_SLACK
 
 
@@ -144,7 +145,7 @@ class Skip:
 
     key: Key
     reason: str
-    pinned: bool  # requests are waiting for it
+    pins: int  # requests waiting for it
 
 
 Decision = Union[Load, Wait, Skip, None]  # None: nothing to load
@@ -172,13 +173,18 @@ class _Entry:
 class Admission:
     """Which shards a worker loads, keeps and drops, within budget. Not thread-safe: lock around it."""
 
-    def __init__(self, budget: int, baseline: int, reserve: int, *, horizon: int = 2) -> None:
+    def __init__(self, budget: int, baseline: int, reserve: int, *, slack: int = 0, horizon: int = 2) -> None:
+        """slack: the part of `reserve` meant for the baseline's growth while serving (observe_rss
+        raises the baseline only by what exceeds it)."""
         if horizon < 1:
             raise ValueError("horizon must be >= 1")
+        if not 0 <= slack <= reserve:
+            raise ValueError("slack must be part of the reserve")
         self.budget = budget
         self.startup_baseline = baseline
         self.baseline = baseline
         self.reserve = reserve
+        self.slack = slack
         self.horizon = horizon
         self.newest_step: int | None = None
         self.entries: dict[Key, _Entry] = {}
@@ -208,12 +214,14 @@ class Admission:
         return [k for k, e in self.entries.items() if e.state == LOADED]
 
     def observe_rss(self, rss: int) -> bool:
-        """Re-estimate the baseline from a measured RSS. Only meaningful when no load is in
-        progress (a half-populated mapping is not accounted exactly); returns whether it was used."""
+        """Re-estimate the baseline from a measured RSS: growth beyond the slack raises it, and it
+        comes back down (never below the start-up value) when the memory is given back. Only
+        meaningful when no load is in progress (a half-populated mapping is not accounted exactly);
+        returns whether it was used."""
         if any(e.state == LOADING for e in self.entries.values()):
             return False
         mapped = sum(e.size for e in self.entries.values() if e.state == LOADED)
-        self.baseline = max(self.startup_baseline, rss - mapped)
+        self.baseline = max(self.startup_baseline, rss - mapped - self.slack)
         return True
 
     def never_fits(self, size: int) -> str | None:
@@ -292,6 +300,9 @@ class Admission:
             e.pins += 1
             e.cancelled = False
             return Request(hit=True, ready=e.state == LOADED)
+        elif e.pins:  # already a queued demand: keep its place
+            e.pins += 1
+            return Request(hit=False, ready=False)
         else:
             self.queue.remove(key)
         e.pins += 1
@@ -334,7 +345,7 @@ class Admission:
         if why is not None:  # the baseline grew since it was queued
             self.queue.popleft()
             del self.entries[key]
-            return Skip(key, why, pinned=e.pins > 0)
+            return Skip(key, why, pins=e.pins)
         free = self.free
         evict: list[Key] = []
         if e.size > free and e.pins:

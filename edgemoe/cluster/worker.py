@@ -1,0 +1,624 @@
+"""The worker daemon: loads expert shards just in time, computes them, drops them (OD-MoE).
+
+One process per board. Threads:
+- main: the ZeroMQ loop (DEALER to the coordinator's ROUTER, SUB to its PUB), heartbeats, and
+  the expert computes (ggml, on its own thread pool);
+- loader: maps shards (sha256 check on first use, mmap + MAP_POPULATE) one at a time, in order,
+  within the memory budget; it wakes the main loop through a pipe when a shard is ready.
+
+What to load, keep and drop is decided by `budget.Admission` (a pure state machine, under one
+lock); this module only carries the decisions out. The network carries activations, never weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from edgemoe.cluster import protocol as P
+from edgemoe.cluster.budget import (
+    Admission,
+    Key,
+    RUNTIME_SLACK,
+    Load,
+    Skip,
+    Wait,
+    activation_bytes,
+    default_reserve,
+    format_size,
+    page_round,
+)
+from edgemoe.errors import UserError
+from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_hash
+from edgemoe.ggml import Compute, GGMLType
+from edgemoe.ggml.context import aligned_empty
+from edgemoe.model.expert_ffn import ExpertFFN, MappedShard, ShardLayout, ShardTensor
+from edgemoe.util.proc import peak_rss_bytes, rss_bytes
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+DEFAULT_HEARTBEAT_S = 1.0
+HELLO_INTERVAL_S = 2.0  # re-send HELLO this often while not welcomed
+HELLO_RETRY_S = 0.1  # ... and this often while the link is not up yet (sends would be refused)
+_CONNECT_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+
+
+def parse_endpoint(endpoint: str, what: str = "--connect") -> tuple[str, int]:
+    m = _CONNECT_RE.match(endpoint)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise UserError(f"{what}: {endpoint!r} is not an endpoint of the form tcp://HOST:PORT")
+    return m.group(1), int(m.group(2))
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise UserError(f"worker name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ : @ - (starting with a letter or digit)")
+    return name
+
+
+def _label(key: Key) -> str:
+    return f"L{key[0]}.E{key[1]}"
+
+
+@dataclass
+class _Pending:
+    """A COMPUTE waiting for its shard (or about to be computed)."""
+
+    req: int
+    key: Key
+    x: np.ndarray  # a view of the received frame
+    t0: float
+    hit: bool
+
+
+class _WarmupShard:
+    """A tiny F32 expert in memory: the first graph run initialises ggml before the baseline is measured."""
+
+    def __init__(self, n_embd: int = 64, n_ff: int = 64) -> None:
+        sizes = {"gate": n_embd * n_ff, "up": n_embd * n_ff, "down": n_ff * n_embd}
+        self._buf = aligned_empty(sum(sizes.values()), np.float32, align=64)
+        self._buf[...] = 0.01
+        self.address = self._buf.ctypes.data
+        tensors, off = {}, 0
+        for part, n in sizes.items():
+            ne = (n_embd, n_ff) if part != "down" else (n_ff, n_embd)
+            tensors[part] = ShardTensor(part, int(GGMLType.F32), ne, off)
+            off += 4 * n
+        self.layout = ShardLayout("<warm-up>", off, tensors)
+
+
+class Worker:
+    """`edgemoe worker`: serve one coordinator until SIGTERM/SIGINT (exit 0) or a REJECT (UserError)."""
+
+    def __init__(
+        self,
+        connect: str,
+        model_dir: str | os.PathLike[str],
+        memory_budget: int,
+        threads: int,
+        name: str,
+        *,
+        max_tokens: int = 64,
+        horizon: int = 2,
+        hello_interval: float = HELLO_INTERVAL_S,
+    ) -> None:
+        self.host, _ = parse_endpoint(connect)
+        self.connect = connect
+        self.name = check_name(name)
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        if max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+        self.threads = threads
+        self.budget = memory_budget
+        self.hello_interval = hello_interval
+        self.log = logging.getLogger(f"edgemoe.worker.{name}")
+
+        self.model_dir = Path(model_dir)
+        self.manifest = load_manifest(self.model_dir)
+        self.model_hash = manifest_hash(self.model_dir)
+        self.n_embd, self.n_ff = self._model_dims()
+        self.reserve = default_reserve(self.n_embd, self.n_ff, max_tokens)
+        self.max_tokens = max_tokens
+        self.horizon = horizon
+
+        _tame_malloc()
+        self.compute = Compute(threads)
+        self.ffn = ExpertFFN(self.compute)
+        self.ffn.run(_WarmupShard(), np.ones((1, 64), dtype=np.float32))  # ggml tables, thread pool
+
+        self._layouts: dict[Key, ShardLayout] = {}  # loader thread only
+        self._cond = threading.Condition()
+        self._shards: dict[Key, MappedShard] = {}  # loaded, under _cond
+        self._loaded_at: dict[Key, float] = {}
+        self._errors: dict[Key, list[Any]] = {}  # load failures: [reason, requests still to fail]
+        self._pending: list[_Pending] = []
+        self._stop_loader = False
+        self._stopping = False
+        self._welcomed = False
+        self._worker_id: int | None = None
+        self._pub: str | None = None
+        self._heartbeat_s = DEFAULT_HEARTBEAT_S
+        self._next_hello = 0.0
+        self._next_heartbeat = 0.0
+        self._disconnected = False
+        self._hello_sent_at = -1.0  # monotonic time of the last HELLO handed to ZeroMQ
+        self._link_lost_at = 0.0  # ... and of the last lost link
+        self._reject: str | None = None
+        self.adm: Admission | None = None
+
+    # -- start-up --------------------------------------------------------------------------------
+    def _model_dims(self) -> tuple[int, int]:
+        """n_embd, n_ff from the first expert shard present (header only; hashes are checked on use)."""
+        for layer, expert, rel in self.manifest.expert_files():
+            if (self.model_dir / rel).is_file():
+                layout = ShardLayout.read(self.model_dir / rel)
+                return layout.tensors["down"].ne[1], layout.n_ff
+        raise UserError(f"{self.model_dir}: no expert shard found (expected files like {expert_file_name(0, 0)})")
+
+    def _setup(self) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)  # refuse sends while no link: no backlog of stale heartbeats
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_TENSOR_BYTES + P.MAX_HEADER_BYTES)
+        self.sub = self.ctx.socket(zmq.SUB)
+        for sock in (self.dealer, self.sub):
+            # ZMTP-level pings: a coordinator that vanished without closing its TCP connections (power
+            # loss, a cable) is noticed within seconds, and ZeroMQ reconnects (then we say hello again)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_HEADER_BYTES)
+        self.monitor = self.dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.poller = zmq.Poller()
+        for s in (self.dealer, self.sub, self.monitor):
+            self.poller.register(s, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+
+        # everything this process needs to serve is in place: measure what it costs
+        baseline = max(peak_rss_bytes(), rss_bytes())
+        if baseline >= self.budget:
+            raise UserError(
+                f"memory budget {format_size(self.budget)} is below this worker's baseline RSS {format_size(baseline)} "
+                f"(interpreter, numpy, ggml, sockets, before any expert); raise --memory-budget"
+            )
+        self.baseline = baseline
+        self.adm = Admission(self.budget, baseline, self.reserve, slack=RUNTIME_SLACK, horizon=self.horizon)
+        biggest = max(page_round(e.size) for rel, e in self.manifest.files.items() if rel.startswith("experts/"))
+        self.log.info(
+            "started: model %s (%s), budget %s, baseline %s, reserve %s (%d tokens), room for experts %s "
+            "(largest %s), %d threads, pid %d",
+            self.manifest.name, self.model_hash[:12], format_size(self.budget), format_size(baseline),
+            format_size(self.reserve), self.max_tokens, format_size(self.adm.capacity), format_size(biggest),
+            self.threads, os.getpid(),
+        )
+        if self.adm.never_fits(biggest):
+            self.log.warning("the largest expert does not fit: %s", self.adm.never_fits(biggest))
+        self._loader = threading.Thread(target=self._loader_main, name="loader", daemon=True)
+        self._loader.start()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.dealer.connect(self.connect)
+        self.log.info("connecting to %s as %r", self.connect, self.name)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stopping = True
+        self._stop_signal = signal.Signals(signum).name
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop wakes up anyway
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._stop_signal = "stop"
+        self._setup()
+        try:
+            while not self._stopping and self._reject is None:
+                now = time.monotonic()
+                due = self._next_heartbeat if self._welcomed else self._next_hello
+                timeout_ms = max(0, min(1000, int((due - now) * 1000) + 1))
+                events = dict(self.poller.poll(timeout_ms))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                if self.monitor in events:
+                    self._on_monitor()
+                if self.dealer in events:
+                    self._drain(self.dealer, self._on_coordinator)
+                if self.sub in events:
+                    self._drain(self.sub, self._on_published)
+                self._serve_ready()
+                self._timers()
+        finally:
+            self._shutdown()
+        if self._reject is not None:
+            raise UserError(f"the coordinator rejected this worker: {self._reject}")
+        return 0
+
+    def _drain(self, sock: zmq.Socket, handle: Any) -> None:
+        for _ in range(1000):  # bounded: timers and ready computes get their turn
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames)
+            except P.ProtocolError as e:
+                where = "coordinator" if sock is self.dealer else "publisher"
+                self.log.warning("dropped a malformed message from the %s: %s", where, e)
+                continue
+            try:
+                handle(msg)
+            except Exception:  # a bug must not take the worker down; the request (if any) is failed
+                self.log.exception("error handling %s", msg.type)
+                if msg.type == P.COMPUTE:
+                    self._fail(msg["req"], "internal error in the worker (see its log)")
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if not self._welcomed and now >= self._next_hello:
+            self._hello()
+        elif self._welcomed and now >= self._next_heartbeat:
+            self._send(P.HEARTBEAT, rss=rss_bytes(), peak_rss=peak_rss_bytes())
+            self._next_heartbeat = now + self._heartbeat_s
+
+    def _send(self, msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> bool:
+        try:
+            self.dealer.send_multipart(P.encode(msg_type, tensor, **fields), zmq.NOBLOCK, copy=tensor is None)
+            return True
+        except zmq.Again:  # no link to the coordinator right now (IMMEDIATE) or its queue is full
+            if msg_type not in (P.HELLO, P.HEARTBEAT):
+                self.log.warning("could not send %s: no link to the coordinator", msg_type)
+            return False
+
+    def _hello(self) -> None:
+        sent = self._send(P.HELLO, name=self.name, model=self.model_hash, budget=self.budget, threads=self.threads,
+                          pid=os.getpid(), baseline_rss=self.baseline)
+        now = time.monotonic()
+        self._next_hello = now + (self.hello_interval if sent else HELLO_RETRY_S)
+        if sent:
+            self._hello_sent_at = now
+
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._disconnected:
+                    self.log.info("reconnect: link to %s is back; saying hello again", self.connect)
+                    self._unwelcome()
+                else:
+                    self.log.info("connected to %s", self.connect)
+                self._disconnected = False
+                # (a HELLO the timer managed to send since the link went down already went over this link)
+                if not self._welcomed and self._hello_sent_at <= self._link_lost_at:
+                    self._hello()
+            elif ev["event"] == zmq.EVENT_DISCONNECTED and not self._disconnected:
+                self._disconnected = True
+                self._link_lost_at = time.monotonic()
+                self.log.info("disconnected from %s (ZeroMQ reconnects by itself)", self.connect)
+
+    def _unwelcome(self) -> None:
+        """Forget the coordinator's schedule: a restarted coordinator knows nothing of it."""
+        self._welcomed = False
+        self._next_hello = 0.0
+        with self._cond:
+            drops = self.adm.reset()
+            shards = self._unmap_locked(drops)
+            self._cond.notify_all()
+        for k, s in shards:
+            self._drop(k, s, "schedule reset")
+
+    # -- messages from the coordinator -----------------------------------------------------------
+    def _on_coordinator(self, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.COMPUTE:
+            self._on_compute(msg)
+        elif t == P.HEARTBEAT:
+            pass
+        elif t == P.WELCOME:
+            self._on_welcome(msg)
+        elif t == P.UNKNOWN_PEER:
+            self.log.info("reconnect: the coordinator does not know this worker (restarted?); saying hello again")
+            self._unwelcome()
+            self._hello()
+        elif t == P.REJECT:
+            self.log.error("rejected by the coordinator: %s", msg["reason"])
+            self._reject = msg["reason"]
+        else:
+            self.log.warning("dropped an unexpected %s message from the coordinator", t)
+
+    def _on_welcome(self, msg: P.Message) -> None:
+        hb = float(msg["heartbeat_s"])
+        if not 0.01 <= hb <= 3600:
+            self.log.warning("dropped a welcome with heartbeat_s %r", msg["heartbeat_s"])
+            return
+        pub = msg["pub"]
+        try:
+            host, port = parse_endpoint(pub, "welcome.pub")
+        except UserError as e:
+            self.log.warning("dropped a welcome: %s", e)
+            return
+        if host in ("*", "0.0.0.0", "[::]"):
+            pub = f"tcp://{self.host}:{port}"  # the coordinator told us where it bound, not where it is
+        if pub != self._pub:
+            if self._pub is not None:
+                self.sub.disconnect(self._pub)
+            self.sub.connect(pub)
+            self._pub = pub
+        self._worker_id = msg["worker_id"]
+        self._heartbeat_s = hb
+        self._welcomed = True
+        self._next_heartbeat = time.monotonic()
+        self.log.info("welcomed as worker %d (predictions from %s, heartbeat every %.3g s)", self._worker_id, pub, hb)
+
+    def _on_published(self, msg: P.Message) -> None:
+        if msg.type != P.PREFETCH:
+            self.log.warning("dropped an unexpected %s message from the publisher", msg.type)
+            return
+        if not self._welcomed:
+            return
+        items, unknown = [], []
+        for worker_id, layer, expert in msg["loads"]:
+            if worker_id != self._worker_id:
+                continue
+            entry = self.manifest.files.get(expert_file_name(layer, expert))
+            if entry is None:
+                unknown.append(_label((layer, expert)))
+            else:
+                items.append(((layer, expert), page_round(entry.size)))
+        if unknown:
+            self.log.warning("prefetch step %d: no such expert in this model: %s", msg["step"], ", ".join(unknown))
+        with self._cond:  # even with nothing for us: a newer step expires older predictions
+            drops = self.adm.prefetch(msg["step"], items)
+            shards = self._unmap_locked(drops)
+            self._cond.notify_all()
+        if items:
+            self.log.info("prefetch step %d: %s", msg["step"], " ".join(_label(k) for k, _ in items))
+        for k, s in shards:
+            self._drop(k, s, "prefetch expired")
+
+    def _on_compute(self, msg: P.Message) -> None:
+        req, layer, expert, x = msg["req"], msg["layer"], msg["expert"], msg.tensor
+        key = (layer, expert)
+        entry = self.manifest.files.get(expert_file_name(layer, expert))
+        if entry is None:
+            return self._fail(req, f"no expert {_label(key)} in model {self.manifest.name}")
+        if x.ndim != 2 or x.shape[1] != self.n_embd:
+            return self._fail(req, f"hidden states of shape {list(x.shape)}, this model needs [n, {self.n_embd}]")
+        act = activation_bytes(x.shape[0], self.n_embd, self.n_ff)
+        with self._cond:
+            why = self.adm.check_activations(act, x.shape[0])
+            r = self.adm.request(key, page_round(entry.size)) if why is None else None
+            self._cond.notify_all()
+        if why is not None or r.refused is not None:
+            return self._fail(req, why or r.refused)
+        self._pending.append(_Pending(req, key, x, time.perf_counter(), r.hit))
+
+    def _fail(self, req: int, reason: str) -> None:
+        self.log.warning("fail req %d: %s", req, reason)
+        self._send(P.FAIL, req=req, reason=reason)
+
+    # -- computing -------------------------------------------------------------------------------
+    def _serve_ready(self) -> None:
+        while self._pending:
+            with self._cond:
+                for i, p in enumerate(self._pending):
+                    err = self._errors.get(p.key)
+                    if err is not None or p.key in self._shards:
+                        break
+                else:
+                    return
+                del self._pending[i]
+                if err is not None:
+                    err[1] -= 1
+                    if err[1] <= 0:
+                        del self._errors[p.key]
+                else:
+                    shard, ready = self._shards[p.key], self._loaded_at[p.key]
+            if err is not None:
+                self._fail(p.req, err[0])
+                continue
+            self._compute(p, shard, max(0.0, ready - p.t0))
+
+    def _compute(self, p: _Pending, shard: MappedShard, waited: float) -> None:
+        try:
+            layout = shard.layout
+            if layout.tensors["down"].ne[1] != p.x.shape[1]:
+                raise ValueError(f"hidden states have {p.x.shape[1]} columns, expert {_label(p.key)} takes {layout.tensors['down'].ne[1]}")
+            t = time.perf_counter()
+            y = self.ffn.run(shard, p.x)
+            compute_s = time.perf_counter() - t
+        except Exception as e:  # GGMLComputeError, a bad shape: fail this request, keep serving
+            self._fail(p.req, f"compute of {_label(p.key)} failed: {e}")
+            y = None
+        finally:
+            with self._cond:
+                drop = self.adm.computed(p.key)
+                dropped = self._unmap_locked([p.key])[0][1] if drop else None
+                self._cond.notify_all()
+        if y is not None:
+            load_s, wait_s = (0.0, waited) if p.hit else (waited, 0.0)
+            self._send(P.RESULT, y, req=p.req, layer=p.key[0], expert=p.key[1], load_s=load_s, wait_s=wait_s,
+                       compute_s=compute_s, hit=p.hit, rss=rss_bytes())
+            self.log.info("compute req %d %s: %d tokens, %.2f ms (%s %.1f ms)", p.req, _label(p.key), p.x.shape[0],
+                          compute_s * 1e3, "hit, waited" if p.hit else "miss, loaded in", waited * 1e3)
+        if dropped is not None:
+            self._drop(p.key, dropped, "computed")
+            with self._cond:
+                before = self.adm.baseline
+                if self.adm.observe_rss(rss_bytes()) and abs(self.adm.baseline - before) >= 1 << 20:
+                    self.log.info("baseline RSS now %s (was %s): room for experts %s", format_size(self.adm.baseline),
+                                  format_size(before), format_size(self.adm.capacity))
+
+    # -- loading and dropping (loader thread, except drops) --------------------------------------
+    def _loader_main(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stop_loader:
+                        return
+                    d = self.adm.next_load()
+                    if isinstance(d, Load):
+                        evicted = self._unmap_locked(d.evict)
+                        break
+                    if isinstance(d, Skip):
+                        self.log.warning("not loading %s: %s", _label(d.key), d.reason)
+                        if d.pins:
+                            self._errors[d.key] = [d.reason, d.pins]
+                            self._wake()
+                        continue
+                    self._cond.wait(1.0 if isinstance(d, Wait) else None)
+            for k, s in evicted:
+                self._drop(k, s, f"evicted for {_label(d.key)}")
+            t = time.perf_counter()
+            try:
+                shard = self._map(d.key)
+            except Exception as e:  # a missing or damaged shard: fail the requests waiting for it
+                reason = str(e) if isinstance(e, UserError) else f"loading {_label(d.key)} failed: {type(e).__name__}: {e}"
+                with self._cond:
+                    pins = self.adm.load_failed(d.key)
+                    if pins:
+                        self._errors[d.key] = [reason, pins]
+                    self._cond.notify_all()
+                self.log.warning("load %s failed: %s", _label(d.key), reason)
+                self._wake()
+                continue
+            dt = time.perf_counter() - t
+            with self._cond:
+                keep = self.adm.loaded(d.key)
+                if keep:
+                    self._shards[d.key] = shard
+                    self._loaded_at[d.key] = time.perf_counter()
+                self._cond.notify_all()
+            self.log.info("load %s: %.2f ms, %d bytes", _label(d.key), dt * 1e3, shard.layout.size)
+            if keep:
+                self._wake()
+            else:
+                self._drop(d.key, shard, "no longer wanted")
+
+    def _layout(self, key: Key) -> ShardLayout:
+        layout = self._layouts.get(key)
+        if layout is None:
+            rel = expert_file_name(*key)
+            path = self.model_dir / rel
+            if not path.is_file():
+                raise UserError(f"{self.model_dir}: {rel} is missing")
+            layout = ShardLayout.read(path)
+            if layout.size != self.manifest.files[rel].size:
+                raise UserError(f"{self.model_dir}: {rel} has {layout.size} bytes, the manifest says {self.manifest.files[rel].size}")
+        return layout
+
+    def _map(self, key: Key) -> MappedShard:
+        """Map a shard (one sequential read, MAP_POPULATE). On its first use in this process the mapped
+        bytes are hashed against the manifest: the file is read once, no read buffer is needed, and the
+        bytes checked are the bytes computed on."""
+        layout = self._layout(key)
+        shard = MappedShard(layout)
+        if key not in self._layouts:
+            entry = self.manifest.files[expert_file_name(*key)]
+            digest = hashlib.sha256((ctypes.c_char * layout.size).from_address(shard.address)).hexdigest()
+            if digest != entry.sha256:
+                shard.close()
+                _drop_page_cache(layout.path)
+                raise UserError(f"{self.model_dir}: {expert_file_name(*key)} does not match the manifest "
+                                f"(sha256 {digest[:16]}..., expected {entry.sha256[:16]}...)")
+            self._layouts[key] = layout
+        return shard
+
+    def _unmap_locked(self, keys: list[Key]) -> list[tuple[Key, MappedShard]]:
+        """Unmap shards the admission just released, before the lock is let go: the loader may use
+        their memory the moment it sees it free. (Page cache and logging follow in _drop.)"""
+        out = []
+        for k in keys:
+            shard = self._shards.pop(k)
+            shard.close()
+            out.append((k, shard))
+        return out
+
+    def _drop(self, key: Key, shard: MappedShard, why: str) -> None:
+        shard.close()
+        _drop_page_cache(shard.layout.path)
+        self.log.info("drop %s (%s)", _label(key), why)
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        if self._reject is None:
+            self.log.info("shutdown (%s): saying bye", self._stop_signal)
+            self._send(P.BYE)
+        with self._cond:
+            self._stop_loader = True
+            self._cond.notify_all()
+        self._loader.join(timeout=10)
+        with self._cond:
+            shards = list(self._shards.items())
+            self._shards.clear()
+        for k, s in shards:
+            s.close()
+            _drop_page_cache(s.layout.path)
+        self.dealer.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sub.close(linger=0)
+        self.dealer.close(linger=200)  # long enough for the BYE to leave, short enough not to hang
+        self.ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.compute.close()
+        self.log.info("shutdown complete: peak RSS %s of budget %s", format_size(peak_rss_bytes()), format_size(self.budget))
+
+
+def _drop_page_cache(path: str | os.PathLike[str]) -> None:
+    """Ask the kernel to forget a file's cached pages (under systemd's MemoryMax they count)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tame_malloc() -> None:
+    """glibc malloc for a process with a hard memory bound: large buffers (received frames, outputs)
+    always come from mmap and go back to the OS when freed (no sliding threshold), few arenas."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_mmap_threshold, 128 << 10)
+    mallopt(m_arena_max, 2)
