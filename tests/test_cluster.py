@@ -137,6 +137,12 @@ def test_coordinator_survives_malformed_messages(converted_models: dict[str, Pat
             peer.send_multipart(frames)
         for _ in range(10):
             cluster._poll(0.05)
+        # a hello of another protocol version is told so
+        peer.send_multipart([P.msgpack.packb({"v": 2, "t": "hello", "name": "future"})])
+        cluster._poll(0.5)
+        assert peer.poll(2000)
+        reply = P.decode(peer.recv_multipart())
+        assert reply.type == P.REJECT and "protocol mismatch" in reply["reason"]
         # still serving: a well-formed message from a stranger gets "unknown"
         peer.send_multipart(P.encode(P.HEARTBEAT, rss=1, peak_rss=1))
         cluster._poll(0.5)

@@ -308,6 +308,8 @@ class ClusterExperts(ExpertBackend):
             msg = P.decode(frames)
         except P.ProtocolError as e:
             log.warning("dropped a malformed message from %r: %s", identity, e)
+            if P.is_foreign_hello(frames):  # a worker of another edgemoe version: tell it, so it stops trying
+                self._send(identity, P.encode(P.REJECT, reason=f"protocol mismatch: the coordinator speaks version {P.PROTOCOL_VERSION}"))
             return
         w = self.workers.get(identity)
         if msg.type == P.HELLO:

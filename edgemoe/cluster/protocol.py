@@ -114,6 +114,15 @@ def decode(frames: list[bytes | memoryview | Any]) -> Message:
     return Message(t, fields, tensor)
 
 
+def is_foreign_hello(frames: list[Any]) -> bool:
+    """A hello of another protocol version (answered with a reject rather than silence)."""
+    try:
+        header = msgpack.unpackb(_bytes(frames[0])[:MAX_HEADER_BYTES], raw=False)
+    except Exception:
+        return False
+    return isinstance(header, dict) and header.get("t") == HELLO and header.get("v") != PROTOCOL_VERSION
+
+
 def _validate(header: Any) -> None:
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
