@@ -130,7 +130,7 @@ def test_coordinator_survives_malformed_messages(converted_models: dict[str, Pat
     peer.setsockopt(zmq.ROUTING_ID, b"prankster")
     try:
         peer.connect(cluster.endpoint)
-        bad = [[b"\xc1garbage"], [b"\x92\x01\x02"], [P.msgpack.packb({"v": 99, "t": "hello"})],
+        bad = [[b"\xc1garbage"], [b"\x92\x01\x02"], [P.msgpack.packb({"v": 1, "t": "hello"})],
                [P.msgpack.packb({"v": 1, "t": "nonsense"})], [b"x" * (P.MAX_HEADER_BYTES + 1)],
                [P.msgpack.packb({"v": 1, "t": "result", "req": 1}), b"123"]]
         for frames in bad:
