@@ -135,11 +135,14 @@ def to_numpy(t: TensorPtr) -> np.ndarray:
     return np.ndarray(shape, dtype=dtype, buffer=buf, strides=strides)
 
 
-def aligned_empty(shape: tuple[int, ...] | int, dtype: type = np.float32, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data address is a multiple of align."""
+def aligned_empty(shape: tuple[int, ...] | int, dtype: type = np.float32, align: int = 64, zero: bool = False) -> np.ndarray:
+    """An uninitialised (or, with zero, zero-filled) C-contiguous array whose data address is a multiple of align.
+
+    zero=True uses calloc'd memory: pages cost RSS only once written.
+    """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(n + align, dtype=np.uint8)
+    raw = (np.zeros if zero else np.empty)(n + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
     return raw[offset : offset + n].view(dtype).reshape(shape)
 

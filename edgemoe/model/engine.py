@@ -259,6 +259,7 @@ class Engine:
                 self.stats.experts_s += time.perf_counter() - t1
 
         self.n_past += n_tok
+        self.kv.mark_used(self.n_past)
         self.stats.evals += 1
         self.stats.tokens += n_tok
         return logits

@@ -28,13 +28,19 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, n_ctx: int) -> None:
         self.n_ctx = n_ctx
-        self.k = [aligned_empty((n_ctx, cfg.n_embd_kv)) for _ in range(cfg.n_layer)]
-        self.v = [aligned_empty((n_ctx, cfg.n_embd_kv)) for _ in range(cfg.n_layer)]
-        self.clear()
+        # zero-filled and lazily backed: a long context costs memory only as far as it is used
+        self.k = [aligned_empty((n_ctx, cfg.n_embd_kv), zero=True) for _ in range(cfg.n_layer)]
+        self.v = [aligned_empty((n_ctx, cfg.n_embd_kv), zero=True) for _ in range(cfg.n_layer)]
+        self.used = 0  # rows written so far (high-water mark)
+
+    def mark_used(self, n_rows: int) -> None:
+        self.used = max(self.used, n_rows)
 
     def clear(self) -> None:
+        """Zero the rows ever written, as llama.cpp's cleared cache (unused cells are never read unmasked)."""
         for a in (*self.k, *self.v):
-            a.fill(0.0)
+            a[: self.used].fill(0.0)
+        self.used = 0
 
     @property
     def nbytes(self) -> int:
