@@ -79,6 +79,7 @@ def test_roundtrip_synthetic(tmp_path: Path, qtype: GGMLQuantizationType, fused:
     write_model(plan_conversion(src), tmp_path / "out", progress=False)
     assert_roundtrip(src, tmp_path / "out")
     assert load_manifest(tmp_path / "out").expert_tensors == (["gate_up", "down"] if fused else ["gate", "up", "down"])
+    assert (tmp_path / "out").stat().st_mode & 0o055 == 0o055, "the model directory must be readable by others"
 
 
 def test_roundtrip_every_test_model(fixture_models: list[Path], converted_models: dict[str, Path]) -> None:

@@ -23,8 +23,15 @@ from edgemoe.format.manifest import (
     Manifest,
     expert_file_name,
     sha256_file,
+    shadow_file_name,
+    shadow_trunk_file_name,
 )
-from tools.convert.plan import ConversionPlan
+from tools.convert import requant
+from tools.convert.plan import ConversionPlan, requantize_in_trunk
+
+ROLE_SHADOW = "shadow"  # edgemoe.role of shadow-<type>.gguf
+ROLE_SHADOW_TRUNK = "shadow-trunk"
+SHADOW_TYPE_KEY = "edgemoe.shadow.type"
 
 # Room for GGUF headers and padding on top of the tensor bytes when checking free space.
 _HEADER_SLACK = 64 << 10
@@ -45,6 +52,7 @@ def write_model(plan: ConversionPlan, out_dir: str | os.PathLike[str], *, force:
         if free < needed:
             raise UserError(f"{parent}: not enough disk space: the model needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the model is meant to be shared
         try:
             manifest = _write_all(plan, tmp, progress)
             _move_into_place(tmp, out)
@@ -56,6 +64,12 @@ def write_model(plan: ConversionPlan, out_dir: str | os.PathLike[str], *, force:
             d.rmdir()
         raise
     return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -100,6 +114,18 @@ def _write_all(plan: ConversionPlan, root: Path, progress: bool) -> Manifest:
                 rel = expert_file_name(layer, e)
                 _write_expert(plan, root / rel, layer, e, source_sha, bar)
                 record(rel)
+        shadow = None
+        if plan.shadow_type is not None:
+            name = requant.type_name(plan.shadow_type)
+            shadow = {"type": name, "file": shadow_file_name(name), "trunk_type": None, "trunk_file": None}
+            _write_shadow(plan, root / shadow["file"], source_sha, bar)
+            record(shadow["file"])
+        if plan.shadow_trunk_type is not None:
+            assert shadow is not None
+            name = requant.type_name(plan.shadow_trunk_type)
+            shadow.update(trunk_type=name, trunk_file=shadow_trunk_file_name(name))
+            _write_shadow_trunk(plan, root / shadow["trunk_file"], source_sha, bar)
+            record(shadow["trunk_file"])
 
     manifest = Manifest(
         name=plan.name,
@@ -114,6 +140,7 @@ def _write_all(plan: ConversionPlan, root: Path, progress: bool) -> Manifest:
         expert_tensors=plan.expert_parts,
         shared_expert=plan.arch.shared_expert,
         files=files,
+        shadow=shadow,
     )
     (root / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
@@ -162,3 +189,67 @@ def _write_expert(plan: ConversionPlan, path: Path, layer: int, expert: int, sou
         n = st.slice_nbytes
         _add_raw_tensor(writer, st.name, full[expert * n : (expert + 1) * n], st.slice_ne, int(st.ggml_type))
     _finish(writer, bar, plan.expert_nbytes(layer))
+
+
+class _Streamed:
+    """What GGUFWriter.write_tensor_data needs (nbytes, tofile), produced chunk by chunk."""
+
+    def __init__(self, name: str, nbytes: int, chunks, bar: tqdm) -> None:
+        self.name, self.nbytes, self.chunks, self.bar = name, nbytes, chunks, bar
+
+    def tofile(self, fp) -> None:
+        written = 0
+        for chunk in self.chunks:
+            view = memoryview(np.ascontiguousarray(chunk)).cast("B")
+            fp.write(view)
+            written += len(view)
+            self.bar.update(len(view))
+        if written != self.nbytes:
+            raise AssertionError(f"{self.name}: wrote {written} bytes, expected {self.nbytes}")
+
+
+def _write_streamed(writer: GGUFWriter, items: list[tuple[str, tuple[int, ...], int, int, object]], bar: tqdm) -> None:
+    """items: (name, ne, ggml type, nbytes, chunk iterable); tensor infos first, then the data in order."""
+    for name, ne, ggml_type, nbytes, _ in items:
+        rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+        writer.add_tensor_info(name, (*reversed(ne[1:]), nbytes // rows), np.dtype(np.uint8), nbytes, raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, _ne, _t, nbytes, chunks in items:
+        writer.write_tensor_data(_Streamed(name, nbytes, chunks, bar))
+    writer.close()
+
+
+def _requantized(plan: ConversionPlan, t, target) -> tuple[str, tuple[int, ...], int, int, object]:
+    ne = tensor_ne(t)
+    raw = tensor_bytes(plan.reader, t)
+    chunks = requant.requantized_chunks(raw, requant.Q(int(t.tensor_type)), ne, target)
+    return (t.name, ne, int(target), requant.requantized_nbytes(t, target), chunks)
+
+
+def _copied(plan: ConversionPlan, t) -> tuple[str, tuple[int, ...], int, int, object]:
+    return (t.name, tensor_ne(t), int(t.tensor_type), int(t.n_bytes), [tensor_bytes(plan.reader, t)])
+
+
+def _write_shadow(plan: ConversionPlan, path: Path, source_sha: str, bar: tqdm) -> None:
+    """Every routed expert tensor requantized to the shadow type, stacked, under its source name."""
+    assert plan.shadow_type is not None
+    writer = GGUFWriter(path, plan.arch.name)
+    _common_keys(writer, plan, ROLE_SHADOW, source_sha)
+    writer.add_string(SHADOW_TYPE_KEY, requant.type_name(plan.shadow_type))
+    items = [_requantized(plan, st.tensor, plan.shadow_type) if st.kind == "weight" else _copied(plan, st.tensor)
+             for st in plan.stacked_tensors()]
+    _write_streamed(writer, items, bar)
+
+
+def _write_shadow_trunk(plan: ConversionPlan, path: Path, source_sha: str, bar: tqdm) -> None:
+    """The trunk with its weight matrices requantized (norms, biases and routers kept), same metadata."""
+    assert plan.shadow_trunk_type is not None
+    writer = GGUFWriter(path, plan.arch.name)
+    copy_metadata(plan.reader, writer, skip=("general.architecture",))
+    _common_keys(writer, plan, ROLE_SHADOW_TRUNK, source_sha)
+    writer.add_string(SHADOW_TYPE_KEY, requant.type_name(plan.shadow_trunk_type))
+    items = [_requantized(plan, t, plan.shadow_trunk_type) if requantize_in_trunk(t) else _copied(plan, t)
+             for t in plan.trunk_tensors]
+    _write_streamed(writer, items, bar)
