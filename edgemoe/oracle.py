@@ -12,41 +12,22 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import llama_cpp
 import numpy as np
 
 from edgemoe.util import proc
 from edgemoe.util.llamacpp import init_llama, load_model, meta_str, tokenize
+from edgemoe.ggml.lib import ggml_tensor
+from edgemoe.util.resource import Owned
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_I32 = 26
 _TOPK_NAME = re.compile(rb"^ffn_moe_topk-(\d+)$")
 
 
-class GgmlTensor(ctypes.Structure):
-    """`struct ggml_tensor` (ggml.h of the bundled llama.cpp), enough to read a CPU tensor."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * 10),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * 64),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
-
-
-assert ctypes.sizeof(GgmlTensor) == 336  # GGML_TENSOR_SIZE on 64-bit builds
+# `struct ggml_tensor`, declared once in the ggml binding (its layout is checked there at import).
+GgmlTensor = ggml_tensor
 
 
 @dataclass
@@ -76,7 +57,7 @@ class Trace:
         return self.n_decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-class LlamaCppReference:
+class LlamaCppReference(Owned):
     """A llama.cpp model + context on CPU, evaluated batch by batch through llama_decode."""
 
     def __init__(
@@ -159,19 +140,6 @@ class LlamaCppReference:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> LlamaCppReference:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: llama_cpp may already be gone
-            pass
 
     # -- routing capture -------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from types import TracebackType
 
 import llama_cpp
 import numpy as np
 
 from edgemoe.util.llamacpp import init_llama
+from edgemoe.util.resource import Owned
 
 # Same layout as `llama_token_data` {int32 id; float logit; float p;}: filled without a Python loop.
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
@@ -35,7 +35,7 @@ class SamplingParams:
     seed: int | None = None
 
 
-class Sampler:
+class Sampler(Owned):
     """A llama.cpp sampler chain: top_k -> top_p -> min_p -> temp -> dist (or greedy)."""
 
     def __init__(self, params: SamplingParams | None = None) -> None:
@@ -116,19 +116,6 @@ class Sampler:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
 
-    def __enter__(self) -> Sampler:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 __all__ = ["Sampler", "SamplingParams"]

@@ -10,17 +10,17 @@ import codecs
 import ctypes
 import os
 from collections.abc import Iterable, Iterator
-from types import TracebackType
 
 import llama_cpp
 
 from edgemoe.errors import UserError
 from edgemoe.util.llamacpp import load_model, token_to_piece, tokenize
+from edgemoe.util.resource import Owned
 
 LLAMA_TOKEN_NULL = -1
 
 
-class Tokenizer:
+class Tokenizer(Owned):
     """Text <-> token ids, EOG tests and chat templates of one GGUF model."""
 
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
@@ -41,19 +41,6 @@ class Tokenizer:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> Tokenizer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     # -- tokens ----------------------------------------------------------------------------------
 
