@@ -55,11 +55,18 @@ class ExpertBackend(ABC):
 
 
 class LocalExperts(ExpertBackend):
-    """In-process: map the shard, compute, unmap. No expert stays resident between calls."""
+    """In-process experts. By default just in time, as a worker does: map the shard, compute, unmap.
 
-    def __init__(self, model_dir: str | Path, compute: Compute, manifest: Manifest | None = None) -> None:
+    resident=True maps each shard once and keeps the mapping (as llama.cpp maps its whole file):
+    no per-use page-table work, and the OS page cache still decides what stays in memory.
+    """
+
+    def __init__(self, model_dir: str | Path, compute: Compute, manifest: Manifest | None = None,
+                 resident: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.manifest = manifest  # when given, each shard's sha256 is checked on first use
+        self.resident = resident
+        self._mapped: dict[tuple[int, int], MappedShard] = {}
         self.ffn = ExpertFFN(compute)
         self._layouts: dict[tuple[int, int], ShardLayout] = {}
         self.stats = ExpertStats()
@@ -76,9 +83,16 @@ class LocalExperts(ExpertBackend):
     def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         layout = self.layout(layer, expert)
-        with MappedShard(layout) as shard:
+        if self.resident:
+            shard = self._mapped.get((layer, expert))
+            if shard is None:
+                shard = self._mapped[(layer, expert)] = MappedShard(layout, populate=False)
             t1 = time.perf_counter()
             out = self.ffn.run(shard, hidden)
+        else:
+            with MappedShard(layout, populate=False) as shard:  # nothing to overlap the faults with here
+                t1 = time.perf_counter()
+                out = self.ffn.run(shard, hidden)
         t2 = time.perf_counter()
         s = self.stats
         s.calls += 1
@@ -87,3 +101,9 @@ class LocalExperts(ExpertBackend):
         s.compute_s += t2 - t1
         s.bytes_loaded += layout.size
         return out
+
+    def close(self) -> None:
+        for shard in self._mapped.values():
+            shard.close()
+        self._mapped.clear()
+        self.ffn.close()
