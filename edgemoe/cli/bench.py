@@ -36,13 +36,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--reference", metavar="SRC.gguf", help="the GGUF llama.cpp runs (default: MODEL's source next to it)")
     c.add_argument("--workers", type=int, default=4, help="local worker processes (default 4)")
     c.add_argument("--memory-budget", metavar="SIZE", help="each worker's memory budget, e.g. 256MiB")
-    c.add_argument("--predictor", default="lookahead", help="reactive, random, lookahead (default)")
+    c.add_argument("--predictor", default="lookahead", help="reactive, random, lookahead (default), previous, frequency, "
+                   "shadow, reanchor (the last two need a model converted with --shadow-type)")
     c.add_argument("--threads", "-t", type=int, default=1, help="threads of the coordinator and of llama.cpp (default 1)")
     c.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     c.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     c.add_argument("--repeat", type=int, default=3, help="measured runs (default 3, after one warm-up)")
     c.add_argument("--json", action="store_true", help="print the full result as JSON")
     c.set_defaults(handler=run_cluster)
+
+    r = kinds.add_parser("recall", help="recall of the expert predictors against the main model's routing (paper eq. 2-3)",
+                         description="Recall (OD-MoE eq. 2-3) of each expert predictor, measured in-process against the "
+                         "main model's actual routing over greedy decodes of the prompts: overall, per lead (MoE layers "
+                         "ahead) and per token position. The predictors are replayed through the coordinator's calls, "
+                         "seeing what they would see online; the shadow predictors are waited for (accuracy, not timing).")
+    r.add_argument("model", metavar="MODEL_DIR", help="converted model directory (with --shadow-type for shadow, reanchor)")
+    r.add_argument("--prompts", metavar="FILE", help="prompts, one per line (default: bench/prompts.txt of the source tree)")
+    r.add_argument("--n-predict", "-n", type=int, default=32, help="decode steps per prompt (default 32)")
+    r.add_argument("--predictors", default="all", metavar="A,B,...",
+                   help="comma-separated names or specs (default all: " + ", ".join(_all_predictors()) + "); "
+                   "shadow/reanchor take @T<i>KV<j> alignment periods, reanchor @d<D>, e.g. shadow@T0KV0")
+    r.add_argument("--align-token", type=int, default=1, metavar="N", help="shadow token alignment period (0 = never; default 1)")
+    r.add_argument("--align-kv", type=int, default=1, metavar="N", help="shadow KV alignment period (0 = never; default 1)")
+    r.add_argument("--shadow-trunk", action="store_true", help="the shadow runs its requantized trunk instead of sharing the main one")
+    r.add_argument("--reanchor-depth", type=int, default=1, metavar="D", help="layers re-run from the true state (default 1)")
+    r.add_argument("--threads", "-t", type=int, default=1, help="ggml threads of the main model and of the shadow (default 1)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random predictor (default 0)")
+    r.add_argument("--json", action="store_true", help="print the full result as JSON")
+    r.add_argument("--plot", metavar="FILE.png", help="also write a PNG: recall against token index and against lead")
+    r.set_defaults(handler=run_recall)
+
+
+def _all_predictors() -> list[str]:
+    from edgemoe.predict.baselines import PREDICTORS
+
+    return list(PREDICTORS)
 
 
 def _reference_for(model: str, reference: str | None) -> Path:
@@ -104,4 +132,49 @@ def run_cluster(args: argparse.Namespace) -> int:
     print(f"peak RSS: workers {', '.join(mib(x) for x in r.worker_peak_rss)}; coordinator {mib(r.coordinator_peak_rss)}; "
           f"llama.cpp process {mib(r.llama_cpp_rss)}; model file {mib(r.model_bytes)}")
     print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
+    return 0
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    if args.n_predict < 1 or args.threads < 1:
+        raise UserError("--n-predict and --threads must be at least 1")
+    if args.align_token < 0 or args.align_kv < 0:
+        raise UserError("--align-token and --align-kv must be 0 (never) or more")
+    if args.reanchor_depth < 1:
+        raise UserError("--reanchor-depth must be at least 1")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
+    from edgemoe.bench.recall import DEFAULT_PROMPTS, bench_recall, format_table, plot, read_prompts
+    from edgemoe.predict import PredictorOptions, parse_predictor
+
+    explicit = args.predictors.strip() != "all"
+    specs = [p.strip() for p in args.predictors.split(",") if p.strip()] if explicit else _all_predictors()
+    if not specs:
+        raise UserError("--predictors: no predictor named")
+    for spec in specs:
+        parse_predictor(spec)
+    if len(set(specs)) != len(specs):
+        raise UserError("--predictors: a predictor is named twice")
+    prompts_path = args.prompts
+    if prompts_path is None:
+        if not DEFAULT_PROMPTS.is_file():
+            raise UserError("--prompts FILE is needed (no bench/prompts.txt next to this edgemoe)")
+        prompts_path = DEFAULT_PROMPTS
+    prompts = read_prompts(prompts_path)
+    if args.plot:
+        parent = Path(args.plot).resolve().parent
+        if not parent.is_dir():
+            raise UserError(f"--plot {args.plot}: directory {parent} does not exist")
+    opts = PredictorOptions(align_token=args.align_token, align_kv=args.align_kv, shadow_trunk=args.shadow_trunk,
+                            reanchor_depth=args.reanchor_depth, shadow_threads=args.threads)
+    r = bench_recall(args.model, prompts, n_predict=args.n_predict, predictors=specs, options=opts,
+                     threads=args.threads, seed=args.seed, explicit=explicit, progress=not args.json)
+    if args.plot:
+        plot(r, args.plot)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    print(format_table(r))
+    if args.plot:
+        print(f"plot: {args.plot}")
     return 0

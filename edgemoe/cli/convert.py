@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=HELP,
         description=HELP + ". The output appears only when complete; a failed run leaves nothing behind.",
         epilog="examples:\n  edgemoe convert model.gguf models/model\n  edgemoe convert --dry-run model.gguf models/model\n"
+        "  edgemoe convert model.gguf models/model --shadow-type q4_k   (also the shadow predictor's experts)\n"
         "  edgemoe convert --verify models/model",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -27,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the files and sizes that would be written; write nothing")
     p.add_argument("--verify", metavar="DIR", help="re-check size and sha256 of every file in DIR against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no file listing")
+    p.add_argument("--shadow-type", metavar="TYPE", help="also write every routed expert requantized to TYPE "
+                   "(f16, q8_0, q6_k, q5_k, q4_k, q4_0, q3_k, q2_k) as OUT_DIR/shadow-TYPE.gguf, for the shadow predictor")
+    p.add_argument("--shadow-trunk-type", metavar="TYPE", help="with --shadow-type: also a trunk requantized to TYPE "
+                   "(OUT_DIR/shadow-trunk-TYPE.gguf), so the shadow is a whole quantized model")
     p.set_defaults(handler=run)
 
 
@@ -48,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tools.convert import plan_conversion, write_model
 
-    plan = plan_conversion(args.src)
+    plan = plan_conversion(args.src, shadow_type=args.shadow_type, shadow_trunk_type=args.shadow_trunk_type)
     files = plan.files()
+    n_shards = len(plan.moe_layers) * plan.n_experts
+    shadow_files = files[1 + n_shards:]
     if args.dry_run or not args.quiet:
         print(
             f"{plan.src.name}: {plan.arch.name} ({plan.arch.description}), {plan.n_layers} layers, "
@@ -59,14 +66,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"would write {args.out_dir}/ ({len(files) + 1} files, {_fmt_size(plan.total_nbytes())} of tensors):")
         print(f"  {'trunk.gguf':<40} {_fmt_size(files[0][1]):>10}  ({len(plan.trunk_tensors)} tensors)")
         per_layer = plan.expert_nbytes(plan.moe_layers[0])
-        print(f"  {'experts/blk.LLL.expert.EEE.gguf':<40} {_fmt_size(per_layer):>10}  each, x {len(files) - 1}")
+        print(f"  {'experts/blk.LLL.expert.EEE.gguf':<40} {_fmt_size(per_layer):>10}  each, x {n_shards}")
+        for rel, size in shadow_files:
+            print(f"  {rel:<40} {_fmt_size(size):>10}")
         print(f"  {'manifest.json':<40}")
         return 0
     manifest = write_model(plan, args.out_dir, force=args.force, progress=not args.quiet)
     if not args.quiet:
         total = sum(f.size for f in manifest.files.values())
+        shadow = "".join(f", {rel} {_fmt_size(manifest.files[rel].size)}" for rel, _ in shadow_files)
         print(f"wrote {args.out_dir}/: trunk.gguf {_fmt_size(manifest.files['trunk.gguf'].size)}, "
-              f"{len(manifest.files) - 1} expert shards, {_fmt_size(total)} in all, manifest.json")
+              f"{n_shards} expert shards{shadow}, {_fmt_size(total)} in all, manifest.json")
     return 0
 
 

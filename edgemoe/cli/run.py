@@ -33,7 +33,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="spawn N local worker processes on loopback; 0 = compute experts in this process (default)")
     g.add_argument("--bind", metavar="tcp://HOST:PORT", help="serve workers started elsewhere (edgemoe worker --connect)")
     g.add_argument("--wait-workers", type=int, default=0, metavar="N", help="with --bind: wait for N remote workers")
-    g.add_argument("--predictor", default="lookahead", help="expert predictor: reactive, random, lookahead (default)")
+    g.add_argument("--predictor", default="lookahead",
+                   help="expert predictor: reactive, random, lookahead (default), previous, frequency, shadow (SEP: needs "
+                   "a model converted with --shadow-type), reanchor (shadow re-anchored on the true state each layer); "
+                   "shadow/reanchor take @T<i>KV<j> alignment periods, e.g. shadow@T1KV4")
+    g.add_argument("--align-token", type=int, default=1, metavar="N",
+                   help="shadow: decode the main model's token every N steps (0 = never; default 1)")
+    g.add_argument("--align-kv", type=int, default=1, metavar="N",
+                   help="shadow: overwrite its K/V with the main model's every N steps (0 = never; default 1)")
+    g.add_argument("--shadow-trunk", action="store_true",
+                   help="shadow: run the requantized trunk (--shadow-trunk-type at conversion) instead of sharing the main one")
+    g.add_argument("--reanchor-depth", type=int, default=1, metavar="D",
+                   help="reanchor: MoE layers re-run from the main model's state after each layer (default 1)")
     g.add_argument("--memory-budget", metavar="SIZE", help="memory budget of each spawned worker, e.g. 256MiB")
     g.add_argument("--worker-threads", type=int, default=1, help="threads per spawned worker (default 1)")
     g.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
@@ -65,10 +76,13 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise UserError(f"--bind {args.bind}: expected tcp://HOST:PORT")
     if args.bind and args.workers + args.wait_workers == 0:
         raise UserError("--bind needs --wait-workers N (or --workers N)")
-    from edgemoe.predict import PREDICTORS
+    from edgemoe.predict import parse_predictor
 
-    if args.predictor not in PREDICTORS:
-        raise UserError(f"unknown predictor '{args.predictor}' (available: {', '.join(PREDICTORS)})")
+    parse_predictor(args.predictor)
+    if args.align_token < 0 or args.align_kv < 0:
+        raise UserError("--align-token and --align-kv must be 0 (never) or more")
+    if args.reanchor_depth < 1:
+        raise UserError("--reanchor-depth must be at least 1")
     if args.request_timeout <= 0:
         raise UserError("--request-timeout must be positive")
 
@@ -78,7 +92,8 @@ def cluster_options(args: argparse.Namespace):
 
     return ClusterOptions(workers=args.workers, bind=args.bind, wait_workers=args.wait_workers, predictor=args.predictor,
                           memory_budget=args.memory_budget, worker_threads=args.worker_threads,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, align_token=args.align_token, align_kv=args.align_kv,
+                          shadow_trunk=args.shadow_trunk, reanchor_depth=args.reanchor_depth)
 
 
 def cluster_stats(engine) -> dict:
@@ -87,6 +102,9 @@ def cluster_stats(engine) -> dict:
     if not hasattr(experts, "summary"):
         return {}
     out = experts.summary()
+    predictor = getattr(experts, "predictor", None)
+    if predictor is not None:
+        out["predictor"] = {"name": predictor.name, **predictor.stats()}  # e.g. the shadow's late start
     s = experts.stats
     out["breakdown_s"] = {"trunk": engine.stats.trunk_s, "experts_wall": s.wall_s, "network": s.network_s,
                           "expert_load": s.worker_load_s, "expert_wait": s.worker_wait_s,

@@ -11,7 +11,7 @@ from edgemoe.cluster.coordinator import ClusterExperts
 from edgemoe.cluster.local import LocalWorkers
 from edgemoe.errors import UserError
 from edgemoe.model.engine import Engine
-from edgemoe.predict import make_predictor
+from edgemoe.predict import PredictorOptions, make_predictor
 
 
 @dataclass
@@ -19,7 +19,12 @@ class ClusterOptions:
     workers: int = 0  # local worker processes to spawn
     bind: str | None = None  # serve workers started elsewhere on this endpoint
     wait_workers: int = 0  # how many remote workers to wait for
-    predictor: str = "lookahead"
+    predictor: str = "lookahead"  # a name, or a spec such as shadow@T1KV4 (see edgemoe.predict.parse_predictor)
+    align_token: int = 1  # shadow predictors: token alignment period (0 = never)
+    align_kv: int = 1  # shadow predictors: KV alignment period (0 = never)
+    shadow_trunk: bool = False  # the shadow runs the requantized trunk instead of sharing the main one
+    reanchor_depth: int = 1
+    shadow_threads: int = 1
     memory_budget: str | None = None
     worker_threads: int = 1
     join_timeout_s: float = 120.0
@@ -47,10 +52,17 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         cfg = engine.cfg
         n = opts.workers + opts.wait_workers
         n_groups = max(1, n // max(1, min(cfg.n_expert_used, n)))
-        predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1))
-        cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
-                                 moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
-                                 timeout_s=opts.request_timeout_s)
+        popts = PredictorOptions(align_token=opts.align_token, align_kv=opts.align_kv, shadow_trunk=opts.shadow_trunk,
+                                 reanchor_depth=opts.reanchor_depth, shadow_threads=opts.shadow_threads)
+        predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1),
+                                   main=engine, options=popts)
+        try:
+            cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
+                                     moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
+                                     timeout_s=opts.request_timeout_s)
+        except BaseException:
+            predictor.close()
+            raise
         return cluster
 
     engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend)
@@ -69,4 +81,6 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     finally:
         if local is not None:
             local.stop()
+        if cluster is not None and cluster.predictor is not None:
+            cluster.predictor.close()  # a shadow predictor's thread and engine
         engine.close()

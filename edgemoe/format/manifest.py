@@ -20,6 +20,16 @@ EXPERTS_DIR = "experts"
 _HASH_CHUNK = 8 << 20
 
 
+def shadow_file_name(type_name: str) -> str:
+    """The shadow predictor's experts: every routed expert requantized to type_name, stacked (one GGUF)."""
+    return f"shadow-{type_name}.gguf"
+
+
+def shadow_trunk_file_name(type_name: str) -> str:
+    """A requantized copy of the trunk, for a shadow that does not share the main model's trunk."""
+    return f"shadow-trunk-{type_name}.gguf"
+
+
 def expert_file_name(layer: int, expert: int) -> str:
     """Path of one expert's shard, relative to the model directory."""
     return f"{EXPERTS_DIR}/blk.{layer:03d}.expert.{expert:03d}.gguf"
@@ -57,10 +67,15 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    # the shadow predictor's files, if converted with --shadow-type:
+    # {"type": "q4_k", "file": "shadow-q4_k.gguf", "trunk_type": "q4_k" | None, "trunk_file": ... | None}
+    shadow: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         d = asdict(self)
         d["files"] = {k: asdict(v) for k, v in sorted(self.files.items())}
+        if d["shadow"] is None:  # absent, not null: manifests without a shadow stay as they were
+            del d["shadow"]
         return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -71,9 +86,16 @@ class Manifest:
             raise UserError(f"manifest format version {d.get('format_version')} is not supported (this edgemoe reads {FORMAT_VERSION})")
         try:
             files = {k: FileEntry(int(v["size"]), str(v["sha256"])) for k, v in d["files"].items()}
-            return cls(**{**d, "files": files})
+            m = cls(**{**d, "files": files})
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed manifest ({type(e).__name__}: {e})") from None
+        if m.shadow is not None:
+            sh = m.shadow
+            ok = (isinstance(sh, dict) and isinstance(sh.get("type"), str) and sh.get("file") in files
+                  and (sh.get("trunk_file") is None or sh.get("trunk_file") in files))
+            if not ok:
+                raise UserError(f"malformed manifest (shadow entry {sh!r} does not name files it lists)")
+        return m
 
     def expert_files(self) -> list[tuple[int, int, str]]:
         return [(l, e, expert_file_name(l, e)) for l in self.moe_layers for e in range(self.n_experts)]

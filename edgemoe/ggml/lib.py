@@ -152,6 +152,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_new_graph_custom": (GRAPH, [CTX, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [GRAPH, T]),
     "ggml_graph_n_nodes": (c_int, [GRAPH]),
+    # quantization (K-quants are not in gguf-py); ggml_quantize_chunk calls ggml_quantize_init itself
+    "ggml_quantize_init": (None, [c_int]),
+    "ggml_quantize_requires_imatrix": (c_bool, [c_int]),
+    "ggml_quantize_chunk": (c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p]),
 }
 
 _CPU_SIGNATURES: dict[str, tuple[object, list[object]]] = {

@@ -67,20 +67,32 @@ class Engine:
 
     def __init__(self, model: str | Path, *, n_ctx: int | None = None, n_threads: int = 2,
                  experts: ExpertBackend | Callable[["Engine"], ExpertBackend] | None = None,
-                 compute: Compute | None = None) -> None:
-        trunk_path, self.manifest = resolve_model(model)
+                 compute: Compute | None = None, weights: GGUFTensors | None = None,
+                 resident_experts: bool = False) -> None:
+        """weights: trunk tensors already mapped (another engine's, or a shadow trunk of the same model):
+        used instead of opening model's trunk, and left open on close()."""
+        if weights is None:
+            trunk_path, self.manifest = resolve_model(model)
+            self.weights = GGUFTensors(trunk_path)
+        else:
+            trunk_path = Path(weights.path)
+            self.manifest = load_manifest(model) if Path(model).is_dir() else None
+            self.weights = weights
+        self._owns_weights = weights is None
         self.model_dir = Path(model) if self.manifest is not None else None
-        self.weights = GGUFTensors(trunk_path)
         self.cfg = ModelConfig.from_metadata(self.weights.meta, str(trunk_path))
         self.n_ctx = min(n_ctx or self.cfg.n_ctx_train, self.cfg.n_ctx_train)
         self.compute = compute or Compute(n_threads)
         self.kv = KVCache(self.cfg, self.n_ctx)
         self.trunk = Trunk(self.cfg, self.weights, self.kv)
         self.moe_layers = [il for il in range(self.cfg.n_layer) if self.trunk.is_moe_layer(il)]
+        # called as listener(engine, tokens) when eval() starts, before any layer runs (n_past is the
+        # first new position): a shadow predictor starts on the token as soon as it is known
+        self.eval_listeners: list[Callable[["Engine", np.ndarray], None]] = []
         if self.moe_layers and experts is None:
             if self.model_dir is None:
                 raise UserError(f"{trunk_path}: a MoE GGUF must be converted first: edgemoe convert {trunk_path} OUT_DIR")
-            experts = LocalExperts(self.model_dir, self.compute, self.manifest)
+            experts = LocalExperts(self.model_dir, self.compute, self.manifest, resident=resident_experts)
         if callable(experts) and not isinstance(experts, ExpertBackend):  # a factory that needs the loaded model
             experts = experts(self)
         self.experts = experts
@@ -107,7 +119,8 @@ class Engine:
         self._drop_decode_cache()
         if self.experts is not None:
             self.experts.close()
-        self.weights.close()
+        if self._owns_weights:
+            self.weights.close()
         self.compute.close()
 
     def __enter__(self) -> "Engine":
@@ -214,6 +227,8 @@ class Engine:
             raise UserError(f"{self.n_past + n_tok} tokens do not fit the context of {self.n_ctx} tokens")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
             raise UserError(f"token id out of range [0, {self.cfg.n_vocab})")
+        for listener in self.eval_listeners:
+            listener(self, tokens)
         cfg = self.cfg
         inp = self._inputs(tokens, logits_all)
         cached = self._decode_segments(inp) if n_tok == 1 and not logits_all else None

@@ -4,7 +4,17 @@ A prediction only changes which experts are loaded ahead of time; the trunk's ow
 decides, so a wrong prediction costs time, never correctness.
 """
 
-from edgemoe.predict.base import Predictor, RecallMeter
-from edgemoe.predict.baselines import LookaheadPredictor, RandomPredictor, ReactivePredictor, make_predictor, PREDICTORS
+from edgemoe.predict.base import Predictor, PredictorOptions, RecallMeter
+from edgemoe.predict.baselines import (
+    PREDICTORS,
+    FrequencyPredictor,
+    LookaheadPredictor,
+    PreviousPredictor,
+    RandomPredictor,
+    ReactivePredictor,
+    make_predictor,
+    parse_predictor,
+)
 
-__all__ = ["Predictor", "RecallMeter", "LookaheadPredictor", "RandomPredictor", "ReactivePredictor", "make_predictor", "PREDICTORS"]
+__all__ = ["Predictor", "PredictorOptions", "RecallMeter", "LookaheadPredictor", "RandomPredictor", "ReactivePredictor",
+           "PreviousPredictor", "FrequencyPredictor", "make_predictor", "parse_predictor", "PREDICTORS"]

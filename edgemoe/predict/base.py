@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass
+class PredictorOptions:
+    """Settings of the shadow predictors (SEP, re-anchored); the baselines ignore them."""
+
+    align_token: int = 1  # token alignment period in decode steps (paper's T_i); 0 = never
+    align_kv: int = 1  # KV alignment period (paper's KV_j); 0 = never
+    shadow_trunk: bool = False  # the shadow runs its own requantized trunk (shadow-trunk-TYPE.gguf)
+    reanchor_depth: int = 1  # MoE layers re-run from the main model's true state after each layer
+    shadow_threads: int = 1  # ggml threads of the shadow
+    sync: bool = False  # wait for the shadow's routing instead of taking what is ready (recall benchmark)
 
 
 class Predictor(ABC):
@@ -28,6 +41,13 @@ class Predictor(ABC):
     @abstractmethod
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
         ...
+
+    def stats(self) -> dict:
+        """Predictor-specific measurements (timings, counters) for reports."""
+        return {}
+
+    def close(self) -> None:
+        """Stop background work and release what the predictor holds."""
 
 
 class RecallMeter:

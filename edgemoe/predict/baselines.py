@@ -1,4 +1,4 @@
-"""Baseline predictors: reactive (none), random, and router look-ahead."""
+"""Baseline predictors: reactive (none), random, router look-ahead, previous token, frequency."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from gguf.quants import dequantize
 from edgemoe.errors import UserError
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.weights import GGUFTensors
-from edgemoe.predict.base import Predictor
+from edgemoe.predict.base import Predictor, PredictorOptions
+
+
+def upcoming(moe_layers: list[int], current: int, depth: int) -> list[int]:
+    """The next `depth` MoE layers after layer `current` (-1: before the token's first layer)."""
+    return [l for l in moe_layers if l > current][:depth]
 
 
 class ReactivePredictor(Predictor):
@@ -34,9 +39,14 @@ class RandomPredictor(Predictor):
     def reset(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
+    def _draw(self, layers: list[int]) -> dict[int, list[int]]:
+        return {l: [int(e) for e in self.rng.choice(self.cfg.n_expert, self.cfg.n_expert_used, replace=False)] for l in layers}
+
+    def begin_token(self, step: int) -> dict[int, list[int]]:
+        return self._draw(upcoming(self.moe_layers, -1, self.depth))
+
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
-        upcoming = [l for l in self.moe_layers if l > layer][: self.depth]
-        return {l: [int(e) for e in self.rng.choice(self.cfg.n_expert, self.cfg.n_expert_used, replace=False)] for l in upcoming}
+        return self._draw(upcoming(self.moe_layers, layer, self.depth))
 
 
 def _tensor_f32(weights: GGUFTensors, name: str) -> np.ndarray:
@@ -81,15 +91,101 @@ class LookaheadPredictor(Predictor):
         return out
 
 
-PREDICTORS = ("reactive", "random", "lookahead")
+class PreviousPredictor(Predictor):
+    """The experts each layer chose for the previous token (temporal locality of routing)."""
+
+    name = "previous"
+
+    def __init__(self, moe_layers: list[int], depth: int) -> None:
+        self.moe_layers, self.depth = moe_layers, depth
+        self.last: dict[int, list[int]] = {}
+
+    def reset(self) -> None:
+        self.last.clear()
+
+    def _known(self, layers: list[int]) -> dict[int, list[int]]:
+        return {l: list(self.last[l]) for l in layers if l in self.last}
+
+    def begin_token(self, step: int) -> dict[int, list[int]]:
+        return self._known(upcoming(self.moe_layers, -1, self.depth))
+
+    def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
+        self.last[layer] = [int(e) for e in selected]
+        return self._known(upcoming(self.moe_layers, layer, self.depth))
+
+
+class FrequencyPredictor(Predictor):
+    """The k experts each layer chose most often so far (counts survive reset: a popularity table)."""
+
+    name = "frequency"
+
+    def __init__(self, cfg: ModelConfig, moe_layers: list[int], depth: int) -> None:
+        self.k, self.moe_layers, self.depth = cfg.n_expert_used, moe_layers, depth
+        self.counts = {l: np.zeros(cfg.n_expert, dtype=np.int64) for l in moe_layers}
+
+    def _top(self, layers: list[int]) -> dict[int, list[int]]:
+        out = {}
+        for l in layers:
+            c = self.counts[l]
+            if c.any():  # no history yet: predict nothing
+                out[l] = [int(e) for e in np.argsort(-c, kind="stable")[: self.k]]
+        return out
+
+    def begin_token(self, step: int) -> dict[int, list[int]]:
+        return self._top(upcoming(self.moe_layers, -1, self.depth))
+
+    def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
+        self.counts[layer][np.asarray(selected, dtype=np.int64)] += 1
+        return self._top(upcoming(self.moe_layers, layer, self.depth))
+
+
+PREDICTORS = ("reactive", "random", "lookahead", "previous", "frequency", "shadow", "reanchor")
+_SHADOWS = ("shadow", "reanchor")
+
+
+def parse_predictor(spec: str, options: PredictorOptions | None = None) -> tuple[str, PredictorOptions]:
+    """NAME, or for shadow/reanchor NAME@T<i>KV<j> (alignment periods, the paper's notation) and
+    reanchor@d<D> (re-anchor depth), e.g. shadow@T0KV0, reanchor@T1KV1@d2. Returns (name, options)."""
+    import dataclasses
+    import re
+
+    base = options or PredictorOptions()
+    name, *mods = spec.strip().split("@")
+    if name not in PREDICTORS:
+        raise UserError(f"unknown predictor '{spec}' (available: {', '.join(PREDICTORS)}; "
+                        f"shadow and reanchor take @T<i>KV<j>, reanchor @d<D>)")
+    changes: dict[str, int] = {}
+    for mod in mods:
+        m_align = re.fullmatch(r"[Tt](\d+)[Kk][Vv](\d+)", mod)
+        m_depth = re.fullmatch(r"[dD](\d+)", mod)
+        if m_align and name in _SHADOWS:
+            changes.update(align_token=int(m_align[1]), align_kv=int(m_align[2]))
+        elif m_depth and name == "reanchor" and int(m_depth[1]) >= 1:
+            changes["reanchor_depth"] = int(m_depth[1])
+        else:
+            raise UserError(f"predictor '{spec}': '@{mod}' is not an option of {name} "
+                            "(shadow/reanchor: @T<i>KV<j>; reanchor: @d<D>, D >= 1)")
+    return name, dataclasses.replace(base, **changes)
 
 
 def make_predictor(name: str, cfg: ModelConfig, weights: GGUFTensors, moe_layers: list[int], depth: int,
-                   seed: int = 0) -> Predictor:
+                   seed: int = 0, *, main=None, options: PredictorOptions | None = None) -> Predictor:
+    """A predictor by name (or spec, see parse_predictor). The shadow predictors need `main`: the
+    engine they follow (its model directory, trunk, KV cache and eval listeners)."""
+    name, opts = parse_predictor(name, options)
     if name == "reactive":
         return ReactivePredictor()
     if name == "random":
         return RandomPredictor(cfg, moe_layers, depth, seed)
     if name == "lookahead":
         return LookaheadPredictor(cfg, weights, moe_layers, depth)
-    raise UserError(f"unknown predictor '{name}' (available: {', '.join(PREDICTORS)})")
+    if name == "previous":
+        return PreviousPredictor(moe_layers, depth)
+    if name == "frequency":
+        return FrequencyPredictor(cfg, moe_layers, depth)
+    if main is None:
+        raise ValueError(f"the {name} predictor needs the main engine (main=...)")
+    from edgemoe.predict.shadow import ReanchorPredictor, ShadowPredictor
+
+    cls = ShadowPredictor if name == "shadow" else ReanchorPredictor
+    return cls(main, depth, opts)

@@ -12,7 +12,8 @@ from gguf.gguf_reader import ReaderTensor
 from edgemoe.errors import UserError
 from edgemoe.format.arch import ARCHITECTURES, MoeArch, parse_expert_tensor_name
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
-from edgemoe.format.manifest import TRUNK_NAME, expert_file_name
+from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, shadow_file_name, shadow_trunk_file_name
+from tools.convert import requant
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ConversionPlan:
     n_experts_used: int
     trunk_tensors: list[ReaderTensor]
     experts: dict[int, list[StackedExpertTensor]] = field(default_factory=dict)  # layer -> its stacked tensors
+    shadow_type: GGMLQuantizationType | None = None  # routed experts requantized into shadow-<type>.gguf
+    shadow_trunk_type: GGMLQuantizationType | None = None  # the trunk requantized into shadow-trunk-<type>.gguf
 
     @property
     def moe_layers(self) -> list[int]:
@@ -63,12 +66,29 @@ class ConversionPlan:
     def expert_nbytes(self, layer: int) -> int:
         return sum(t.slice_nbytes for t in self.experts[layer])
 
+    def stacked_tensors(self) -> list[StackedExpertTensor]:
+        return [t for layer in self.moe_layers for t in self.experts[layer]]
+
+    def shadow_nbytes(self) -> int:
+        assert self.shadow_type is not None
+        return sum(requant.requantized_nbytes(t.tensor, self.shadow_type) if t.kind == "weight" else int(t.tensor.n_bytes)
+                   for t in self.stacked_tensors())
+
+    def shadow_trunk_nbytes(self) -> int:
+        assert self.shadow_trunk_type is not None
+        return sum(requant.requantized_nbytes(t, self.shadow_trunk_type) if requantize_in_trunk(t) else int(t.n_bytes)
+                   for t in self.trunk_tensors)
+
     def files(self) -> list[tuple[str, int]]:
         """(relative path, tensor bytes) of every file to write."""
         out = [(TRUNK_NAME, self.trunk_nbytes())]
         for layer in self.moe_layers:
             size = self.expert_nbytes(layer)
             out.extend((expert_file_name(layer, e), size) for e in range(self.n_experts))
+        if self.shadow_type is not None:
+            out.append((shadow_file_name(requant.type_name(self.shadow_type)), self.shadow_nbytes()))
+        if self.shadow_trunk_type is not None:
+            out.append((shadow_trunk_file_name(requant.type_name(self.shadow_trunk_type)), self.shadow_trunk_nbytes()))
         return out
 
     def total_nbytes(self) -> int:
@@ -78,9 +98,23 @@ class ConversionPlan:
 _PART_ORDER = {"gate": 0, "up": 1, "gate_up": 1, "down": 2}
 
 
-def plan_conversion(src: str | os.PathLike[str]) -> ConversionPlan:
-    """Validate the source and lay out the conversion. Raises UserError on any bad input."""
+def requantize_in_trunk(t: ReaderTensor) -> bool:
+    """Trunk tensors the shadow trunk requantizes: 2-D+ weights but the routers (llama.cpp's rule)."""
+    return t.name.endswith(".weight") and len(t.shape) >= 2 and int(t.shape[1]) > 1 and "ffn_gate_inp" not in t.name
+
+
+def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = None,
+                    shadow_trunk_type: str | None = None) -> ConversionPlan:
+    """Validate the source and lay out the conversion. Raises UserError on any bad input.
+
+    shadow_type (e.g. "q4_k"): also write every routed expert requantized to it, stacked, for the
+    shadow predictor; shadow_trunk_type: also a requantized copy of the trunk.
+    """
     src = Path(src)
+    s_type = requant.parse_shadow_type(shadow_type) if shadow_type else None
+    t_type = requant.parse_shadow_type(shadow_trunk_type, "--shadow-trunk-type") if shadow_trunk_type else None
+    if t_type is not None and s_type is None:
+        raise UserError("--shadow-trunk-type needs --shadow-type (the shadow's experts)")
     reader = open_gguf(src)
     arch_name = get_str(reader, "general.architecture")
     if arch_name is None:
@@ -128,7 +162,18 @@ def plan_conversion(src: str | os.PathLike[str]) -> ConversionPlan:
         raise UserError(f"{src}: expert tensors for layer {extra[0]}, but the model has {n_layers} layers")
 
     name = get_str(reader, "general.name") or src.stem
-    return ConversionPlan(src, reader, arch, name, n_layers, n_experts, n_used, trunk, stacked)
+    plan = ConversionPlan(src, reader, arch, name, n_layers, n_experts, n_used, trunk, stacked, s_type, t_type)
+    if s_type is not None:
+        weights = [t for t in plan.stacked_tensors() if t.kind == "weight"]
+        rows = [t.ne[0] for t in weights]
+        for t in weights:
+            requant.check_rows(str(src), t.name, t.ne[0], s_type, rows, "--shadow-type")
+    if t_type is not None:
+        requantized = [t for t in trunk if requantize_in_trunk(t)]
+        rows = [int(t.shape[0]) for t in requantized]
+        for t in requantized:
+            requant.check_rows(str(src), t.name, int(t.shape[0]), t_type, rows, "--shadow-trunk-type")
+    return plan
 
 
 def _check_expert_shapes(src: Path, layer: int, tensors: list[StackedExpertTensor]) -> None:

@@ -1,0 +1,111 @@
+"""Requantize tensors for the shadow model: dequantize the source (gguf-py), quantize to a lower type.
+
+Q4_0/Q8_0/F16 are quantized by gguf-py in numpy (bytes identical to ggml's); K-quants, which gguf-py
+cannot produce, by ggml's own `ggml_quantize_chunk` (no importance matrix). Work goes in chunks of
+rows so that a large tensor never has to be dequantized whole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize, quantize
+
+from edgemoe.errors import UserError
+
+Q = GGMLQuantizationType
+
+# name (as on the command line and in file names) -> type; the order is best-to-smallest
+SHADOW_TYPES: dict[str, GGMLQuantizationType] = {
+    "f16": Q.F16,
+    "q8_0": Q.Q8_0,
+    "q6_k": Q.Q6_K,
+    "q5_k": Q.Q5_K,
+    "q4_k": Q.Q4_K,
+    "q4_0": Q.Q4_0,
+    "q3_k": Q.Q3_K,
+    "q2_k": Q.Q2_K,
+}
+_NUMPY_TYPES = (Q.F16, Q.Q8_0, Q.Q4_0)
+_CHUNK_FLOATS = 4 << 20  # rows per chunk: at most 16 MiB of float32 at a time
+
+
+def type_name(t: GGMLQuantizationType) -> str:
+    return t.name.lower()
+
+
+def parse_shadow_type(name: str, option: str = "--shadow-type") -> GGMLQuantizationType:
+    t = SHADOW_TYPES.get(name.strip().lower())
+    if t is None:
+        raise UserError(f"{option} {name}: unknown type (available: {', '.join(SHADOW_TYPES)})")
+    return t
+
+
+def block_size(t: GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[t][0]
+
+
+def row_nbytes(t: GGMLQuantizationType, n_per_row: int) -> int:
+    bs, ts = GGML_QUANT_SIZES[t]
+    return n_per_row // bs * ts
+
+
+def types_for_rows(row_lengths: list[int]) -> list[str]:
+    """Shadow types every one of these row lengths can be quantized to."""
+    return [n for n, t in SHADOW_TYPES.items() if all(r % block_size(t) == 0 for r in row_lengths)]
+
+
+def check_rows(src: str, tensor: str, n_per_row: int, t: GGMLQuantizationType, all_rows: list[int], option: str) -> None:
+    """A UserError naming the tensor and the types that work when rows of n_per_row can't become t."""
+    if n_per_row % block_size(t) == 0:
+        return
+    ok = types_for_rows(all_rows)
+    hint = f"types that work for this model: {', '.join(ok)}" if ok else "no shadow type fits this model's row lengths"
+    raise UserError(f"{src}: {option} {type_name(t)} needs rows of a multiple of {block_size(t)} values, but "
+                    f"{tensor} has rows of {n_per_row}; {hint}")
+
+
+def requantize_rows(rows: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
+    """float32 [n_rows, n_per_row] -> uint8 [n_rows, row bytes] of type t."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n_rows, n_per_row = rows.shape
+    if t in _NUMPY_TYPES:
+        out = quantize(rows, t)
+        return np.ascontiguousarray(out).view(np.uint8).reshape(n_rows, row_nbytes(t, n_per_row))
+    from edgemoe.ggml.lib import lib  # ggml only where gguf-py can't quantize
+
+    out = np.empty((n_rows, row_nbytes(t, n_per_row)), dtype=np.uint8)
+    lib.ggml_quantize_init(int(t))
+    written = lib.ggml_quantize_chunk(int(t), rows.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
+                                      0, n_rows, n_per_row, None)
+    if written != out.nbytes:
+        raise AssertionError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out
+
+
+def dequantize_rows(raw: np.ndarray, src_type: GGMLQuantizationType, n_per_row: int) -> np.ndarray:
+    """uint8 bytes of whole rows of src_type -> float32 [n_rows, n_per_row]."""
+    rb = row_nbytes(src_type, n_per_row)
+    data = np.asarray(raw, dtype=np.uint8).reshape(-1, rb)
+    return np.asarray(dequantize(data, src_type), dtype=np.float32).reshape(-1, n_per_row)
+
+
+def requantized_nbytes(tensor: ReaderTensor, t: GGMLQuantizationType) -> int:
+    ne = [int(x) for x in tensor.shape]
+    return row_nbytes(t, ne[0]) * int(np.prod(ne[1:], dtype=np.int64))
+
+
+def requantized_chunks(raw: np.ndarray, src_type: GGMLQuantizationType, ne: tuple[int, ...],
+                       t: GGMLQuantizationType) -> Iterator[np.ndarray]:
+    """A tensor's bytes (raw, type src_type, shape ne) as type t, a chunk of rows at a time."""
+    n_per_row = ne[0]
+    n_rows = int(np.prod(ne[1:], dtype=np.int64))
+    rb = row_nbytes(src_type, n_per_row)
+    step = max(1, _CHUNK_FLOATS // n_per_row)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        yield requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t)
