@@ -168,7 +168,7 @@ class ClusterExperts(ExpertBackend):
         else:
             requests = self._plan_prefill(layer, hidden, selected)
         out = np.empty((n_tok, selected.shape[1], self.n_embd), dtype=np.float32)
-        self._run(requests, out, decode)
+        self._run(requests, out, decode, layer)
         for e in {int(x) for x in selected.reshape(-1)}:
             self._assigned.pop((layer, e), None)
         return out
@@ -254,13 +254,15 @@ class ClusterExperts(ExpertBackend):
         r.worker.requests += 1
         self._send(r.worker.identity, P.encode(P.COMPUTE, r.hidden, req=r.req, layer=r.layer, expert=r.expert))
 
-    def _run(self, requests: list[_Request], out: np.ndarray, decode: bool) -> None:
+    def _run(self, requests: list[_Request], out: np.ndarray, decode: bool, layer: int) -> None:
         t0 = time.monotonic()
         pending = {r.req: r for r in requests}
         for r in requests:
             self._dispatch(r)
         while pending:
             self._poll(0.05, pending, out)
+            if decode and self.predictor is not None:  # a background predictor may have caught up meanwhile
+                self._prefetch(self.predictor.poll(layer), layer)
             now = time.monotonic()
             for r in list(pending.values()):
                 if not r.worker.alive or now - r.sent_at > self.timeout_s:

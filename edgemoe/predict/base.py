@@ -42,6 +42,11 @@ class Predictor(ABC):
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
         ...
 
+    def poll(self, current: int) -> dict[int, list[int]]:
+        """Predictions for layers after `current` that became available since the last call
+        (a predictor working in the background); asked while the coordinator waits for workers."""
+        return {}
+
     def stats(self) -> dict:
         """Predictor-specific measurements (timings, counters) for reports."""
         return {}

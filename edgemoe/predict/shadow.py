@@ -311,6 +311,13 @@ class ShadowPredictor(Predictor):
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
         return self._ready(layer)
 
+    def poll(self, current: int) -> dict[int, list[int]]:
+        if self.opts.sync:
+            return {}
+        with self._cv:
+            routes = dict(self._routes) if self._routes_gen == self._gen else {}
+        return {l: routes[l] for l in upcoming(self.moe_layers, current, self.depth) if l in routes}
+
     # shadow thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
