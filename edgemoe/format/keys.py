@@ -8,6 +8,9 @@ N_EXPERTS = "edgemoe.n_experts"
 N_EXPERTS_USED = "edgemoe.n_experts_used"
 EXPERT_LAYER = "edgemoe.expert.layer"
 EXPERT_INDEX = "edgemoe.expert.index"
+SHADOW_TYPE = "edgemoe.shadow.type"  # ggml type name of a shadow file's requantized weights
 
 ROLE_TRUNK = "trunk"
 ROLE_EXPERT = "expert"
+ROLE_SHADOW = "shadow"  # shadow-<type>.gguf: all routed experts, requantized
+ROLE_SHADOW_TRUNK = "shadow-trunk"  # shadow-trunk-<type>.gguf: the trunk, requantized

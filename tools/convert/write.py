@@ -29,9 +29,7 @@ from edgemoe.format.manifest import (
 from tools.convert import requant
 from tools.convert.plan import ConversionPlan, requantize_in_trunk
 
-ROLE_SHADOW = "shadow"  # edgemoe.role of shadow-<type>.gguf
-ROLE_SHADOW_TRUNK = "shadow-trunk"
-SHADOW_TYPE_KEY = "edgemoe.shadow.type"
+ROLE_SHADOW, ROLE_SHADOW_TRUNK, SHADOW_TYPE_KEY = keys.ROLE_SHADOW, keys.ROLE_SHADOW_TRUNK, keys.SHADOW_TYPE
 
 # Room for GGUF headers and padding on top of the tensor bytes when checking free space.
 _HEADER_SLACK = 64 << 10
