@@ -29,11 +29,11 @@ def edgemoe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def compare_with_llama_cpp(source: Path, model: Path, n_predict: int = N_PREDICT) -> None:
+def compare_with_llama_cpp(source: Path, model: Path, n_predict: int = N_PREDICT, resident: bool = True) -> None:
     with LlamaCppReference(source, n_ctx=512, n_threads=THREADS, capture_routing=True) as ref:
         prompt = ref.tokenize(PROMPT)
         trace = ref.greedy(prompt, n_predict)
-    with Engine(model, n_ctx=512, n_threads=THREADS) as engine:
+    with Engine(model, n_ctx=512, n_threads=THREADS, resident_experts=resident) as engine:
         engine.reset()
         routing = []
         logits = engine.eval(prompt)[0]
@@ -59,6 +59,13 @@ def compare_with_llama_cpp(source: Path, model: Path, n_predict: int = N_PREDICT
 def test_every_test_model_matches_llama_cpp(fixture_models: list[Path], converted_models: dict[str, Path]) -> None:
     for src in fixture_models:
         compare_with_llama_cpp(src, converted_models[src.stem])
+
+
+def test_just_in_time_experts_match_llama_cpp(fixture_models: list[Path], converted_models: dict[str, Path]) -> None:
+    """Experts mapped per use and unmapped after (a worker's way) give the same bits."""
+    for src in fixture_models:
+        if src.stem.endswith("q4_k_m"):
+            compare_with_llama_cpp(src, converted_models[src.stem], n_predict=16, resident=False)
 
 
 def test_dense_smollm2_matches_llama_cpp(smollm2: Path) -> None:

@@ -34,6 +34,8 @@ class EngineBench:
     edgemoe: list[RunTiming] = field(default_factory=list)
     llama_cpp: list[RunTiming] = field(default_factory=list)
     tokens_match: bool = True
+    resident_experts: bool = True
+    reference_repack: bool = False
 
     def median(self, runs: list[RunTiming], key: str) -> float:
         return statistics.median(getattr(r, key) for r in runs)
@@ -66,12 +68,18 @@ def _edgemoe_run(engine: Engine, prompt: list[int], n_predict: int) -> tuple[Run
 
 
 def bench_engine(model: str | Path, reference: str | Path, *, threads: int, prompt_tokens: int = 64,
-                 n_predict: int = 64, repeats: int = 3, n_ctx: int = 1024) -> EngineBench:
-    """Greedy decoding of a fixed synthetic prompt (token ids 100..) on both engines."""
+                 n_predict: int = 64, repeats: int = 3, n_ctx: int = 1024, resident_experts: bool = True,
+                 reference_repack: bool = False) -> EngineBench:
+    """Greedy decoding of a fixed synthetic prompt (token ids 100..) on both engines.
+
+    reference_repack: llama.cpp as it runs by default, with weights repacked for its faster
+    kernels (Q4_0, Q4_K, IQ4_NL on x86); its logits then differ slightly from edgemoe's.
+    """
     prompt = [100 + i for i in range(prompt_tokens)]
-    result = EngineBench(str(model), str(reference), threads, prompt_tokens, n_predict, repeats)
-    with Engine(model, n_ctx=n_ctx, n_threads=threads) as engine, \
-            LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads) as ref:
+    result = EngineBench(str(model), str(reference), threads, prompt_tokens, n_predict, repeats,
+                         resident_experts=resident_experts, reference_repack=reference_repack)
+    with Engine(model, n_ctx=n_ctx, n_threads=threads, resident_experts=resident_experts) as engine, \
+            LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads, extra_bufts=reference_repack) as ref:
         _edgemoe_run(engine, prompt, 4)  # warm-up: page cache, graph cache
         ref.greedy(prompt, 4)
         for _ in range(repeats):

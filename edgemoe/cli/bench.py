@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
     e.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     e.add_argument("--repeat", type=int, default=3, help="runs of each engine (default 3)")
+    e.add_argument("--jit-experts", dest="resident_experts", action="store_false",
+                   help="map each expert shard per use and unmap it after, as a worker does (default: keep them mapped)")
+    e.add_argument("--reference-repack", action="store_true",
+                   help="let llama.cpp repack weights for its faster kernels, as it does by default (its logits then "
+                   "differ slightly); without it both run the same kernels on the same bytes")
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
     e.set_defaults(handler=run_engine)
 
@@ -95,13 +100,15 @@ def run_engine(args: argparse.Namespace) -> int:
     ref = _reference_for(args.model, args.reference)
     r = bench_engine(args.model, ref, threads=args.threads, prompt_tokens=args.prompt_tokens,
                      n_predict=args.n_predict, repeats=args.repeat,
-                     n_ctx=max(256, args.prompt_tokens + args.n_predict + 8))
+                     n_ctx=max(256, args.prompt_tokens + args.n_predict + 8), resident_experts=args.resident_experts,
+                     reference_repack=args.reference_repack)
     s = r.summary()
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0
     print(f"model {r.model} vs llama.cpp on {r.reference}, {r.threads} threads, "
-          f"{r.prompt_tokens}-token prompt, {r.n_predict} tokens, median of {r.repeats}")
+          f"{r.prompt_tokens}-token prompt, {r.n_predict} tokens, median of {r.repeats}; experts "
+          f"{'resident' if r.resident_experts else 'mapped per use'}, llama.cpp {'with' if r.reference_repack else 'without'} repacking")
     print(f"{'':10} {'edgemoe':>10} {'llama.cpp':>10} {'ratio':>7}")
     for key in ("prefill", "decode"):
         print(f"{key + ' tok/s':10} {s[f'edgemoe_{key}_tok_s']:10.1f} {s[f'llama_cpp_{key}_tok_s']:10.1f} {s[f'ratio_{key}']:7.2f}")

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads) as engine, \
+    with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads,
+                     resident_experts=args.resident_experts) as engine, \
             Tokenizer(engine.weights.path) as tok:
         if tok.chat_template is None:
             raise UserError(f"{args.model}: the model has no chat template; use `edgemoe run` for raw completion")

@@ -28,6 +28,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=default_threads(), help="CPU threads for ggml (default %(default)s)")
     p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length in tokens, capped by the model's (default 4096)")
+    p.add_argument("--jit-experts", dest="resident_experts", action="store_false",
+                   help="in-process: map each expert shard just in time and unmap it after use, as a worker does "
+                   "(default: map each shard once and keep it mapped, as llama.cpp maps its file)")
     g = p.add_argument_group("cluster")
     g.add_argument("--workers", type=int, default=0,
                    help="spawn N local worker processes on loopback; 0 = compute experts in this process (default)")
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     from edgemoe.model.tokenizer import Tokenizer
     from edgemoe.util.proc import peak_rss_bytes
 
-    with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads) as engine:
+    with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads,
+                     resident_experts=args.resident_experts) as engine:
         with Tokenizer(engine.weights.path) as tok:
             prompt_tokens = tok.tokenize(args.prompt, add_special=True, parse_special=False)
             if len(prompt_tokens) >= engine.n_ctx:

@@ -36,10 +36,11 @@ class ClusterOptions:
 
 
 @contextlib.contextmanager
-def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int) -> Iterator[Engine]:
+def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
+                resident_experts: bool = True) -> Iterator[Engine]:
     """An Engine; with opts.enabled its experts are computed by cluster workers."""
     if not opts.enabled:
-        with Engine(model, n_ctx=n_ctx, n_threads=n_threads) as engine:
+        with Engine(model, n_ctx=n_ctx, n_threads=n_threads, resident_experts=resident_experts) as engine:
             yield engine
         return
     if not Path(model).is_dir():

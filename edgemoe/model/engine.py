@@ -68,7 +68,7 @@ class Engine:
     def __init__(self, model: str | Path, *, n_ctx: int | None = None, n_threads: int = 2,
                  experts: ExpertBackend | Callable[["Engine"], ExpertBackend] | None = None,
                  compute: Compute | None = None, weights: GGUFTensors | None = None,
-                 resident_experts: bool = False) -> None:
+                 resident_experts: bool = True) -> None:
         """weights: trunk tensors already mapped (another engine's, or a shadow trunk of the same model):
         used instead of opening model's trunk, and left open on close()."""
         if weights is None:
