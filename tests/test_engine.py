@@ -21,7 +21,7 @@ from edgemoe.model.generate import greedy_tokens
 from edgemoe.oracle import LlamaCppReference
 
 N_PREDICT = 64
-THREADS = 2
+THREADS = 1  # one thread: a 2-thread ggml pool stalls at every barrier when another process holds a core
 PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
 
 

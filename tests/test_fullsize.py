@@ -154,7 +154,7 @@ def test_llama_cpp_loads_and_generates(small_models: dict, model: str) -> None:
     import llama_cpp
 
     llm = llama_cpp.Llama(
-        model_path=str(small_models[model]), n_ctx=64, n_threads=2, verbose=False, logits_all=True
+        model_path=str(small_models[model]), n_ctx=64, n_threads=1, verbose=False, logits_all=True
     )
     toks = llm.tokenize(b"Hello world, this is")
     llm.eval(toks)

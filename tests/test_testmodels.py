@@ -60,7 +60,7 @@ def test_llama_cpp_loads_and_generates(fixtures_dir: Path, name: str, arch: str,
     llm = llama_cpp.Llama(
         model_path=str(fixtures_dir / f"{name}.gguf"),
         n_ctx=256,
-        n_threads=2,
+        n_threads=1,
         verbose=False,
         logits_all=False,
     )
