@@ -9,7 +9,7 @@ DEMO_DIR := build/demo/llama-moe-q4_k_m
 # llama-cpp-python builds llama.cpp from source (7-12 min on 2 cores) the first time; pip keeps the wheel.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup fixtures test test-all demo clean
+.PHONY: setup fixtures real-models test test-all demo demo-fixture clean
 
 setup: $(STAMP)
 
@@ -25,17 +25,27 @@ fixtures: $(FIXTURES)
 $(FIXTURES): $(wildcard tools/testmodels/*.py) | $(STAMP)
 	$(BIN)/python -m tools.testmodels build/fixtures
 
+# MoEs built from SmolLM2's trained weights (~3-8 min the first time; skipped when up to date)
+real-models: setup
+	$(BIN)/python -m tools.realmodels build/models
+
 test: setup fixtures
 	$(BIN)/python -m pytest -m "not slow"
 
 test-all: setup fixtures
 	$(BIN)/python -m pytest
 
-demo: setup fixtures
+# demo-moe (726 MB) on a local cluster of 4 workers, each allowed 192 MiB
+demo: real-models
+	$(BIN)/edgemoe convert --verify --quiet build/models/demo-moe
+	printf 'What is the capital of France?\n/stats\n' | $(BIN)/edgemoe chat build/models/demo-moe \
+		--workers 4 --memory-budget 192MiB --predictor lookahead --temp 0 --n-predict 48 -t 1
+
+# the same on a random-weight test model, in seconds
+demo-fixture: setup fixtures
 	$(BIN)/edgemoe convert --force $(DEMO_SRC) $(DEMO_DIR)
 	$(BIN)/edgemoe convert --verify $(DEMO_DIR)
-	@ls -l $(DEMO_DIR) && echo "... $$(ls $(DEMO_DIR)/experts | wc -l) files in $(DEMO_DIR)/experts"
-	$(BIN)/edgemoe run $(DEMO_DIR) --prompt "Once upon a time" --n-predict 32 --temp 0 --ignore-eos
+	$(BIN)/edgemoe run $(DEMO_DIR) --prompt "Once upon a time" --n-predict 32 --temp 0 --ignore-eos --workers 4 --json
 
 clean:
 	rm -rf build

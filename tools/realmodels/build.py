@@ -48,6 +48,9 @@ class BuildConfig:
     n_threads: int = 2
 
 
+SHADOW_TYPE = "q4_0"
+
+
 def smollm2_path() -> Path:
     from tools.testmodels import smollm2_path as find
 
@@ -172,7 +175,9 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
             e.pop("dir", None)
     for name in names:
         t = time.perf_counter()
-        write_model(plan_conversion(out_dir / f"{name}.gguf"), out_dir / name, force=True, progress=False)
+        # with a 4-bit shadow of the experts for the SEP predictor (rows of 576: no K-quants)
+        plan = plan_conversion(out_dir / f"{name}.gguf", shadow_type=SHADOW_TYPE)
+        write_model(plan, out_dir / name, force=True, progress=False)
         meta["models"][name]["dir"] = name
         meta.setdefault("build_seconds", {})[f"convert {name}"] = round(time.perf_counter() - t, 1)
         if log is not None:
