@@ -39,7 +39,7 @@ test-all: setup fixtures
 demo: real-models
 	$(BIN)/edgemoe convert --verify --quiet build/models/demo-moe
 	printf 'What is the capital of France?\n/stats\n' | $(BIN)/edgemoe chat build/models/demo-moe \
-		--workers 4 --memory-budget 192MiB --predictor lookahead --temp 0 --n-predict 48 -t 1
+		--workers 4 --memory-budget 192MiB --predictor shadow --temp 0 --n-predict 48 -t 1
 
 # the same on a random-weight test model, in seconds
 demo-fixture: setup fixtures

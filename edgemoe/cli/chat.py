@@ -78,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
                       f"{engine.n_past}/{engine.n_ctx} context tokens used", file=sys.stderr)
                 extra = cluster_stats(engine)
                 if extra:
+                    peaks = ", ".join(f"{w['name']} {(w.get('peak_rss_outside') or w['peak_rss']) >> 20} MiB"
+                                      for w in sorted(extra["workers"], key=lambda w: w["name"]))
                     print(f"cluster: recall {extra['recall']:.3f}, {extra['bytes_sent'] >> 10} KiB sent, "
-                          f"{extra['bytes_received'] >> 10} KiB received", file=sys.stderr)
+                          f"{extra['bytes_received'] >> 10} KiB received, peak RSS {peaks} "
+                          f"(budget {extra['workers'][0]['budget'] >> 20} MiB each)", file=sys.stderr)
                 continue
             if line.startswith("/"):
                 print(f"unknown command {line.split()[0]}\n{COMMANDS}", file=sys.stderr)
