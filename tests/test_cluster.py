@@ -196,3 +196,38 @@ def test_run_cli_with_local_workers_reports_cluster_stats(converted_models: dict
     assert c["bytes_sent"] > 0 and c["bytes_received"] > 0 and 0.0 <= c["recall"] <= 1.0
     for key in ("trunk", "network", "expert_load", "expert_compute", "stall"):
         assert key in c["breakdown_s"]
+
+
+def test_run_serves_workers_started_elsewhere(converted_models: dict[str, Path]) -> None:
+    """`edgemoe run --bind ... --wait-workers 2` with two `edgemoe worker --connect ...` processes."""
+    import socket
+
+    model = converted_models["llama-moe-q4_k_m"]
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    coordinator = subprocess.Popen([sys.executable, "-m", "edgemoe", "run", str(model), "-p", "Hello world", "-n", "8",
+                                    "--temp", "0", "--ignore-eos", "--json", "-t", "1", "--bind", endpoint,
+                                    "--wait-workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen([sys.executable, "-m", "edgemoe", "worker", "--connect", endpoint, "--model", str(model),
+                                 "--name", f"remote-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for i in range(2)]
+    try:
+        out, err = coordinator.communicate(timeout=180)
+        assert coordinator.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert sorted(w["name"] for w in result["stats"]["cluster"]["workers"]) == ["remote-0", "remote-1"]
+        ref = subprocess.run([sys.executable, "-m", "edgemoe", "run", str(model), "-p", "Hello world", "-n", "8",
+                              "--temp", "0", "--ignore-eos", "--json", "-t", "1"], capture_output=True, text=True, timeout=300)
+        assert result["tokens"] == json.loads(ref.stdout.strip().splitlines()[-1])["tokens"]
+    finally:
+        for p in [coordinator, *workers]:
+            if p.poll() is None:
+                p.terminate()
+        for p in [coordinator, *workers]:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)

@@ -240,3 +240,37 @@ def test_full_build_is_deterministic_and_matches_models_json(full: Path, tmp_pat
 def test_engine_greedy_equals_llama_cpp_on_real_models(full: Path, name: str) -> None:
     """Engine(build/models/<name>) in-process: same routing, tokens and logits as llama.cpp."""
     compare_with_llama_cpp(full / f"{name}.gguf", full / name, n_predict=24)
+
+
+def _cluster_greedy(model: Path, n_predict: int) -> tuple[list[int], list[int]]:
+    """Greedy tokens of the model served by a local cluster of 4 workers (loopback ZeroMQ)."""
+    from edgemoe.cluster.session import ClusterOptions, open_engine
+    from edgemoe.model.generate import greedy_tokens
+    from edgemoe.model.tokenizer import Tokenizer
+
+    with Tokenizer(model / "trunk.gguf") as tok:
+        prompt = tok.tokenize("The capital of France is", add_special=True)
+    with open_engine(model, ClusterOptions(workers=4, predictor="lookahead"), n_ctx=256, n_threads=1) as engine:
+        tokens, _ = greedy_tokens(engine, prompt, n_predict)
+    return prompt, tokens
+
+
+def _llama_cpp_greedy(source: Path, prompt: list[int], n_predict: int) -> list[int]:
+    from edgemoe.oracle import LlamaCppReference
+
+    with LlamaCppReference(source, n_ctx=256, n_threads=1) as ref:
+        return ref.greedy(prompt, n_predict).tokens
+
+
+def test_cluster_of_four_workers_produces_llama_cpp_tokens_on_small_real_models(small: Path) -> None:
+    for name in MODEL_NAMES:
+        prompt, tokens = _cluster_greedy(small / name, 8)
+        assert tokens == _llama_cpp_greedy(small / f"{name}.gguf", prompt, 8), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_cluster_of_four_workers_produces_llama_cpp_tokens_on_real_models(full: Path, name: str) -> None:
+    prompt, tokens = _cluster_greedy(full / name, 16)
+    assert tokens == _llama_cpp_greedy(full / f"{name}.gguf", prompt, 16), name
