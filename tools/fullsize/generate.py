@@ -38,7 +38,7 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from tools.testmodels.archs import ArchSpec
-from tools.testmodels.generate import _atomic, _scale, model_seed, n_vocab, tokenizer_kvs
+from tools.testmodels.generate import _atomic, _scale, add_model_metadata, model_seed, n_vocab
 
 # ---------------------------------------------------------------------------------------------
 # the models
@@ -249,28 +249,7 @@ def add_metadata(w, spec: ArchSpec, vocab: int) -> None:
     w.add_description(desc)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_vocab_size(vocab)
-    w.add_context_length(spec.n_ctx_train)
-    w.add_embedding_length(spec.n_embd)
-    w.add_block_count(spec.n_layer)
-    for suffix, value, kind in spec.extra_keys:
-        key = f"{arch}.{suffix}"
-        if kind == "u32":
-            w.add_uint32(key, int(value))
-        else:
-            w.add_float32(key, float(value))
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    if spec.key_value_length:
-        w.add_key_length(spec.head_dim)
-        w.add_value_length(spec.head_dim)
-    w.add_rope_dimension_count(spec.head_dim)
-    w.add_rope_freq_base(spec.rope_freq_base)
-    w.add_layer_norm_rms_eps(spec.rms_eps)
-    w.add_expert_count(spec.n_expert)
-    w.add_expert_used_count(spec.n_expert_used)
-    for key, val, vtype, sub in tokenizer_kvs():
-        w.add_key_value(key, val, vtype, sub_type=sub)
+    add_model_metadata(w, spec, vocab)
 
 
 def _human(n: int) -> str:

@@ -170,6 +170,33 @@ def _atomic(out_path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def add_model_metadata(w: gguf.GGUFWriter, spec: ArchSpec, vocab: int) -> None:
+    """Hyper-parameters llama.cpp reads for spec's architecture, then SmolLM2's tokenizer keys."""
+    arch = spec.arch
+    w.add_vocab_size(vocab)
+    w.add_context_length(spec.n_ctx_train)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layer)
+    for suffix, value, kind in spec.extra_keys:
+        key = f"{arch}.{suffix}"
+        if kind == "u32":
+            w.add_uint32(key, int(value))
+        else:
+            w.add_float32(key, float(value))
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    if spec.key_value_length:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_freq_base(spec.rope_freq_base)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_expert_count(spec.n_expert)
+    w.add_expert_used_count(spec.n_expert_used)
+    for key, val, vtype, sub in tokenizer_kvs():
+        w.add_key_value(key, val, vtype, sub_type=sub)
+
+
 def write_f32(spec: ArchSpec, out_path: Path) -> Path:
     import gguf
 
@@ -182,28 +209,7 @@ def write_f32(spec: ArchSpec, out_path: Path) -> Path:
         w.add_description("edgemoe deterministic random-weight test model (tools/testmodels)")
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_vocab_size(vocab)
-        w.add_context_length(spec.n_ctx_train)
-        w.add_embedding_length(spec.n_embd)
-        w.add_block_count(spec.n_layer)
-        for suffix, value, kind in spec.extra_keys:
-            key = f"{arch}.{suffix}"
-            if kind == "u32":
-                w.add_uint32(key, int(value))
-            else:
-                w.add_float32(key, float(value))
-        w.add_head_count(spec.n_head)
-        w.add_head_count_kv(spec.n_head_kv)
-        if spec.key_value_length:
-            w.add_key_length(spec.head_dim)
-            w.add_value_length(spec.head_dim)
-        w.add_rope_dimension_count(spec.head_dim)
-        w.add_rope_freq_base(spec.rope_freq_base)
-        w.add_layer_norm_rms_eps(spec.rms_eps)
-        w.add_expert_count(spec.n_expert)
-        w.add_expert_used_count(spec.n_expert_used)
-        for key, val, vtype, sub in tokenizer_kvs():
-            w.add_key_value(key, val, vtype, sub_type=sub)
+        add_model_metadata(w, spec, vocab)
         for tname, a in tensors(spec, vocab):
             w.add_tensor(tname, a)
         w.write_header_to_file()
