@@ -37,7 +37,7 @@ test-all: setup fixtures
 
 # demo-moe (726 MB) on a local cluster of 4 workers, each allowed 192 MiB
 demo: real-models
-	$(BIN)/edgemoe convert --verify --quiet build/models/demo-moe
+	$(BIN)/edgemoe convert --quiet --verify build/models/demo-moe
 	printf 'What is the capital of France?\n/stats\n' | $(BIN)/edgemoe chat build/models/demo-moe \
 		--workers 4 --memory-budget 192MiB --predictor shadow --temp 0 --n-predict 48 -t 1
 
