@@ -33,7 +33,7 @@ from tools.realmodels import corpus
 from tools.realmodels.llama import LlamaRunner
 from tools.realmodels.source import DenseModel
 from tools.realmodels.upcycle import write_dense_requantized
-from tools.realmodels.write import sha256_file
+from edgemoe.format.manifest import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "build" / "models"

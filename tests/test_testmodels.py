@@ -14,7 +14,7 @@ import pytest
 from edgemoe.errors import UserError
 from tools.testmodels import ARCHS, MODELS, build_model, fingerprint, is_fresh, smollm2_path
 from tools.testmodels.__main__ import main as cli_main
-from tools.testmodels.generate import sha256_file
+from edgemoe.format.manifest import sha256_file
 
 QUANTIZED = {
     gguf.GGMLQuantizationType.Q4_K,

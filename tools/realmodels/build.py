@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import UserError
+from edgemoe.format.manifest import sha256_file
 
 from . import corpus, moefy, sparse, upcycle
 from .calibrate import ffn_inputs
 from .source import DenseModel, write_truncated
-from .write import atomic_path, sha256_file
+from .write import atomic_path
 
 MODEL_NAMES: tuple[str, ...] = ("demo-moe", "sparse-moe")
 MODELS_JSON = "models.json"

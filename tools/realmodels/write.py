@@ -9,7 +9,6 @@ Same inputs give the same bytes: gguf-py's writer adds nothing variable (no time
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quant_shape_to_byte_shape
 
 from .source import MetaKV
+from edgemoe.format.manifest import sha256_file
 
 Q = GGMLQuantizationType
 
@@ -38,14 +38,6 @@ def atomic_path(out_path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -137,7 +129,7 @@ class GGUFOut:
         return self.path
 
 
-__all__ = ["GGUFOut", "atomic_path", "sha256_file"]
+__all__ = ["GGUFOut", "atomic_path"]
 
 
 # (name, type, numpy-order shape, data or data function) of one tensor

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgemoe.errors import UserError
+from edgemoe.format.manifest import sha256_file
 
 from .archs import ARCHS, FTYPES, ArchSpec
 
@@ -296,14 +297,6 @@ def build_model(arch_name: str, ftype: str, out_path: Path | str) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             src.unlink()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _select(only: list[str] | None) -> list[tuple[str, str, str, str]]:
