@@ -20,20 +20,14 @@ import zmq
 
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.model.engine import Engine
+from edgemoe.model.generate import greedy_tokens
 
 PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
 N_PREDICT = 12
 
 
 def greedy(engine: Engine, n_predict: int = N_PREDICT) -> tuple[list[int], np.ndarray]:
-    engine.reset()
-    logits = engine.eval(PROMPT)[0]
-    rows, tokens = [logits], [int(np.argmax(logits))]
-    for _ in range(n_predict - 1):
-        logits = engine.eval([tokens[-1]])[0]
-        rows.append(logits)
-        tokens.append(int(np.argmax(logits)))
-    return tokens, np.array(rows)
+    return greedy_tokens(engine, PROMPT, n_predict)
 
 
 _reference_cache: dict[str, tuple[list[int], np.ndarray]] = {}

@@ -24,6 +24,7 @@ from edgemoe.errors import UserError
 from edgemoe.format.gguf_io import metadata, open_gguf
 from edgemoe.format.manifest import load_manifest, verify_model_dir
 from edgemoe.model.engine import Engine
+from edgemoe.model.generate import greedy_tokens
 from edgemoe.predict import PREDICTORS, PredictorOptions, make_predictor
 from tests.synthetic import write_moe
 from tools.convert import plan_conversion, write_model
@@ -52,14 +53,7 @@ def models(fixture_models: list[Path], tmp_path_factory: pytest.TempPathFactory)
 
 
 def greedy(engine: Engine, n_predict: int = N_PREDICT) -> tuple[list[int], np.ndarray]:
-    engine.reset()
-    logits = engine.eval(PROMPT)[0]
-    rows, tokens = [logits], [int(np.argmax(logits))]
-    for _ in range(n_predict - 1):
-        logits = engine.eval([tokens[-1]])[0]
-        rows.append(logits)
-        tokens.append(int(np.argmax(logits)))
-    return tokens, np.array(rows)
+    return greedy_tokens(engine, PROMPT, n_predict)
 
 
 # shadow files ------------------------------------------------------------------------------------

