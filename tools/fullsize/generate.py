@@ -38,7 +38,8 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from tools.testmodels.archs import ArchSpec
-from tools.testmodels.generate import _atomic, _scale, add_model_metadata, model_seed, n_vocab
+from edgemoe.util.files import atomic_path
+from tools.testmodels.generate import _scale, add_model_metadata, model_seed, n_vocab
 
 # ---------------------------------------------------------------------------------------------
 # the models
@@ -279,7 +280,7 @@ def build_model(
 
     bar = None
     try:
-        with _atomic(out_path) as tmp:
+        with atomic_path(out_path) as tmp:
             w = gguf.GGUFWriter(tmp, spec.arch)
             add_metadata(w, spec, vocab)
             for t in tensors:

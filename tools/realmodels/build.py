@@ -25,11 +25,11 @@ from typing import Any
 
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import sha256_file
+from edgemoe.util.files import atomic_path
 
 from . import corpus, moefy, sparse, upcycle
 from .calibrate import ffn_inputs
 from .source import DenseModel, write_truncated
-from .write import atomic_path
 
 MODEL_NAMES: tuple[str, ...] = ("demo-moe", "sparse-moe")
 MODELS_JSON = "models.json"

@@ -8,12 +8,11 @@ Same inputs give the same bytes: gguf-py's writer adds nothing variable (no time
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -21,23 +20,9 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quant_shape_to_byte_shape
 
 from .source import MetaKV
-from edgemoe.format.manifest import sha256_file
+from edgemoe.util.files import atomic_path
 
 Q = GGMLQuantizationType
-
-
-@contextlib.contextmanager
-def atomic_path(out_path: Path) -> Iterator[Path]:
-    """Yield a temp path next to out_path; it replaces out_path only if the block succeeds."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 @dataclass
@@ -129,7 +114,7 @@ class GGUFOut:
         return self.path
 
 
-__all__ = ["GGUFOut", "atomic_path"]
+__all__ = ["GGUFOut"]
 
 
 # (name, type, numpy-order shape, data or data function) of one tensor

@@ -29,6 +29,7 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import sha256_file
+from edgemoe.util.files import atomic_path
 
 from .archs import ARCHS, FTYPES, ArchSpec
 
@@ -158,19 +159,6 @@ def tensors(spec: ArchSpec, vocab: int) -> Iterator[tuple[str, np.ndarray]]:
 # writing
 
 
-@contextlib.contextmanager
-def _atomic(out_path: Path) -> Iterator[Path]:
-    """Yield a temp path next to out_path; it replaces out_path only if the block succeeds."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def add_model_metadata(w: gguf.GGUFWriter, spec: ArchSpec, vocab: int) -> None:
     """Hyper-parameters llama.cpp reads for spec's architecture, then SmolLM2's tokenizer keys."""
     arch = spec.arch
@@ -203,7 +191,7 @@ def write_f32(spec: ArchSpec, out_path: Path) -> Path:
 
     vocab = n_vocab()
     arch = spec.arch
-    with _atomic(Path(out_path)) as tmp:
+    with atomic_path(Path(out_path)) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_type("model")
         w.add_name(spec.name)
@@ -257,7 +245,7 @@ def quantize(src: Path, out_path: Path, llama_ftype: int, nthread: int = 2) -> P
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype
     params.nthread = nthread
-    with _atomic(Path(out_path)) as tmp, _quiet_llama():
+    with atomic_path(Path(out_path)) as tmp, _quiet_llama():
         rc = llama_cpp.llama_model_quantize(
             os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)
         )
@@ -416,6 +404,6 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, log=None) -> l
         "tokenizer": SMOLLM2_FILE,
         "files": sorted(entries.values(), key=lambda e: order.get(e["file"], len(order))),
     }
-    with _atomic(out_dir / FIXTURES_JSON) as tmp:
+    with atomic_path(out_dir / FIXTURES_JSON) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return written
