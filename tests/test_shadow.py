@@ -89,7 +89,8 @@ def test_shadow_files_are_listed_and_verified(models: dict[str, Path]) -> None:
 
 
 # the largest relative error each type may add to Gaussian weights
-_TOLERANCE = {"f16": 1e-3, "q8_0": 0.01, "q6_k": 0.03, "q5_k": 0.05, "q4_k": 0.1, "q4_0": 0.12, "q3_k": 0.2, "q2_k": 0.4}
+_TOLERANCE = {"f16": 1e-3, "q8_0": 0.01, "q6_k": 0.03, "q5_k": 0.05, "q5_0": 0.06, "q4_k": 0.1, "iq4_nl": 0.11,
+              "q4_0": 0.12, "q3_k": 0.2, "q2_k": 0.4}
 
 
 @pytest.mark.parametrize("shadow_type", list(_TOLERANCE))
@@ -115,7 +116,7 @@ def test_impossible_shadow_types_are_user_errors(tmp_path: Path) -> None:
     before = sorted(os.listdir(tmp_path))
     cases = [
         (["--shadow-type", "q4_k"], ["blk.0.ffn_gate_exps.weight", "q4_k", "256", "q8_0"]),
-        (["--shadow-type", "q2_k"], ["multiple of 256", "types that work for this model: f16, q8_0, q4_0"]),
+        (["--shadow-type", "q2_k"], ["multiple of 256", "types that work for this model: f16, q8_0, q5_0, iq4_nl, q4_0"]),
         (["--shadow-type", "q5_1"], ["unknown type", "q4_k"]),
         (["--shadow-trunk-type", "q8_0"], ["needs --shadow-type"]),
     ]

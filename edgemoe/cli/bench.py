@@ -138,6 +138,11 @@ def run_cluster(args: argparse.Namespace) -> int:
     print(f"stalled on expert loads: {100 * s['stall_share']:.1f}% of decode time; recall {s['recall']:.3f}")
     print(f"peak RSS: workers {', '.join(mib(x) for x in r.worker_peak_rss)}; coordinator {mib(r.coordinator_peak_rss)}; "
           f"llama.cpp process {mib(r.llama_cpp_rss)}; model file {mib(r.model_bytes)}")
+    print(f"storage: a token routes to {r.expert_bytes_per_token / 1e6:.0f} MB of experts, the workers read "
+          f"{s['storage_bytes_per_token'] / 1e6:.0f} MB per token from storage; shards map at "
+          f"{r.shard_read_cold_bytes_per_s / 1e9:.2f} GB/s cold, {r.shard_read_warm_bytes_per_s / 1e9:.2f} GB/s from the "
+          f"page cache ({r.shard_read_streams} loaders): at that rate storage alone allows "
+          f"{s['storage_bound_tok_s']:.1f} tok/s ({s['storage_bound_ratio']:.2f}x llama.cpp)")
     print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
     return 0
 

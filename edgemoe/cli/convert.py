@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", metavar="DIR", help="re-check size and sha256 of every file in DIR against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no file listing")
     p.add_argument("--shadow-type", metavar="TYPE", help="also write every routed expert requantized to TYPE "
-                   "(f16, q8_0, q6_k, q5_k, q4_k, q4_0, q3_k, q2_k) as OUT_DIR/shadow-TYPE.gguf, for the shadow predictor")
+                   "(f16, q8_0, q6_k, q5_k, q5_0, q4_k, iq4_nl, q4_0, q3_k, q2_k) as OUT_DIR/shadow-TYPE.gguf, for the shadow predictor")
     p.add_argument("--shadow-trunk-type", metavar="TYPE", help="with --shadow-type: also a trunk requantized to TYPE "
                    "(OUT_DIR/shadow-trunk-TYPE.gguf), so the shadow is a whole quantized model")
     p.set_defaults(handler=run)

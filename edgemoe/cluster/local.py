@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgemoe.util.proc import peak_rss_bytes
+from edgemoe.util.proc import peak_rss_bytes, storage_read_bytes
 
 
 class LocalWorkers:
@@ -48,6 +48,17 @@ class LocalWorkers:
     def peak_rss(self) -> dict[int, int]:
         self.sample_rss()
         return dict(self._peak)
+
+    def storage_read_bytes(self) -> int:
+        """Bytes the running workers have fetched from storage so far, together."""
+        total = 0
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    total += storage_read_bytes(p.pid)
+                except OSError:
+                    pass
+        return total
 
     def failed(self) -> list[str]:
         """Workers that exited, with the last line of their log."""

@@ -46,6 +46,7 @@ from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_ha
 from edgemoe.ggml import Compute, GGMLType
 from edgemoe.ggml.context import aligned_empty
 from edgemoe.model.expert_ffn import ExpertFFN, MappedShard, ShardLayout, ShardTensor
+from edgemoe.util.files import drop_page_cache
 from edgemoe.util.proc import peak_rss_bytes, rss_bytes
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -550,7 +551,7 @@ class Worker:
             digest = hashlib.sha256((ctypes.c_char * layout.size).from_address(shard.address)).hexdigest()
             if digest != entry.sha256:
                 shard.close()
-                _drop_page_cache(layout.path)
+                drop_page_cache(layout.path)
                 raise UserError(f"{self.model_dir}: {expert_file_name(*key)} does not match the manifest "
                                 f"(sha256 {digest[:16]}..., expected {entry.sha256[:16]}...)")
             self._layouts[key] = layout
@@ -568,7 +569,7 @@ class Worker:
 
     def _drop(self, key: Key, shard: MappedShard, why: str) -> None:
         shard.close()
-        _drop_page_cache(shard.layout.path)
+        drop_page_cache(shard.layout.path)
         self.log.info("drop %s (%s)", _label(key), why)
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -585,7 +586,7 @@ class Worker:
             self._shards.clear()
         for k, s in shards:
             s.close()
-            _drop_page_cache(s.layout.path)
+            drop_page_cache(s.layout.path)
         self.dealer.disable_monitor()
         self.monitor.close(linger=0)
         self.sub.close(linger=0)
@@ -595,20 +596,6 @@ class Worker:
         os.close(self._wake_w)
         self.compute.close()
         self.log.info("shutdown complete: peak RSS %s of budget %s", format_size(peak_rss_bytes()), format_size(self.budget))
-
-
-def _drop_page_cache(path: str | os.PathLike[str]) -> None:
-    """Ask the kernel to forget a file's cached pages (under systemd's MemoryMax they count)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tame_malloc() -> None:

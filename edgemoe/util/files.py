@@ -1,4 +1,5 @@
-"""Writing files so that an interrupted writer never leaves a half-written one behind."""
+"""Files: writing so that an interrupted writer never leaves a half-written one behind, and
+letting go of a file's cached pages."""
 
 from __future__ import annotations
 
@@ -20,3 +21,18 @@ def atomic_path(out_path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def drop_page_cache(path: str | os.PathLike[str]) -> None:
+    """Ask the kernel to forget a file's cached pages (under systemd's MemoryMax they count);
+    silently nothing where the file is gone or the file system ignores the advice."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

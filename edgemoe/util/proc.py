@@ -1,4 +1,4 @@
-"""Process memory statistics read from /proc/<pid>/status (Linux only)."""
+"""Process statistics read from /proc/<pid>/status and /proc/<pid>/io (Linux only)."""
 
 from __future__ import annotations
 
@@ -23,4 +23,15 @@ def peak_rss_bytes(pid: int | None = None) -> int:
     return _status_kib("VmHWM", pid) * 1024
 
 
-__all__ = ["peak_rss_bytes", "rss_bytes"]
+def storage_read_bytes(pid: int | None = None) -> int:
+    """Bytes a process caused to be fetched from storage (read_bytes of /proc/<pid>/io): page-cache
+    hits are not counted, page faults that went to the disk are."""
+    path = f"/proc/{pid if pid is not None else 'self'}/io"
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{path} has no read_bytes line")
+
+
+__all__ = ["peak_rss_bytes", "rss_bytes", "storage_read_bytes"]

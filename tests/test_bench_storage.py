@@ -1,0 +1,61 @@
+"""The storage ceiling of a dropping cluster: shard read rates, expert bytes per token, and what
+`edgemoe bench cluster` reports about them on a real local cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from edgemoe.bench.storage import expert_bytes_per_token, shard_read_rate
+from edgemoe.format.manifest import load_manifest
+from edgemoe.util.proc import storage_read_bytes
+
+MODEL = "olmoe-q8_0"
+
+
+def test_expert_bytes_per_token_is_k_shards_per_moe_layer(converted_models: dict[str, Path]) -> None:
+    model = converted_models[MODEL]
+    m = load_manifest(model)
+    shard_sizes = {f.stat().st_size for f in (model / "experts").iterdir()}
+    assert len(shard_sizes) == 1  # every expert of a test model has the same shape and type
+    assert expert_bytes_per_token(m) == m.n_experts_used * len(m.moe_layers) * shard_sizes.pop()
+
+
+def test_shard_read_rate_maps_the_shards_it_names(converted_models: dict[str, Path]) -> None:
+    model = converted_models[MODEL]
+    files = sorted((model / "experts").iterdir())
+    every = shard_read_rate(model, streams=3)
+    assert every.files == len(files) and every.bytes == sum(f.stat().st_size for f in files)
+    assert every.streams == 3 and every.seconds > 0 and every.bytes_per_s > 0
+    some = shard_read_rate(model, n_files=5, streams=2, cold=False)
+    assert some.files == 5 and some.streams == 2 and some.bytes == 5 * files[0].stat().st_size
+
+
+def test_storage_read_bytes_reads_proc_io() -> None:
+    assert storage_read_bytes() >= 0
+    assert storage_read_bytes() <= storage_read_bytes()  # a counter: never goes back
+
+
+def test_bench_cluster_reports_the_storage_ceiling(converted_models: dict[str, Path], fixtures_dir: Path) -> None:
+    model = converted_models[MODEL]
+    r = subprocess.run([sys.executable, "-m", "edgemoe", "bench", "cluster", str(model), "--reference",
+                        str(fixtures_dir / f"{MODEL}.gguf"), "--workers", "2", "--predictor", "lookahead",
+                        "--n-predict", "6", "--repeat", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    s = out["summary"]
+    assert out["tokens_match"] is True
+    assert out["expert_bytes_per_token"] == expert_bytes_per_token(load_manifest(model))
+    assert out["shard_read_cold_bytes_per_s"] > 0 and out["shard_read_warm_bytes_per_s"] > 0
+    assert out["shard_read_streams"] == 2 and len(out["storage_bytes_per_token"]) == 1
+    per_token = out["storage_bytes_per_token"][0]
+    assert per_token >= 0
+    if per_token:
+        assert s["storage_bound_tok_s"] == out["shard_read_cold_bytes_per_s"] / per_token
+    text = subprocess.run([sys.executable, "-m", "edgemoe", "bench", "cluster", str(model), "--reference",
+                           str(fixtures_dir / f"{MODEL}.gguf"), "--workers", "2", "--n-predict", "3", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0, text.stderr
+    assert "MB of experts, the workers read" in text.stdout and "storage alone allows" in text.stdout
