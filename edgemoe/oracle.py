@@ -12,6 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import llama_cpp
 import numpy as np
@@ -57,20 +58,39 @@ class Trace:
         return self.n_decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-class LlamaCppReference(Owned):
-    """A llama.cpp model + context on CPU, evaluated batch by batch through llama_decode."""
+def copy_2d(t: GgmlTensor) -> np.ndarray:
+    """A copy of a (possibly strided) 2-D F32 or I32 ggml tensor as numpy [ne1, ne0]."""
+    if int(t.ne[2]) != 1 or int(t.ne[3]) != 1:
+        raise RuntimeError(f"tensor {t.name!r} is not 2-D")
+    return copy_3d(t)[0]
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike[str],
-        *,
-        n_ctx: int = 512,
-        n_threads: int = 2,
-        kv_f32: bool = True,
-        flash_attn: bool = True,
-        extra_bufts: bool = False,
-        capture_routing: bool = False,
-    ) -> None:
+
+def copy_3d(t: GgmlTensor) -> np.ndarray:
+    """A copy of a (possibly strided) 3-D F32 or I32 ggml tensor as numpy [ne2, ne1, ne0]."""
+    dtype = {GGML_TYPE_F32: np.float32, GGML_TYPE_I32: np.int32}.get(t.type)
+    if dtype is None or not t.data:
+        raise RuntimeError(f"tensor {t.name!r} has type {t.type} or no data")
+    ne = [int(x) for x in t.ne[:3]]
+    nb = [int(x) for x in t.nb[:3]]
+    if int(t.ne[3]) != 1:
+        raise RuntimeError(f"tensor {t.name!r} has more than 3 dimensions")
+    span = sum((n - 1) * b for n, b in zip(ne, nb)) + np.dtype(dtype).itemsize if min(ne) > 0 else 0
+    raw = (ctypes.c_char * span).from_address(t.data)
+    return np.ndarray((ne[2], ne[1], ne[0]), dtype=dtype, buffer=raw, strides=(nb[2], nb[1], nb[0])).copy()
+
+
+class LlamaCpp(Owned):
+    """A llama.cpp model + context on CPU, set up to run the ggml kernels edgemoe calls itself:
+    no weight repacking (unless extra_bufts), F32 KV cache, flash attention, one ubatch per batch.
+
+    cb_eval(tensor, ask) -> bool, when given, is llama.cpp's graph callback (ggml_backend_sched_eval_callback):
+    asked for every node (ask=True: does the caller want this one?), then called with each wanted node
+    computed; returning False aborts the rest of the graph.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2, kv_f32: bool = True,
+                 flash_attn: bool = True, extra_bufts: bool = False,
+                 cb_eval: "Callable[[GgmlTensor, bool], bool] | None" = None) -> None:
         init_llama()
         self._model: int | None = None
         self._ctx: int | None = None
@@ -91,8 +111,6 @@ class LlamaCppReference(Owned):
         self.n_expert_used: int = int(meta_str(self._model, f"{self.arch}.expert_used_count") or 0)
         self.n_ctx = n_ctx
 
-        self._capture = capture_routing
-        self._seen: dict[int, np.ndarray] = {}  # layer -> [n_rows, k] of the current decode
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = n_ctx
@@ -111,9 +129,12 @@ class LlamaCppReference(Owned):
         cp.no_perf = False
         cp.offload_kqv = False
         cp.op_offload = False
-        if capture_routing:
+        if cb_eval is not None:
+            def raw_cb(t_ptr: int, ask: bool, user_data: int) -> bool:
+                return cb_eval(GgmlTensor.from_address(t_ptr), ask)
+
             # Kept on self: llama.cpp holds only the raw function pointer.
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_cb)
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(raw_cb)
             cp.cb_eval = self._cb
             cp.cb_eval_user_data = None
         ctx = llama_cpp.llama_init_from_model(self._model, cp)
@@ -123,10 +144,6 @@ class LlamaCppReference(Owned):
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        self.n_past = 0
-        self.routing: list[np.ndarray] = []  # one entry per eval() when capture_routing
-
-    # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Free the batch, context and model (idempotent)."""
@@ -140,26 +157,65 @@ class LlamaCppReference(Owned):
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """llama_tokenize with this model's vocabulary."""
+        return tokenize(self._vocab, text, add_special, parse_special)
+
+    def clear(self) -> None:
+        """Empty the KV cache."""
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    def decode(self, tokens: list[int], pos0: int, logits_all: bool) -> None:
+        """One llama_decode of tokens at positions pos0.. (logits for every row, or the last only)."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("decode needs at least one token")
+        if pos0 + n > self.n_ctx:
+            raise ValueError(f"context full: {pos0} + {n} tokens > n_ctx={self.n_ctx}")
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise ValueError(f"token id out of range [0, {self.n_vocab})")
+        b = self._batch
+        assert b is not None and self._ctx
+        b.n_tokens = n
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = logits_all or i == n - 1
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def all_logits(self, n: int) -> np.ndarray:
+        """float32 [n, n_vocab] logits of the last decode (which asked for every row)."""
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).astype(np.float32, copy=True)
+
+
+class LlamaCppReference(LlamaCpp):
+    """The reference: greedy traces, logits and (capture_routing) each layer's top-k experts."""
+
+    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2, kv_f32: bool = True,
+                 flash_attn: bool = True, extra_bufts: bool = False, capture_routing: bool = False) -> None:
+        self._capture = capture_routing
+        self._seen: dict[int, np.ndarray] = {}  # layer -> [n_rows, k] of the current decode
+        super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_f32=kv_f32, flash_attn=flash_attn,
+                         extra_bufts=extra_bufts, cb_eval=self._eval_cb if capture_routing else None)
+        self.n_past = 0
+        self.routing: list[np.ndarray] = []  # one entry per eval() when capture_routing
 
     # -- routing capture -------------------------------------------------------------------------
 
-    def _eval_cb(self, t_ptr: int, ask: bool, user_data: int) -> bool:
-        """ggml_backend_sched_eval_callback: ask for and copy every `ffn_moe_topk-<il>` tensor."""
-        t = GgmlTensor.from_address(t_ptr)
+    def _eval_cb(self, t: GgmlTensor, ask: bool) -> bool:
+        """Ask for and copy every `ffn_moe_topk-<il>` tensor."""
         m = _TOPK_NAME.match(t.name)
         if ask:
             return m is not None
-        if m is None:
-            return True
-        if t.type != GGML_TYPE_I32 or not t.data:
+        if m is None or t.type != GGML_TYPE_I32 or not t.data:
             return True
         # A strided view of the argsort result: ne = [k, n_rows], nb[1] = n_expert * 4.
-        ne0, ne1 = int(t.ne[0]), int(t.ne[1])
-        nb0, nb1 = int(t.nb[0]), int(t.nb[1])
-        span = (ne1 - 1) * nb1 + ne0 * nb0 if ne1 > 0 else 0
-        raw = (ctypes.c_char * span).from_address(t.data)
-        arr = np.ndarray((ne1, ne0), dtype=np.int32, buffer=raw, strides=(nb1, nb0)).copy()
-        self._seen[int(m.group(1))] = arr
+        self._seen[int(m.group(1))] = copy_2d(t)
         return True  # keep computing
 
     def _collect_routing(self, n_tokens: int, out_rows: list[int]) -> np.ndarray:
@@ -178,43 +234,22 @@ class LlamaCppReference(Owned):
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        """llama_tokenize with this model's vocabulary."""
-        return tokenize(self._vocab, text, add_special, parse_special)
-
     def is_eog(self, tok: int) -> bool:
         """Whether tok ends generation for this model's vocabulary."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, tok))
 
     def reset(self) -> None:
         """Clear the KV cache; the next eval starts at position 0."""
-        llama_cpp.llama_memory_clear(self._mem, True)
+        self.clear()
         self.n_past = 0
 
     def _decode(self, tokens: list[int]) -> float:
         """Decode tokens at the next positions, logits for the last only; returns seconds spent."""
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("eval() needs at least one token")
-        if self.n_past + n > self.n_ctx:
-            raise ValueError(f"context full: {self.n_past} + {n} tokens > n_ctx={self.n_ctx}")
-        if any(not 0 <= t < self.n_vocab for t in tokens):
-            raise ValueError(f"token id out of range [0, {self.n_vocab})")
-        b = self._batch
-        assert b is not None and self._ctx
-        b.n_tokens = n
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = self.n_past + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = i == n - 1
         self._seen = {}
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self._ctx, b)
+        self.decode(tokens, self.n_past, logits_all=False)
         dt = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
+        n = len(tokens)
         self.n_past += n
         if self._capture:
             self.routing.append(self._collect_routing(n, [n - 1]))
@@ -260,4 +295,4 @@ class LlamaCppReference(Owned):
         return proc.rss_bytes()
 
 
-__all__ = ["GgmlTensor", "LlamaCppReference", "Trace"]
+__all__ = ["GgmlTensor", "LlamaCpp", "LlamaCppReference", "Trace", "copy_2d", "copy_3d"]

@@ -5,26 +5,23 @@ not drop rows before the last layer's FFN). ``capture`` names graph tensors to c
 ``cb_eval`` (llama.cpp's per-layer names: ``ffn_norm-<il>``, ``ffn_moe_logits-<il>``,
 ``ffn_moe_topk-<il>``, ...), with the ``GgmlTensor`` struct of :mod:`edgemoe.oracle`.
 
-The context is set up like the oracle's (F32 KV cache, flash attention, no weight repacking), so
-the numbers are those of the kernels edgemoe itself calls.
+The context is the oracle's (`edgemoe.oracle.LlamaCpp`: F32 KV cache, flash attention, no weight
+repacking), so the numbers are those of the kernels edgemoe itself calls.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 
-import llama_cpp
 import numpy as np
 
-from edgemoe.oracle import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor
-from edgemoe.util.llamacpp import init_llama, load_model
+from edgemoe.oracle import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d
 
 _NAME = re.compile(rb"^([a-z_]+)-(\d+)$")
 
 
-class LlamaRunner:
+class LlamaRunner(LlamaCpp):
     """A llama.cpp model + context on CPU that evaluates independent chunks of tokens."""
 
     def __init__(
@@ -37,69 +34,20 @@ class LlamaRunner:
         layers: tuple[int, ...] | None = None,
         stop_when_captured: bool = False,
     ) -> None:
-        init_llama()
-        self._model = None
-        self._ctx = None
-        self._batch = None
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
-        mp.use_extra_bufts = False
-        self._model = load_model(model_path, mp)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
-        self.n_layer = llama_cpp.llama_model_n_layer(self._model)
-        self.n_ctx = n_ctx
         self._want = {c.encode() for c in capture}
         self._layers = None if layers is None else set(layers)
         self.captured: dict[tuple[str, int], np.ndarray] = {}
         # with every wanted tensor in hand, abort the rest of the graph (the logits are then junk)
-        self._stop_at = None
+        self._stop_at: set[tuple[str, int]] | None = None
+        if stop_when_captured and not capture:
+            raise ValueError("stop_when_captured needs tensors to capture")
+        super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, cb_eval=self._eval_cb if capture else None)
         if stop_when_captured:
-            if not capture:
-                raise ValueError("stop_when_captured needs tensors to capture")
             lay = range(self.n_layer) if layers is None else layers
             self._stop_at = {(c, il) for c in capture for il in lay}
 
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_ctx
-        cp.n_ubatch = n_ctx
-        cp.n_seq_max = 1
-        cp.n_threads = n_threads
-        cp.n_threads_batch = n_threads
-        cp.type_k = GGML_TYPE_F32
-        cp.type_v = GGML_TYPE_F32
-        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cp.offload_kqv = False
-        cp.op_offload = False
-        if self._want:
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval_cb)  # kept alive on self
-            cp.cb_eval = self._cb
-            cp.cb_eval_user_data = None
-        ctx = llama_cpp.llama_init_from_model(self._model, cp)
-        if not ctx:
-            self.close()
-            raise RuntimeError(f"llama_init_from_model failed for {model_path}")
-        self._ctx = ctx
-        self._mem = llama_cpp.llama_get_memory(ctx)
-        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-
-    def close(self) -> None:
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
-
     def __enter__(self) -> LlamaRunner:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _match(self, name: bytes) -> tuple[str, int] | None:
         m = _NAME.match(name)
@@ -110,21 +58,13 @@ class LlamaRunner:
             return None
         return m.group(1).decode(), il
 
-    def _eval_cb(self, t_ptr: int, ask: bool, user_data: int) -> bool:
-        t = GgmlTensor.from_address(t_ptr)
+    def _eval_cb(self, t: GgmlTensor, ask: bool) -> bool:
         key = self._match(t.name)
         if ask:
             return key is not None
         if key is None or not t.data or t.type not in (GGML_TYPE_F32, GGML_TYPE_I32):
             return True
-        ne0, ne1 = int(t.ne[0]), int(t.ne[1])
-        nb0, nb1 = int(t.nb[0]), int(t.nb[1])
-        if int(t.ne[2]) != 1 or int(t.ne[3]) != 1:
-            raise RuntimeError(f"captured tensor {t.name!r} is not 2-D")
-        span = (ne1 - 1) * nb1 + ne0 * nb0 if ne1 > 0 else 0
-        raw = (ctypes.c_char * span).from_address(t.data)
-        dtype = np.float32 if t.type == GGML_TYPE_F32 else np.int32
-        self.captured[key] = np.ndarray((ne1, ne0), dtype=dtype, buffer=raw, strides=(nb1, nb0)).copy()
+        self.captured[key] = copy_2d(t)
         return self._stop_at is None or not self._stop_at <= self.captured.keys()
 
     def run(self, tokens: list[int]) -> np.ndarray:
@@ -136,21 +76,10 @@ class LlamaRunner:
         n = len(tokens)
         if not 0 < n <= self.n_ctx:
             raise ValueError(f"chunk of {n} tokens does not fit n_ctx={self.n_ctx}")
-        llama_cpp.llama_memory_clear(self._mem, True)
-        b = self._batch
-        b.n_tokens = n
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = True
+        self.clear()
         self.captured = {}
-        rc = llama_cpp.llama_decode(self._ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        ptr = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).astype(np.float32, copy=True)
+        self.decode(tokens, 0, logits_all=True)
+        return self.all_logits(n)
 
 
 def chunk_nll(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
