@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +13,11 @@ from gguf import GGMLQuantizationType
 from edgemoe.format import keys
 from edgemoe.format.gguf_io import metadata, open_gguf, tensor_bytes
 from edgemoe.format.manifest import expert_file_name, load_manifest, verify_model_dir
+from tests.cli import edgemoe
 from tests.synthetic import write_moe
 from tools.convert import plan_conversion, write_model
 from tools.convert import write as write_mod
 
-
-def edgemoe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def assert_roundtrip(src: Path, out: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +17,11 @@ import pytest
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.oracle import LlamaCppReference
+from tests.cli import edgemoe
 
 N_PREDICT = 64
 THREADS = 1  # one thread: a 2-thread ggml pool stalls at every barrier when another process holds a core
 PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
-
-
-def edgemoe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def compare_with_llama_cpp(source: Path, model: Path, n_predict: int = N_PREDICT, resident: bool = True) -> None:

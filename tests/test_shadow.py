@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from edgemoe.format.manifest import load_manifest, verify_model_dir
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.predict import PREDICTORS, PredictorOptions, make_predictor
+from tests.cli import edgemoe
 from tests.synthetic import write_moe
 from tools.convert import plan_conversion, write_model
 
@@ -34,9 +34,6 @@ PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
 N_PREDICT = 10
 PROMPTS = ["The history of the Roman Empire began when", "Write a short poem about the sea.", "def fibonacci(n):"]
 
-
-def edgemoe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=HELP + ". The output appears only when complete; a failed run leaves nothing behind.",
         epilog="examples:\n  edgemoe convert model.gguf models/model\n  edgemoe convert --dry-run model.gguf models/model\n"
         "  edgemoe convert model.gguf models/model --shadow-type q4_k   (also the shadow predictor's experts)\n"
+        "  edgemoe imatrix model.gguf --text calib.txt -o model.imatrix.gguf\n"
+        "  edgemoe convert model.gguf models/model --shadow-type iq4_nl --shadow-imatrix model.imatrix.gguf\n"
         "  edgemoe convert --verify models/model",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -30,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no file listing")
     p.add_argument("--shadow-type", metavar="TYPE", help="also write every routed expert requantized to TYPE "
                    "(f16, q8_0, q6_k, q5_k, q5_0, q4_k, iq4_nl, q4_0, q3_k, q2_k) as OUT_DIR/shadow-TYPE.gguf, for the shadow predictor")
+    p.add_argument("--shadow-imatrix", metavar="FILE", help="with --shadow-type: weight the requantization by this importance "
+                   "matrix (from `edgemoe imatrix`, or llama.cpp's llama-imatrix GGUF)")
     p.add_argument("--shadow-trunk-type", metavar="TYPE", help="with --shadow-type: also a trunk requantized to TYPE "
                    "(OUT_DIR/shadow-trunk-TYPE.gguf), so the shadow is a whole quantized model")
     p.set_defaults(handler=run)
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tools.convert import plan_conversion, write_model
 
-    plan = plan_conversion(args.src, shadow_type=args.shadow_type, shadow_trunk_type=args.shadow_trunk_type)
+    plan = plan_conversion(args.src, shadow_type=args.shadow_type, shadow_trunk_type=args.shadow_trunk_type,
+                           shadow_imatrix=args.shadow_imatrix)
     files = plan.files()
     n_shards = len(plan.moe_layers) * plan.n_experts
     shadow_files = files[1 + n_shards:]

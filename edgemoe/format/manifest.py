@@ -68,7 +68,8 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     # the shadow predictor's files, if converted with --shadow-type:
-    # {"type": "q4_k", "file": "shadow-q4_k.gguf", "trunk_type": "q4_k" | None, "trunk_file": ... | None}
+    # {"type": "q4_k", "file": "shadow-q4_k.gguf", "trunk_type": "q4_k" | None, "trunk_file": ... | None,
+    #  "imatrix_sha256": sha256 of the importance matrix (present only when one weighted the requantization)}
     shadow: dict[str, Any] | None = None
 
     def to_json(self) -> str:

@@ -6,13 +6,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.gguf_reader import ReaderTensor
 
 from edgemoe.errors import UserError
 from edgemoe.format.arch import ARCHITECTURES, MoeArch, parse_expert_tensor_name
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
-from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, shadow_file_name, shadow_trunk_file_name
+from edgemoe.format.imatrix import Imatrix, read_imatrix
+from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, sha256_file, shadow_file_name, shadow_trunk_file_name
 from tools.convert import requant
 
 
@@ -50,6 +52,14 @@ class ConversionPlan:
     experts: dict[int, list[StackedExpertTensor]] = field(default_factory=dict)  # layer -> its stacked tensors
     shadow_type: GGMLQuantizationType | None = None  # routed experts requantized into shadow-<type>.gguf
     shadow_trunk_type: GGMLQuantizationType | None = None  # the trunk requantized into shadow-trunk-<type>.gguf
+    shadow_imatrix: Imatrix | None = None  # column importance for the shadow's requantization
+    shadow_imatrix_sha256: str | None = None
+
+    def shadow_importance(self, st: "StackedExpertTensor") -> list[np.ndarray | None] | None:
+        """Per-expert column weights of a stacked expert weight for the shadow (None: unweighted)."""
+        if self.shadow_imatrix is None:
+            return None
+        return [self.shadow_imatrix.weights(st.name, e) for e in range(self.n_experts)]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -104,17 +114,21 @@ def requantize_in_trunk(t: ReaderTensor) -> bool:
 
 
 def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = None,
-                    shadow_trunk_type: str | None = None) -> ConversionPlan:
+                    shadow_trunk_type: str | None = None,
+                    shadow_imatrix: str | os.PathLike[str] | None = None) -> ConversionPlan:
     """Validate the source and lay out the conversion. Raises UserError on any bad input.
 
     shadow_type (e.g. "q4_k"): also write every routed expert requantized to it, stacked, for the
-    shadow predictor; shadow_trunk_type: also a requantized copy of the trunk.
+    shadow predictor; shadow_trunk_type: also a requantized copy of the trunk; shadow_imatrix: an
+    importance matrix (llama.cpp's imatrix GGUF) weighting the shadow experts' requantization.
     """
     src = Path(src)
     s_type = requant.parse_shadow_type(shadow_type) if shadow_type else None
     t_type = requant.parse_shadow_type(shadow_trunk_type, "--shadow-trunk-type") if shadow_trunk_type else None
     if t_type is not None and s_type is None:
         raise UserError("--shadow-trunk-type needs --shadow-type (the shadow's experts)")
+    if shadow_imatrix is not None and s_type is None:
+        raise UserError("--shadow-imatrix needs --shadow-type (the shadow's experts)")
     reader = open_gguf(src)
     arch_name = get_str(reader, "general.architecture")
     if arch_name is None:
@@ -168,12 +182,28 @@ def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = No
         rows = [t.ne[0] for t in weights]
         for t in weights:
             requant.check_rows(str(src), t.name, t.ne[0], s_type, rows, "--shadow-type")
+        if shadow_imatrix is not None:
+            plan.shadow_imatrix = _checked_imatrix(shadow_imatrix, weights, n_experts)
+            plan.shadow_imatrix_sha256 = sha256_file(shadow_imatrix)
     if t_type is not None:
         requantized = [t for t in trunk if requantize_in_trunk(t)]
         rows = [int(t.shape[0]) for t in requantized]
         for t in requantized:
             requant.check_rows(str(src), t.name, int(t.shape[0]), t_type, rows, "--shadow-trunk-type")
     return plan
+
+
+def _checked_imatrix(path: str | os.PathLike[str], weights: list[StackedExpertTensor], n_experts: int) -> Imatrix:
+    """The imatrix at path, with an entry of the right shape for every routed expert weight."""
+    im = read_imatrix(path)
+    for t in weights:
+        sums = im.sums.get(t.name)
+        if sums is None:
+            raise UserError(f"{path}: no entry for {t.name}; was the importance matrix made for this model?")
+        if sums.shape != (n_experts, t.ne[0]):
+            raise UserError(f"{path}: {t.name} has {sums.shape[0]} matrices of {sums.shape[1]} columns, "
+                            f"the model has {n_experts} experts of {t.ne[0]}")
+    return im
 
 
 def _check_expert_shapes(src: Path, layer: int, tensors: list[StackedExpertTensor]) -> None:

@@ -71,19 +71,26 @@ def check_rows(src: str, tensor: str, n_per_row: int, t: GGMLQuantizationType, a
                     f"{tensor} has rows of {n_per_row}; {hint}")
 
 
-def requantize_rows(rows: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
-    """float32 [n_rows, n_per_row] -> uint8 [n_rows, row bytes] of type t."""
+def requantize_rows(rows: np.ndarray, t: GGMLQuantizationType, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n_rows, n_per_row] -> uint8 [n_rows, row bytes] of type t. importance [n_per_row]
+    (an imatrix's mean squared activations) weighs each column's rounding error; it takes ggml's
+    quantizer, which uses it for the 4- and 5-bit and K-quant types and ignores it for q8_0/f16."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n_rows, n_per_row = rows.shape
-    if t in _NUMPY_TYPES:
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        if importance.shape != (n_per_row,):
+            raise ValueError(f"importance of shape {importance.shape} for rows of {n_per_row}")
+    if t in _NUMPY_TYPES and importance is None:
         out = quantize(rows, t)
         return np.ascontiguousarray(out).view(np.uint8).reshape(n_rows, row_nbytes(t, n_per_row))
     from edgemoe.ggml.lib import lib  # ggml only where gguf-py can't quantize
 
     out = np.empty((n_rows, row_nbytes(t, n_per_row)), dtype=np.uint8)
     lib.ggml_quantize_init(int(t))
+    imatrix = importance.ctypes.data_as(ctypes.c_void_p) if importance is not None else None
     written = lib.ggml_quantize_chunk(int(t), rows.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
-                                      0, n_rows, n_per_row, None)
+                                      0, n_rows, n_per_row, imatrix)
     if written != out.nbytes:
         raise AssertionError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out
@@ -102,12 +109,18 @@ def requantized_nbytes(tensor: ReaderTensor, t: GGMLQuantizationType) -> int:
 
 
 def requantized_chunks(raw: np.ndarray, src_type: GGMLQuantizationType, ne: tuple[int, ...],
-                       t: GGMLQuantizationType) -> Iterator[np.ndarray]:
-    """A tensor's bytes (raw, type src_type, shape ne) as type t, a chunk of rows at a time."""
+                       t: GGMLQuantizationType, importance: list[np.ndarray | None] | None = None) -> Iterator[np.ndarray]:
+    """A tensor's bytes (raw, type src_type, shape ne) as type t, a chunk of rows at a time.
+
+    importance: for a stacked expert tensor, one column weighting per expert (None for an expert the
+    imatrix never saw); a chunk then never spans two experts."""
     n_per_row = ne[0]
     n_rows = int(np.prod(ne[1:], dtype=np.int64))
     rb = row_nbytes(src_type, n_per_row)
     step = max(1, _CHUNK_FLOATS // n_per_row)
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        yield requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t)
+    per_mat = n_rows // len(importance) if importance else n_rows
+    for m0 in range(0, n_rows, per_mat):
+        weights = importance[m0 // per_mat] if importance else None
+        for r0 in range(m0, m0 + per_mat, step):
+            r1 = min(m0 + per_mat, r0 + step)
+            yield requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t, weights)

@@ -116,6 +116,8 @@ def _write_all(plan: ConversionPlan, root: Path, progress: bool) -> Manifest:
         if plan.shadow_type is not None:
             name = requant.type_name(plan.shadow_type)
             shadow = {"type": name, "file": shadow_file_name(name), "trunk_type": None, "trunk_file": None}
+            if plan.shadow_imatrix_sha256:
+                shadow["imatrix_sha256"] = plan.shadow_imatrix_sha256
             _write_shadow(plan, root / shadow["file"], source_sha, bar)
             record(shadow["file"])
         if plan.shadow_trunk_type is not None:
@@ -219,10 +221,10 @@ def _write_streamed(writer: GGUFWriter, items: list[tuple[str, tuple[int, ...], 
     writer.close()
 
 
-def _requantized(plan: ConversionPlan, t, target) -> tuple[str, tuple[int, ...], int, int, object]:
+def _requantized(plan: ConversionPlan, t, target, importance=None) -> tuple[str, tuple[int, ...], int, int, object]:
     ne = tensor_ne(t)
     raw = tensor_bytes(plan.reader, t)
-    chunks = requant.requantized_chunks(raw, requant.Q(int(t.tensor_type)), ne, target)
+    chunks = requant.requantized_chunks(raw, requant.Q(int(t.tensor_type)), ne, target, importance)
     return (t.name, ne, int(target), requant.requantized_nbytes(t, target), chunks)
 
 
@@ -236,7 +238,10 @@ def _write_shadow(plan: ConversionPlan, path: Path, source_sha: str, bar: tqdm) 
     writer = GGUFWriter(path, plan.arch.name)
     _common_keys(writer, plan, ROLE_SHADOW, source_sha)
     writer.add_string(SHADOW_TYPE_KEY, requant.type_name(plan.shadow_type))
-    items = [_requantized(plan, st.tensor, plan.shadow_type) if st.kind == "weight" else _copied(plan, st.tensor)
+    if plan.shadow_imatrix_sha256:
+        writer.add_string(keys.SHADOW_IMATRIX, plan.shadow_imatrix_sha256)
+    items = [_requantized(plan, st.tensor, plan.shadow_type, plan.shadow_importance(st)) if st.kind == "weight"
+             else _copied(plan, st.tensor)
              for st in plan.stacked_tensors()]
     _write_streamed(writer, items, bar)
 
