@@ -33,7 +33,7 @@ from tools.realmodels import corpus
 from tools.realmodels.llama import LlamaRunner
 from tools.realmodels.source import DenseModel
 from tools.realmodels.upcycle import write_dense_requantized
-from edgemoe.format.manifest import sha256_file
+from edgemoe.format.manifest import load_manifest, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "build" / "models"
@@ -95,6 +95,9 @@ def test_models_json_and_freshness(small: Path) -> None:
         e = meta["models"][name]
         assert e["size"] == (small / e["file"]).stat().st_size
         assert (small / e["dir"] / "manifest.json").is_file()
+        # the shadow: IQ4_NL weighted by the experts' importance on the calibration text
+        shadow = load_manifest(small / e["dir"]).shadow
+        assert shadow["type"] == "iq4_nl" and shadow["imatrix_sha256"] == sha256_file(small / f"{name}.imatrix.gguf")
     assert ensure_built(small, SMALL) == small  # fresh: returns without building
 
 

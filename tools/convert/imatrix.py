@@ -70,11 +70,14 @@ class _Collector(LlamaCpp):
         if name not in self.sums:
             self.sums[name] = np.zeros((n_expert, n_per_row))
             self.counts[name] = np.zeros(n_expert)
-        sq = np.square(x, dtype=np.float64)
-        if sq.shape[1] == 1:  # gate/up: every selected expert sees the same row
-            sq = np.broadcast_to(sq, (sq.shape[0], ids.shape[1], n_per_row))
-        np.add.at(self.sums[name], ids.reshape(-1), sq.reshape(-1, n_per_row))
-        np.add.at(self.counts[name], ids.reshape(-1), 1.0)
+        sq = np.square(x, dtype=np.float64)  # [n_tokens, 1 or k, n_per_row]
+        for e in np.unique(ids):
+            hit = ids == e  # [n_tokens, k]: where expert e was chosen
+            if sq.shape[1] == 1:  # gate/up: every selected expert sees the token's one row
+                self.sums[name][e] += sq[hit.any(axis=1), 0].sum(axis=0)
+            else:  # down: slot j's row went to expert ids[t, j]
+                self.sums[name][e] += sq[hit].sum(axis=0)
+            self.counts[name][e] += hit.sum()
         return True
 
     def bos(self) -> int | None:

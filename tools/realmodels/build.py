@@ -49,7 +49,8 @@ class BuildConfig:
     n_threads: int = 2
 
 
-SHADOW_TYPE = "q4_0"
+SHADOW_TYPE = "iq4_nl"  # rows of 576 take no K-quant; IQ4_NL is the best 4-bit type that fits them
+IMATRIX_CHUNKS = 16  # calibration chunks the shadow's importance matrix is collected over
 
 
 def smollm2_path() -> Path:
@@ -164,7 +165,9 @@ def _write_models_json(out_dir: Path, meta: dict[str, Any]) -> None:
 
 def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, log=None) -> None:
     """(Re)write OUT_DIR/<name>/ from OUT_DIR/<name>.gguf with tools.convert; record it in models.json."""
+    from edgemoe.format.imatrix import write_imatrix
     from tools.convert import plan_conversion, write_model
+    from tools.convert.imatrix import collect_imatrix
 
     out_dir = Path(out_dir)
     meta = read_models_json(out_dir)
@@ -174,10 +177,16 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
     if meta.get("converter_fingerprint") != cfp:  # directories made by another converter are stale
         for e in meta["models"].values():
             e.pop("dir", None)
+    text = "\n\n".join(corpus.module_text(m) for m in corpus.CALIB_MODULES)
     for name in names:
         t = time.perf_counter()
-        # with a 4-bit shadow of the experts for the SEP predictor (rows of 576: no K-quants)
-        plan = plan_conversion(out_dir / f"{name}.gguf", shadow_type=SHADOW_TYPE)
+        # with a 4-bit shadow of the experts for the SEP predictor, weighted by the experts'
+        # importance on the calibration text (what llama-imatrix + llama-quantize --imatrix do)
+        src = out_dir / f"{name}.gguf"
+        imatrix = out_dir / f"{name}.imatrix.gguf"
+        write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
+                                               max_chunks=IMATRIX_CHUNKS), "llama")
+        plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_imatrix=imatrix)
         write_model(plan, out_dir / name, force=True, progress=False)
         meta["models"][name]["dir"] = name
         meta.setdefault("build_seconds", {})[f"convert {name}"] = round(time.perf_counter() - t, 1)
