@@ -122,7 +122,7 @@ def test_bad_inputs_are_one_line_errors(imatrix_file: Path, fixtures_dir: Path, 
     latin1.write_bytes("caf\xe9".encode("latin-1"))
     out = tmp_path / "out"
     cases = [
-        (["imatrix", src, "--text", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.gguf")], "no such text file"),
+        (["imatrix", src, "--text", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.gguf")], "no such calibration text"),
         (["imatrix", src, "--text", str(empty), "-o", str(tmp_path / "a.gguf")], "calibration text is empty"),
         (["imatrix", src, "--text", str(latin1), "-o", str(tmp_path / "a.gguf")], "not UTF-8"),
         (["imatrix", src, "--text", str(empty), "-o", str(tmp_path)], "is a directory"),

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.errors import UserError
+from edgemoe.util.files import read_user_text
 from edgemoe.model.engine import Engine
 from edgemoe.model.experts import ExpertBackend, LocalExperts
 from edgemoe.model.trunk import KVCache
@@ -43,14 +44,7 @@ SHADOW_PREDICTORS = ("shadow", "reanchor")
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such prompts file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: the prompts file is not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"{p}: cannot read the prompts file ({e.strerror or e})") from None
+    text = read_user_text(p, "prompts file")
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"{p}: no prompts in the file (one per line; blank lines and # comments are skipped)")

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from edgemoe.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(out_path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -36,3 +38,16 @@ def drop_page_cache(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_user_text(path: str | os.PathLike[str], what: str) -> str:
+    """A UTF-8 text file a user named; UserError saying which `what` (e.g. "prompts file") is wrong."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such {what}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: the {what} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read the {what} ({e.strerror or e})") from None

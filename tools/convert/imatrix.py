@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,20 +20,14 @@ import numpy as np
 from edgemoe.errors import UserError
 from edgemoe.format.imatrix import Imatrix
 from edgemoe.oracle import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d, copy_3d
+from edgemoe.util.files import read_user_text
 
 _EXPERT_WEIGHT = re.compile(rb"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such text file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: the calibration text is not UTF-8") from None
-    except OSError as e:
-        raise UserError(f"{p}: cannot read the calibration text ({e.strerror or e})") from None
+    text = read_user_text(p, "calibration text")
     if not text.strip():
         raise UserError(f"{p}: the calibration text is empty")
     return text
