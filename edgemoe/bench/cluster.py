@@ -29,6 +29,7 @@ class ClusterBench:
     workers: int
     memory_budget: str | None
     predictor: str
+    shadow_node: str | None
     threads: int
     prompt_tokens: int
     n_predict: int
@@ -69,17 +70,18 @@ class ClusterBench:
 
 def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4, memory_budget: str | None = None,
                   predictor: str = "lookahead", threads: int = 1, prompt_tokens: int = 16, n_predict: int = 64,
-                  repeats: int = 3) -> ClusterBench:
+                  repeats: int = 3, shadow_node: str | None = None) -> ClusterBench:
     prompt = [100 + i for i in range(prompt_tokens)]
     n_ctx = max(256, prompt_tokens + n_predict + 8)
-    r = ClusterBench(str(model), str(reference), workers, memory_budget, predictor, threads, prompt_tokens, n_predict, repeats)
+    r = ClusterBench(str(model), str(reference), workers, memory_budget, predictor, shadow_node, threads, prompt_tokens,
+                     n_predict, repeats)
     r.model_bytes = Path(reference).stat().st_size
     r.expert_bytes_per_token = expert_bytes_per_token(load_manifest(model))
     cold = shard_read_rate(model, streams=workers or 1)
     warm = shard_read_rate(model, streams=workers or 1, cold=False)
     r.shard_read_cold_bytes_per_s, r.shard_read_warm_bytes_per_s = cold.bytes_per_s, warm.bytes_per_s
     r.shard_read_streams = cold.streams
-    opts = ClusterOptions(workers=workers, predictor=predictor, memory_budget=memory_budget)
+    opts = ClusterOptions(workers=workers, predictor=predictor, memory_budget=memory_budget, shadow_node=shadow_node)
     with LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads) as ref:
         ref.greedy(prompt, 4)  # warm-up
         r.llama_cpp_rss = rss_bytes()  # this process holds llama.cpp's whole model (and nothing of the cluster yet)

@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--memory-budget", metavar="SIZE", help="each worker's memory budget, e.g. 256MiB")
     c.add_argument("--predictor", default="lookahead", help="reactive, random, lookahead (default), previous, frequency, "
                    "shadow, reanchor (the last two need a model converted with --shadow-type)")
+    c.add_argument("--shadow-node", choices=["local"], help="with --predictor shadow: run the shadow in its own local "
+                   "process (edgemoe shadow), as on the paper's shadow node")
     c.add_argument("--threads", "-t", type=int, default=1, help="threads of the coordinator and of llama.cpp (default 1)")
     c.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     c.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
@@ -125,13 +127,15 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     r = bench_cluster(args.model, _reference_for(args.model, args.reference), workers=args.workers,
                       memory_budget=args.memory_budget, predictor=args.predictor, threads=args.threads,
-                      prompt_tokens=args.prompt_tokens, n_predict=args.n_predict, repeats=args.repeat)
+                      prompt_tokens=args.prompt_tokens, n_predict=args.n_predict, repeats=args.repeat,
+                      shadow_node=args.shadow_node)
     s = r.summary()
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
-    print(f"cluster of {r.workers} workers (budget {r.memory_budget or 'none'}, predictor {r.predictor}) vs llama.cpp "
+    where = " on its own node" if r.shadow_node else ""
+    print(f"cluster of {r.workers} workers (budget {r.memory_budget or 'none'}, predictor {r.predictor}{where}) vs llama.cpp "
           f"fully cached, {r.threads} thread(s), median of {r.repeats}")
     print(f"decode tok/s: cluster {s['cluster_decode_tok_s']:.1f}, llama.cpp {s['llama_cpp_decode_tok_s']:.1f}, "
           f"ratio {s['ratio']:.2f}")

@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="shadow: overwrite its K/V with the main model's every N steps (0 = never; default 1)")
     g.add_argument("--shadow-trunk", action="store_true",
                    help="shadow: run the requantized trunk (--shadow-trunk-type at conversion) instead of sharing the main one")
+    g.add_argument("--shadow-node", metavar="local|tcp://HOST:PORT",
+                   help="shadow: run it on its own node, as the paper does: `local` spawns one on loopback, "
+                   "tcp://HOST:PORT serves one started elsewhere (edgemoe shadow --connect)")
     g.add_argument("--reanchor-depth", type=int, default=1, metavar="D",
                    help="reanchor: MoE layers re-run from the main model's state after each layer (default 1)")
     g.add_argument("--memory-budget", metavar="SIZE", help="memory budget of each spawned worker, e.g. 256MiB")
@@ -81,7 +84,14 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise UserError("--bind needs --wait-workers N (or --workers N)")
     from edgemoe.predict import parse_predictor
 
-    parse_predictor(args.predictor)
+    name, _ = parse_predictor(args.predictor)
+    if args.shadow_node is not None:
+        if name != "shadow":
+            raise UserError(f"--shadow-node needs --predictor shadow (got {args.predictor})")
+        if args.workers + args.wait_workers == 0:
+            raise UserError("--shadow-node needs a cluster (--workers N or --bind ... --wait-workers N)")
+        if args.shadow_node != "local" and not args.shadow_node.startswith("tcp://"):
+            raise UserError(f"--shadow-node {args.shadow_node}: expected local or tcp://HOST:PORT")
     if args.align_token < 0 or args.align_kv < 0:
         raise UserError("--align-token and --align-kv must be 0 (never) or more")
     if args.reanchor_depth < 1:
@@ -96,7 +106,7 @@ def cluster_options(args: argparse.Namespace):
     return ClusterOptions(workers=args.workers, bind=args.bind, wait_workers=args.wait_workers, predictor=args.predictor,
                           memory_budget=args.memory_budget, worker_threads=args.worker_threads,
                           request_timeout_s=args.request_timeout, align_token=args.align_token, align_kv=args.align_kv,
-                          shadow_trunk=args.shadow_trunk, reanchor_depth=args.reanchor_depth)
+                          shadow_trunk=args.shadow_trunk, reanchor_depth=args.reanchor_depth, shadow_node=args.shadow_node)
 
 
 def cluster_stats(engine) -> dict:

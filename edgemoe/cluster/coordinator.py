@@ -108,9 +108,9 @@ class ClusterExperts(ExpertBackend):
         self.pub = self._zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         try:
-            self.endpoint = _bind(self.router, bind)
+            self.endpoint = P.bind_endpoint(self.router, bind)
             host = bind.rsplit(":", 1)[0]
-            self.pub_endpoint = _bind(self.pub, f"{host}:0")
+            self.pub_endpoint = P.bind_endpoint(self.pub, f"{host}:0")
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind {bind}: {e}") from None
@@ -394,13 +394,3 @@ class ClusterExperts(ExpertBackend):
             if sock is not None:
                 sock.close(0)
         self._zctx.term()
-
-
-def _bind(sock: zmq.Socket, endpoint: str) -> str:
-    """Bind, resolving port 0 to a free port; returns the endpoint actually bound."""
-    host, _, port = endpoint.rpartition(":")
-    if port in ("0", "*"):
-        port_no = sock.bind_to_random_port(host)
-        return f"{host}:{port_no}"
-    sock.bind(endpoint)
-    return endpoint

@@ -29,6 +29,12 @@ PREFETCH = "prefetch"  # coordinator -> all workers (PUB): load these experts no
 HEARTBEAT = "heartbeat"  # both ways: liveness, with the worker's memory use
 BYE = "bye"  # worker -> coordinator: shutting down cleanly
 UNKNOWN_PEER = "unknown"  # coordinator -> worker: I do not know you (I restarted): say hello again
+# the shadow node (its own socket pair: the coordinator's shadow ROUTER, the node's DEALER)
+SHADOW_HELLO = "shadow_hello"  # shadow node -> coordinator: who I am
+SHADOW_WELCOME = "shadow_welcome"  # coordinator -> shadow node: accepted
+KV_ROWS = "kv_rows"  # coordinator -> shadow node: the main model's K/V rows [lo, lo + n) of every layer
+JOB = "job"  # coordinator -> shadow node: the main model started evaluating these tokens at pos
+ROUTES = "routes"  # shadow node -> coordinator: the shadow's router choice for one layer of job gen
 
 # fields each message type must carry, with their Python types
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -43,8 +49,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     HEARTBEAT: {"rss": int, "peak_rss": int},
     BYE: {},
     UNKNOWN_PEER: {},
+    SHADOW_HELLO: {"name": str, "model": str, "pid": int, "shadow_type": str},
+    SHADOW_WELCOME: {"heartbeat_s": (int, float), "n_ctx": int},
+    KV_ROWS: {"lo": int, "dtype": str, "shape": list},
+    JOB: {"gen": int, "pos": int, "tokens": list},
+    ROUTES: {"gen": int, "layer": int, "experts": list},
 }
-_TENSOR_TYPES = {COMPUTE, RESULT}
+_TENSOR_TYPES = {COMPUTE, RESULT, KV_ROWS}
 _DTYPES = {"f32": np.float32}
 
 
@@ -114,6 +125,15 @@ def decode(frames: list[bytes | memoryview | Any]) -> Message:
     return Message(t, fields, tensor)
 
 
+def bind_endpoint(sock: Any, endpoint: str) -> str:
+    """Bind a ZeroMQ socket, resolving port 0 to a free port; returns the endpoint actually bound."""
+    host, _, port = endpoint.rpartition(":")
+    if port in ("0", "*"):
+        return f"{host}:{sock.bind_to_random_port(host)}"
+    sock.bind(endpoint)
+    return endpoint
+
+
 def is_foreign_hello(frames: list[Any]) -> bool:
     """A hello of another protocol version (answered with a reject rather than silence)."""
     try:
@@ -139,6 +159,11 @@ def _validate(header: Any) -> None:
         value = header[name]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ProtocolError(f"{t}.{name} has type {type(value).__name__}")
+    for name in ("tokens", "experts"):
+        if name in schema and not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in header[name]):
+            raise ProtocolError(f"{t}.{name} must be a list of non-negative integers")
+    if t == JOB and not header["tokens"]:
+        raise ProtocolError("a job needs at least one token")
     if t == PREFETCH:
         for item in header["loads"]:
             if not (isinstance(item, list) and len(item) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in item)):

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemoe.cluster.coordinator import ClusterExperts
-from edgemoe.cluster.local import LocalWorkers
+from edgemoe.cluster.local import LocalProcesses, LocalWorkers
+from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
 from edgemoe.errors import UserError
 from edgemoe.model.engine import Engine
-from edgemoe.predict import PredictorOptions, make_predictor
+from edgemoe.predict import PredictorOptions, make_predictor, parse_predictor
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ClusterOptions:
     shadow_threads: int = 1
     memory_budget: str | None = None
     worker_threads: int = 1
+    shadow_node: str | None = None  # the shadow on its own node: "local" (spawned on loopback) or tcp://HOST:PORT to bind
     join_timeout_s: float = 120.0
     request_timeout_s: float = 30.0
 
@@ -46,7 +48,11 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     if not Path(model).is_dir():
         raise UserError(f"{model}: a cluster needs a converted model directory (edgemoe convert)")
     local: LocalWorkers | None = None
+    local_shadow: LocalProcesses | None = None
     cluster: ClusterExperts | None = None
+    remote_shadow = opts.shadow_node is not None
+    if remote_shadow and parse_predictor(opts.predictor)[0] != "shadow":
+        raise UserError(f"--shadow-node runs the shadow predictor elsewhere; it needs --predictor shadow, not {opts.predictor}")
 
     def make_backend(engine: Engine) -> ClusterExperts:
         nonlocal cluster
@@ -55,8 +61,12 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         n_groups = max(1, n // max(1, min(cfg.n_expert_used, n)))
         popts = PredictorOptions(align_token=opts.align_token, align_kv=opts.align_kv, shadow_trunk=opts.shadow_trunk,
                                  reanchor_depth=opts.reanchor_depth, shadow_threads=opts.shadow_threads)
-        predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1),
-                                   main=engine, options=popts)
+        if remote_shadow:
+            bind = "tcp://127.0.0.1:0" if opts.shadow_node == "local" else opts.shadow_node
+            predictor = RemoteShadowPredictor(engine, max(1, n_groups - 1), bind=bind)
+        else:
+            predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1),
+                                       main=engine, options=popts)
         try:
             cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
                                      moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
@@ -72,16 +82,29 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         if opts.workers:
             local = LocalWorkers(model, opts.workers, cluster.endpoint, memory_budget=opts.memory_budget,
                                  threads=opts.worker_threads).start()
+        if opts.shadow_node == "local":
+            _, popts = parse_predictor(opts.predictor, PredictorOptions(align_token=opts.align_token, align_kv=opts.align_kv))
+            local_shadow = LocalProcesses()
+            local_shadow.spawn("local-shadow", [
+                "shadow", "--connect", cluster.predictor.endpoint, "--model", str(model), "--name", "local-shadow",
+                "--threads", str(opts.shadow_threads), "--align-token", str(popts.align_token),
+                "--align-kv", str(popts.align_kv), *(["--shadow-trunk"] if opts.shadow_trunk else [])])
+
         def check() -> None:
-            if local is not None and local.failed():
-                raise UserError("; ".join(local.failed()))
+            failed = (local.failed() if local is not None else []) + (local_shadow.failed() if local_shadow else [])
+            if failed:
+                raise UserError("; ".join(failed))
 
         cluster.wait_for_workers(opts.workers + opts.wait_workers, opts.join_timeout_s, check)
+        if remote_shadow:
+            cluster.predictor.wait_for_shadow(opts.join_timeout_s, check)
         engine.local_workers = local  # type: ignore[attr-defined]
         yield engine
     finally:
         if local is not None:
             local.stop()
+        if local_shadow is not None:
+            local_shadow.stop()
         if cluster is not None and cluster.predictor is not None:
             cluster.predictor.close()  # a shadow predictor's thread and engine
         engine.close()

@@ -265,12 +265,16 @@ class ShadowPredictor(Predictor):
         self._error: BaseException | None = None
         self._st = _Stats()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        # called as on_publish(job gen, layer, experts) on the shadow's thread the moment a layer's
+        # routing exists: a shadow node sends it on (see edgemoe/cluster/shadow_node.py)
+        self.on_publish: Callable[[int, int, list[int]], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="edgemoe-shadow", daemon=True)
         self._thread.start()
         main.eval_listeners.append(self._on_main_eval)
 
     # main thread -----------------------------------------------------------------------------
-    def _on_main_eval(self, engine, tokens: np.ndarray) -> None:
+    def _on_main_eval(self, engine, tokens: np.ndarray) -> int:
+        """The main model starts evaluating tokens at engine.n_past: post a job; returns its gen."""
         pos = int(engine.n_past)
         n = len(tokens)
         if n > 1 or pos == 0:
@@ -282,6 +286,7 @@ class ShadowPredictor(Predictor):
             self._gen += 1
             job = _Job(self._gen, np.array(tokens, dtype=np.int32), pos, step, time.perf_counter())
         self._queue.put(job)
+        return job.gen
 
     def _wait(self) -> None:
         """Sync mode: until the shadow has finished the current token."""
@@ -414,9 +419,12 @@ class ShadowPredictor(Predictor):
 
         def publish(il: int, selected: np.ndarray) -> None:
             now = time.perf_counter()
+            experts = [int(e) for e in selected]
             with self._cv:
-                self._routes[il] = [int(e) for e in selected]
+                self._routes[il] = experts
                 self._cv.notify_all()
+            if self.on_publish is not None:
+                self.on_publish(job.gen, il, experts)
             if il == first:
                 self._st.late_start_s.append(now - job.t_known)
 
@@ -487,9 +495,10 @@ class ReanchorPredictor(ShadowPredictor):
         self._reanchor_s: list[float] = []  # per token
         self._token_s = 0.0
 
-    def _on_main_eval(self, engine, tokens: np.ndarray) -> None:
-        super()._on_main_eval(engine, tokens)
+    def _on_main_eval(self, engine, tokens: np.ndarray) -> int:
+        gen = super()._on_main_eval(engine, tokens)
         self._pos, self._token = int(engine.n_past), int(tokens[-1])
+        return gen
 
     def begin_token(self, step: int) -> dict[int, list[int]]:
         self._refined = {}

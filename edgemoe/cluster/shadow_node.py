@@ -1,0 +1,265 @@
+"""`edgemoe shadow`: the shadow predictor (SEP) on its own node, as in the paper's testbed.
+
+The node holds the model directory's trunk and shadow experts. It keeps a mirror of the main
+model's K/V cache, fed by the coordinator's `kv_rows`, and for every `job` (the main model started
+a token) runs the same ShadowPredictor the coordinator would run in process, with the mirror in
+the main model's place: token and KV alignment work unchanged. Each layer's routing is sent back
+(`routes`) from the shadow's thread through a queue the moment it exists.
+
+Threads: main (ZeroMQ loop: DEALER to the coordinator's shadow ROUTER, heartbeats) and the shadow's
+own decoding thread inside ShadowPredictor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from edgemoe.cluster import protocol as P
+from edgemoe.cluster.worker import HELLO_INTERVAL_S, check_name, parse_endpoint
+from edgemoe.errors import UserError
+from edgemoe.format.manifest import load_manifest, manifest_hash
+from edgemoe.model.engine import Engine
+from edgemoe.model.experts import ExpertBackend, ExpertStats
+from edgemoe.predict.base import PredictorOptions
+from edgemoe.util.proc import peak_rss_bytes, rss_bytes
+
+DEPTH = 1 << 20  # the node sends every layer's routing; the coordinator decides how far ahead to use it
+
+
+class _NoExperts(ExpertBackend):
+    """The mirror engine only holds the main model's K/V cache and trunk; it never evaluates."""
+
+    def __init__(self) -> None:
+        self.stats = ExpertStats()
+
+    def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the shadow node's mirror of the main model computes no experts")
+
+
+class ShadowNode:
+    """Serve one coordinator's shadow predictions until SIGTERM/SIGINT (exit 0) or a REJECT (UserError)."""
+
+    def __init__(self, connect: str, model_dir: str | os.PathLike[str], name: str, options: PredictorOptions,
+                 *, hello_interval: float = HELLO_INTERVAL_S) -> None:
+        self.host, _ = parse_endpoint(connect)
+        self.connect = connect
+        self.name = check_name(name)
+        if options.shadow_threads < 1:
+            raise UserError(f"--threads must be at least 1, got {options.shadow_threads}")
+        if options.align_token < 0 or options.align_kv < 0:
+            raise UserError("--align-token and --align-kv must be 0 (never) or more")
+        self.model_dir = Path(model_dir)
+        self.manifest = load_manifest(self.model_dir)
+        if self.manifest.shadow is None:
+            raise UserError(f"{self.model_dir}: no shadow experts; convert with `edgemoe convert SRC OUT --shadow-type TYPE`")
+        self.model_hash = manifest_hash(self.model_dir)
+        self.options = options
+        self.hello_interval = hello_interval
+        self.log = logging.getLogger(f"edgemoe.shadow.{name}")
+        self.mirror: Engine | None = None
+        self.predictor = None
+        self._gens: dict[int, int] = {}  # the predictor's job gen -> the coordinator's
+        self._out: queue.SimpleQueue[tuple[int, int, list[int]]] = queue.SimpleQueue()
+        self._welcomed = False
+        self._stopping = False
+        self._reject: str | None = None
+        self._heartbeat_s = 1.0
+        self._next_hello = self._next_heartbeat = 0.0
+
+    # -- the shadow ------------------------------------------------------------------------------
+    def _start_shadow(self, n_ctx: int) -> None:
+        """The mirror and the shadow predictor for a context of n_ctx (rebuilt if it changes)."""
+        from edgemoe.predict.shadow import ShadowPredictor
+
+        if self.mirror is not None and self.mirror.n_ctx == n_ctx:
+            return
+        self._stop_shadow()
+        self.mirror = Engine(self.model_dir, n_ctx=n_ctx, n_threads=1, experts=_NoExperts())
+        self.predictor = ShadowPredictor(self.mirror, DEPTH, self.options)
+        self.predictor.on_publish = self._on_publish
+        self.log.info("shadow ready: %s experts, context %d, alignment T%dKV%d", self.predictor.files.type,
+                      self.mirror.n_ctx, self.options.align_token, self.options.align_kv)
+
+    def _stop_shadow(self) -> None:
+        if self.predictor is not None:
+            self.predictor.close()
+            self.predictor = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+
+    def _on_publish(self, gen: int, layer: int, experts: list[int]) -> None:
+        """On the shadow's thread: hand the routing to the ZeroMQ loop and wake it."""
+        self._out.put((gen, layer, experts))
+        try:
+            os.write(self._wake_w, b"r")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop is awake anyway
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_TENSOR_BYTES + P.MAX_HEADER_BYTES)
+        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.dealer.connect(self.connect)
+        self.log.info("connecting to %s as %r (model %s)", self.connect, self.name, self.model_hash[:12])
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"s")
+        except (BlockingIOError, OSError):
+            pass
+
+    def run(self) -> int:
+        self._setup()
+        try:
+            while not self._stopping and self._reject is None:
+                now = time.monotonic()
+                due = self._next_heartbeat if self._welcomed else self._next_hello
+                events = dict(self.poller.poll(max(0, min(1000, int((due - now) * 1000) + 1))))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                if self.dealer in events:
+                    self._drain()
+                self._send_routes()
+                self._timers()
+        finally:
+            self._shutdown()
+        if self._reject is not None:
+            raise UserError(f"the coordinator rejected this shadow node: {self._reject}")
+        return 0
+
+    def _send(self, msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> bool:
+        try:
+            self.dealer.send_multipart(P.encode(msg_type, tensor, **fields), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # no link right now (IMMEDIATE): a hello is retried, a routing is simply late
+            return False
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if not self._welcomed and now >= self._next_hello:
+            sent = self._send(P.SHADOW_HELLO, name=self.name, model=self.model_hash, pid=os.getpid(),
+                              shadow_type=str(self.manifest.shadow["type"]))
+            self._next_hello = now + (self.hello_interval if sent else 0.1)
+        elif self._welcomed and now >= self._next_heartbeat:
+            self._send(P.HEARTBEAT, rss=rss_bytes(), peak_rss=peak_rss_bytes())
+            self._next_heartbeat = now + self._heartbeat_s
+
+    def _send_routes(self) -> None:
+        while True:
+            try:
+                gen, layer, experts = self._out.get_nowait()
+            except queue.Empty:
+                return
+            remote = self._gens.get(gen)
+            if remote is not None and self._welcomed:
+                self._send(P.ROUTES, gen=remote, layer=layer, experts=experts)
+
+    def _drain(self) -> None:
+        for _ in range(1000):  # bounded: routings and timers get their turn
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames)
+            except P.ProtocolError as e:
+                self.log.warning("dropped a malformed message from the coordinator: %s", e)
+                continue
+            try:
+                self._handle(msg)
+            except Exception:  # a bug must not take the node down; predictions are only ever late
+                self.log.exception("error handling %s", msg.type)
+
+    def _handle(self, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.SHADOW_WELCOME:
+            hb, n_ctx = float(msg["heartbeat_s"]), int(msg["n_ctx"])
+            if not (0.01 <= hb <= 3600 and 0 < n_ctx <= 1 << 24):
+                self.log.warning("dropped a welcome with heartbeat_s %r, n_ctx %r", msg["heartbeat_s"], msg["n_ctx"])
+                return
+            self._start_shadow(n_ctx)
+            self._heartbeat_s, self._welcomed, self._next_heartbeat = hb, True, time.monotonic()
+            self._gens.clear()
+            self.log.info("welcomed (heartbeat every %.3g s)", hb)
+        elif t == P.REJECT:
+            self.log.error("rejected by the coordinator: %s", msg["reason"])
+            self._reject = msg["reason"]
+        elif t == P.UNKNOWN_PEER:
+            self.log.info("reconnect: the coordinator does not know this node (restarted?); saying hello again")
+            self._welcomed, self._next_hello = False, 0.0
+        elif not self._welcomed or self.mirror is None:
+            self.log.warning("dropped a %s message before being welcomed", t)
+        elif t == P.KV_ROWS:
+            self._kv_rows(msg)
+        elif t == P.JOB:
+            self._job(msg)
+        else:
+            self.log.warning("dropped an unexpected %s message from the coordinator", t)
+
+    def _kv_rows(self, msg: P.Message) -> None:
+        kv, cfg = self.mirror.kv, self.mirror.cfg
+        rows, lo = msg.tensor, msg["lo"]
+        n = rows.shape[2] if rows.ndim == 4 else 0
+        if rows.shape != (cfg.n_layer, 2, n, cfg.n_embd_kv) or not 0 <= lo <= kv.n_ctx - n:
+            self.log.warning("dropped K/V rows of shape %s at %d (the model needs [%d, 2, n, %d] within %d rows)",
+                             list(rows.shape), lo, cfg.n_layer, cfg.n_embd_kv, kv.n_ctx)
+            return
+        for il in range(cfg.n_layer):
+            kv.k[il][lo:lo + n] = rows[il, 0]
+            kv.v[il][lo:lo + n] = rows[il, 1]
+        kv.mark_used(lo + n)
+
+    def _job(self, msg: P.Message) -> None:
+        tokens, pos = msg["tokens"], msg["pos"]
+        cfg = self.mirror.cfg
+        if pos + len(tokens) > self.mirror.n_ctx or any(t >= cfg.n_vocab for t in tokens):
+            self.log.warning("dropped a job of %d tokens at %d (context %d, vocabulary %d)", len(tokens), pos,
+                             self.mirror.n_ctx, cfg.n_vocab)
+            return
+        self.mirror.n_past = pos
+        gen = self.predictor._on_main_eval(self.mirror, np.array(tokens, dtype=np.int32))
+        self._gens = {g: r for g, r in self._gens.items() if g > gen - 8}  # routings of older jobs are stale
+        self._gens[gen] = msg["gen"]
+
+    def _shutdown(self) -> None:
+        if self._reject is None:
+            self.log.info("shutdown: saying bye")
+            self._send(P.BYE)
+        self._stop_shadow()
+        self.dealer.close(linger=200)
+        self.ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.log.info("shutdown complete: peak RSS %.0f MiB", peak_rss_bytes() / 2**20)

@@ -1,0 +1,175 @@
+"""The shadow predictor on its own node (`edgemoe shadow`): real processes over ZeroMQ on loopback.
+
+Predictions only change speed: tokens and logits with a remote shadow equal the in-process
+engine's. The node answers jobs with each layer's routing, refuses to serve another model, and
+survives malformed messages; so does the coordinator's shadow socket.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edgemoe.cluster import protocol as P
+from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
+from edgemoe.cluster.session import ClusterOptions, open_engine
+from edgemoe.format.manifest import manifest_hash
+from edgemoe.model.engine import Engine
+from edgemoe.model.generate import greedy_tokens
+from tests.cli import edgemoe
+from tools.convert import plan_conversion, write_model
+
+PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
+N_PREDICT = 12
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Q8_0 test model with a Q4_0 shadow of its experts."""
+    out = tmp_path_factory.mktemp("shadow-node") / "m"
+    write_model(plan_conversion(fixtures_dir / "llama-moe-q8_0.gguf", shadow_type="q4_0"), out, progress=False)
+    return out
+
+
+def node(endpoint: str, model: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgemoe", "shadow", "--connect", endpoint, "--model", str(model),
+                             "--name", "test-shadow", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    return err
+
+
+def test_remote_shadow_changes_nothing_and_predicts(model: Path) -> None:
+    with Engine(model, n_ctx=256, n_threads=1) as engine:
+        want_tokens, want_logits = greedy_tokens(engine, PROMPT, N_PREDICT)
+    opts = ClusterOptions(workers=2, predictor="shadow", shadow_node="local")
+    with open_engine(model, opts, n_ctx=256, n_threads=1) as engine:
+        tokens, logits = greedy_tokens(engine, PROMPT, N_PREDICT)
+        cluster = engine.experts
+        stats = cluster.predictor.stats()
+        recall = cluster.recall.recall
+    assert tokens == want_tokens and np.array_equal(logits, want_logits)
+    assert stats["connected"] and stats["node"] == "local-shadow"
+    assert stats["jobs"] == N_PREDICT  # the prompt, then one per decode step
+    assert stats["routes"] > 0 and stats["first_route_ms"]["n"] > 0
+    assert recall > 0.5, recall  # a 4-bit shadow of a 4-layer model names most experts in time (random: 0.25)
+
+
+def test_node_answers_jobs_and_survives_malformed_messages(model: Path) -> None:
+    """The test plays the coordinator on a real ROUTER socket, against a real node process."""
+    with Engine(model, n_ctx=64, n_threads=1) as engine:
+        engine.eval(PROMPT)  # the main model's K/V rows of the prompt
+        kv, cfg = engine.kv, engine.cfg
+        rows = np.stack([np.stack([kv.k[il][:len(PROMPT)], kv.v[il][:len(PROMPT)]]) for il in range(cfg.n_layer)])
+        routing = [engine.routing[il][-1] for il in engine.moe_layers]
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        endpoint = P.bind_endpoint(sock, "tcp://127.0.0.1:0")
+        proc = node(endpoint, model)
+        try:
+            assert sock.poll(60000), "no hello from the node"
+            ident, *frames = sock.recv_multipart()
+            hello = P.decode(frames)
+            assert hello.type == P.SHADOW_HELLO and hello["model"] == manifest_hash(model)
+            sock.send_multipart([ident, *P.encode(P.SHADOW_WELCOME, heartbeat_s=0.2, n_ctx=64)])
+            for bad in ([b"\xc1garbage"], [P.msgpack.packb({"v": 1, "t": "job", "gen": 1})],
+                        P.encode(P.KV_ROWS, np.zeros((2, 2, 1, 3), np.float32), lo=0),  # not this model's shape
+                        P.encode(P.JOB, gen=1, pos=63, tokens=[5, 6])):  # past the context
+                sock.send_multipart([ident, *bad])
+            sock.send_multipart([ident, *P.encode(P.KV_ROWS, rows, lo=0)])
+            # re-evaluate the prompt's last token at its position: the shadow (token- and KV-aligned)
+            # routes it with the main model's rows 0..n-2 in its cache
+            sock.send_multipart([ident, *P.encode(P.JOB, gen=7, pos=len(PROMPT) - 1, tokens=[PROMPT[-1]])])
+            routes: dict[int, list[int]] = {}
+            deadline = time.monotonic() + 60
+            while len(routes) < len(engine.moe_layers) and time.monotonic() < deadline:
+                if sock.poll(1000):
+                    msg = P.decode(sock.recv_multipart()[1:])
+                    if msg.type == P.ROUTES:
+                        assert msg["gen"] == 7
+                        routes[msg["layer"]] = msg["experts"]
+            assert sorted(routes) == engine.moe_layers and proc.poll() is None
+            hits = sum(len(set(routes[l]) & {int(e) for e in r}) for l, r in zip(engine.moe_layers, routing))
+            assert hits >= len(routing)  # at least half of the main model's choices, from a 4-bit shadow
+        finally:
+            err = stop(proc)
+            sock.close(0)
+            ctx.term()
+    assert proc.returncode == 0, err
+    assert "dropped a malformed message" in err and "dropped K/V rows of shape" in err and "dropped a job" in err
+
+
+def test_node_with_another_model_is_refused(model: Path, tmp_path: Path, fixtures_dir: Path) -> None:
+    other = tmp_path / "other"
+    write_model(plan_conversion(fixtures_dir / "qwen3moe-q8_0.gguf", shadow_type="q8_0"), other, progress=False)
+    with Engine(model, n_ctx=64, n_threads=1) as engine:
+        remote = RemoteShadowPredictor(engine, 1)
+        proc = node(remote.endpoint, other)
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                remote._drain(0.2)
+            err = stop(proc)
+            assert proc.returncode == 2, err
+            assert manifest_hash(model) in err and manifest_hash(other) in err, err
+            assert not remote.connected
+        finally:
+            stop(proc)
+            remote.close()
+
+
+def test_coordinator_shadow_socket_survives_malformed_messages(model: Path) -> None:
+    with Engine(model, n_ctx=64, n_threads=1) as engine:
+        remote = RemoteShadowPredictor(engine, 1)
+        ctx = zmq.Context()
+        peer = ctx.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.connect(remote.endpoint)
+        proc = None
+        try:
+            for bad in ([b"\xc1garbage"], [P.msgpack.packb({"v": 1, "t": "routes", "gen": 1})],
+                        P.encode(P.ROUTES, gen=1, layer=0, experts=[1, 2])):  # well formed, but from a stranger
+                peer.send_multipart(bad)
+            remote._drain(0.5)
+            assert peer.poll(2000) and P.decode(peer.recv_multipart()).type == P.UNKNOWN_PEER
+            proc = node(remote.endpoint, model)
+            remote.wait_for_shadow(60)
+            assert remote.connected and remote.stats()["node"] == "test-shadow"
+        finally:
+            if proc is not None:
+                stop(proc)
+            peer.close(0)
+            ctx.term()
+            remote.close()
+
+
+def test_shadow_node_cli_errors(model: Path) -> None:
+    cases = [
+        (["run", str(model), "-p", "hi", "--workers", "1", "--predictor", "lookahead", "--shadow-node", "local"],
+         "needs --predictor shadow"),
+        (["run", str(model), "-p", "hi", "--predictor", "shadow", "--shadow-node", "local"], "needs a cluster"),
+        (["run", str(model), "-p", "hi", "--workers", "1", "--predictor", "shadow", "--shadow-node", "udp://x"],
+         "expected local or tcp://HOST:PORT"),
+        (["shadow", "--connect", "nowhere", "--model", str(model)], "is not an endpoint"),
+    ]
+    for args, phrase in cases:
+        r = edgemoe(*args, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines and lines[-1].startswith("error:") and phrase in lines[-1], (args, r.stderr)
+        assert "Traceback" not in r.stderr
