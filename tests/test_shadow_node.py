@@ -20,6 +20,7 @@ import zmq
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
 from edgemoe.cluster.session import ClusterOptions, open_engine
+from edgemoe.cluster.sockets import bind_endpoint
 from edgemoe.format.manifest import manifest_hash
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
@@ -80,7 +81,7 @@ def test_node_answers_jobs_and_survives_malformed_messages(model: Path) -> None:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        endpoint = P.bind_endpoint(sock, "tcp://127.0.0.1:0")
+        endpoint = bind_endpoint(sock, "tcp://127.0.0.1:0")
         proc = node(endpoint, model)
         try:
             assert sock.poll(60000), "no hello from the node"

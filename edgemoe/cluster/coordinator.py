@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import manifest_hash
 from edgemoe.model.experts import ExpertBackend, ExpertStats
@@ -108,9 +109,9 @@ class ClusterExperts(ExpertBackend):
         self.pub = self._zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         try:
-            self.endpoint = P.bind_endpoint(self.router, bind)
+            self.endpoint = bind_endpoint(self.router, bind)
             host = bind.rsplit(":", 1)[0]
-            self.pub_endpoint = P.bind_endpoint(self.pub, f"{host}:0")
+            self.pub_endpoint = bind_endpoint(self.pub, f"{host}:0")
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind {bind}: {e}") from None
@@ -358,8 +359,7 @@ class ClusterExperts(ExpertBackend):
 
     def _hello(self, identity: bytes, msg: P.Message) -> None:
         if msg["model"] != self.model_hash:
-            reason = (f"model mismatch: worker {msg['name']} has model {msg['model']}, "
-                      f"the coordinator serves {self.model_hash}")
+            reason = model_mismatch("worker", msg["name"], msg["model"], self.model_hash)
             log.warning("refused worker %s: %s", msg["name"], reason)
             self._send(identity, P.encode(P.REJECT, reason=reason))
             return

@@ -125,15 +125,6 @@ def decode(frames: list[bytes | memoryview | Any]) -> Message:
     return Message(t, fields, tensor)
 
 
-def bind_endpoint(sock: Any, endpoint: str) -> str:
-    """Bind a ZeroMQ socket, resolving port 0 to a free port; returns the endpoint actually bound."""
-    host, _, port = endpoint.rpartition(":")
-    if port in ("0", "*"):
-        return f"{host}:{sock.bind_to_random_port(host)}"
-    sock.bind(endpoint)
-    return endpoint
-
-
 def is_foreign_hello(frames: list[Any]) -> bool:
     """A hello of another protocol version (answered with a reject rather than silence)."""
     try:

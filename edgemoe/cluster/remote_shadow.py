@@ -18,6 +18,7 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import manifest_hash
 from edgemoe.predict.base import Predictor
@@ -44,7 +45,7 @@ class RemoteShadowPredictor(Predictor):
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted node with the same name takes over
         try:
-            self.endpoint = P.bind_endpoint(self.sock, bind)
+            self.endpoint = bind_endpoint(self.sock, bind)
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind the shadow endpoint {bind}: {e}") from None
@@ -80,8 +81,7 @@ class RemoteShadowPredictor(Predictor):
 
     def _hello(self, identity: bytes, msg: P.Message) -> None:
         if msg["model"] != self.model_hash:
-            reason = (f"model mismatch: shadow node {msg['name']} has model {msg['model']}, "
-                      f"the coordinator serves {self.model_hash}")
+            reason = model_mismatch("shadow node", msg["name"], msg["model"], self.model_hash)
             log.warning("refused shadow node %s: %s", msg["name"], reason)
             self._send(identity, P.encode(P.REJECT, reason=reason))
             return

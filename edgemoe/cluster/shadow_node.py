@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.sockets import WakePipe, dealer_socket
 from edgemoe.cluster.worker import HELLO_INTERVAL_S, check_name, parse_endpoint
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import load_manifest, manifest_hash
@@ -75,6 +76,7 @@ class ShadowNode:
         self._reject: str | None = None
         self._heartbeat_s = 1.0
         self._next_hello = self._next_heartbeat = 0.0
+        self._wake = WakePipe()
 
     # -- the shadow ------------------------------------------------------------------------------
     def _start_shadow(self, n_ctx: int) -> None:
@@ -101,29 +103,15 @@ class ShadowNode:
     def _on_publish(self, gen: int, layer: int, experts: list[int]) -> None:
         """On the shadow's thread: hand the routing to the ZeroMQ loop and wake it."""
         self._out.put((gen, layer, experts))
-        try:
-            os.write(self._wake_w, b"r")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop is awake anyway
+        self._wake.wake()
 
     # -- the loop --------------------------------------------------------------------------------
     def _setup(self) -> None:
         self.ctx = zmq.Context(io_threads=1)
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_TENSOR_BYTES + P.MAX_HEADER_BYTES)
-        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        self.dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.dealer = dealer_socket(self.ctx, self.name)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
-        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(self._wake.r, zmq.POLLIN)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -132,10 +120,7 @@ class ShadowNode:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"s")
-        except (BlockingIOError, OSError):
-            pass
+        self._wake.wake()
 
     def run(self) -> int:
         self._setup()
@@ -144,11 +129,8 @@ class ShadowNode:
                 now = time.monotonic()
                 due = self._next_heartbeat if self._welcomed else self._next_hello
                 events = dict(self.poller.poll(max(0, min(1000, int((due - now) * 1000) + 1))))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if self._wake.r in events:
+                    self._wake.clear()
                 if self.dealer in events:
                     self._drain()
                 self._send_routes()
@@ -260,6 +242,5 @@ class ShadowNode:
         self._stop_shadow()
         self.dealer.close(linger=200)
         self.ctx.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake.close()
         self.log.info("shutdown complete: peak RSS %.0f MiB", peak_rss_bytes() / 2**20)

@@ -29,6 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.sockets import WakePipe, dealer_socket
 from edgemoe.cluster.budget import (
     Admission,
     Key,
@@ -172,30 +173,20 @@ class Worker:
 
     def _setup(self) -> None:
         self.ctx = zmq.Context(io_threads=1)
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
-        self.dealer.setsockopt(zmq.IMMEDIATE, 1)  # refuse sends while no link: no backlog of stale heartbeats
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_TENSOR_BYTES + P.MAX_HEADER_BYTES)
+        self.dealer = dealer_socket(self.ctx, self.name)
         self.sub = self.ctx.socket(zmq.SUB)
-        for sock in (self.dealer, self.sub):
-            # ZMTP-level pings: a coordinator that vanished without closing its TCP connections (power
-            # loss, a cable) is noticed within seconds, and ZeroMQ reconnects (then we say hello again)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        # ZMTP-level pings on the predictions too: ZeroMQ reconnects (then we say hello again)
+        self.sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_HEADER_BYTES)
         self.monitor = self.dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         self.poller = zmq.Poller()
         for s in (self.dealer, self.sub, self.monitor):
             self.poller.register(s, zmq.POLLIN)
-        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(self._wake.r, zmq.POLLIN)
 
         # everything this process needs to serve is in place: measure what it costs
         baseline = max(peak_rss_bytes(), rss_bytes())
@@ -227,13 +218,7 @@ class Worker:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stopping = True
         self._stop_signal = signal.Signals(signum).name
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"w")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop wakes up anyway
+        self._wake.wake()
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -245,11 +230,8 @@ class Worker:
                 due = self._next_heartbeat if self._welcomed else self._next_hello
                 timeout_ms = max(0, min(1000, int((due - now) * 1000) + 1))
                 events = dict(self.poller.poll(timeout_ms))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if self._wake.r in events:
+                    self._wake.clear()
                 if self.monitor in events:
                     self._on_monitor()
                 if self.dealer in events:
@@ -497,7 +479,7 @@ class Worker:
                         self.log.warning("not loading %s: %s", _label(d.key), d.reason)
                         if d.pins:
                             self._errors[d.key] = [d.reason, d.pins]
-                            self._wake()
+                            self._wake.wake()
                         continue
                     self._cond.wait(1.0 if isinstance(d, Wait) else None)
             for k, s in evicted:
@@ -513,7 +495,7 @@ class Worker:
                         self._errors[d.key] = [reason, pins]
                     self._cond.notify_all()
                 self.log.warning("load %s failed: %s", _label(d.key), reason)
-                self._wake()
+                self._wake.wake()
                 continue
             dt = time.perf_counter() - t
             with self._cond:
@@ -524,7 +506,7 @@ class Worker:
                 self._cond.notify_all()
             self.log.info("load %s: %.2f ms, %d bytes", _label(d.key), dt * 1e3, shard.layout.size)
             if keep:
-                self._wake()
+                self._wake.wake()
             else:
                 self._drop(d.key, shard, "no longer wanted")
 
@@ -592,8 +574,7 @@ class Worker:
         self.sub.close(linger=0)
         self.dealer.close(linger=200)  # long enough for the BYE to leave, short enough not to hang
         self.ctx.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake.close()
         self.compute.close()
         self.log.info("shutdown complete: peak RSS %s of budget %s", format_size(peak_rss_bytes()), format_size(self.budget))
 
