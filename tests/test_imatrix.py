@@ -15,10 +15,10 @@ from edgemoe.format import keys
 from edgemoe.format.gguf_io import get_str, metadata, open_gguf, tensor_ne
 from edgemoe.format.imatrix import read_imatrix, write_imatrix
 from edgemoe.format.manifest import load_manifest, sha256_file
+from edgemoe.oracle import LlamaCpp, copy_3d
 from tests.cli import edgemoe
 from tools.convert import plan_conversion, write_model
 from tools.convert.imatrix import collect_imatrix
-from tools.realmodels.llama import LlamaRunner
 
 Q = GGMLQuantizationType
 MODEL = "llama-moe-f32"
@@ -38,32 +38,48 @@ def imatrix_file(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+class _Capture(LlamaCpp):
+    """llama.cpp with every `NAME-<il>` graph tensor of the given names copied out (as [ne2, ne1, ne0])."""
+
+    def __init__(self, path: Path, names: tuple[str, ...]) -> None:
+        self.names = tuple(n.encode() for n in names)
+        self.captured: dict[tuple[str, int], np.ndarray] = {}
+        super().__init__(path, n_ctx=256, n_threads=1, cb_eval=self._cb)
+
+    def _cb(self, t, ask: bool) -> bool:
+        name, _, il = t.name.rpartition(b"-")
+        if ask:
+            return name in self.names and il.isdigit()
+        self.captured[(name.decode(), int(il))] = copy_3d(t)
+        return True
+
+
 def test_sums_and_counts_are_llama_cpps_expert_inputs(fixtures_dir: Path) -> None:
-    """One chunk: counts are the router's choices and gate/up sums the squared FFN inputs, both read
-    out of llama.cpp's graph independently (ffn_moe_topk-L, ffn_norm-L)."""
+    """One chunk: counts are the router's choices, gate/up sums the squared FFN inputs and down sums
+    the squared SwiGLU outputs, all read out of llama.cpp's graph independently (ffn_moe_topk-L,
+    ffn_norm-L, ffn_moe_swiglu-L)."""
     src = fixtures_dir / f"{MODEL}.gguf"
     im = collect_imatrix(src, TEXT, dataset="t", chunk_size=256, n_threads=1)
     assert im.chunk_count == 1
-    with LlamaRunner(src, n_ctx=256, n_threads=1, capture=("ffn_norm", "ffn_moe_topk")) as r:
+    with _Capture(src, ("ffn_norm", "ffn_moe_topk", "ffn_moe_swiglu")) as r:
         tokens = r.tokenize(TEXT, add_special=True)
-        r.run(tokens)
-        n_expert, k = r.n_expert, r.n_expert_used
+        r.decode(tokens, 0, logits_all=True)
+        n_expert, k, T = r.n_expert, r.n_expert_used, len(tokens)
         for il in range(r.n_layer):
-            x = r.captured[("ffn_norm", il)].astype(np.float64)  # [T, n_embd]
-            top = r.captured[("ffn_moe_topk", il)]  # [T, k]
-            assert top.shape == (len(tokens), k)
+            x = r.captured[("ffn_norm", il)].reshape(T, -1).astype(np.float64)  # [T, n_embd]
+            top = r.captured[("ffn_moe_topk", il)].reshape(T, k)
+            act = r.captured[("ffn_moe_swiglu", il)].astype(np.float64)  # [T, k, n_ff]: slot j went to top[:, j]
             counts = np.bincount(top.reshape(-1), minlength=n_expert)
-            sums = np.zeros((n_expert, x.shape[1]))
+            gate_up = np.zeros((n_expert, x.shape[1]))
+            down = np.zeros((n_expert, act.shape[2]))
             for j in range(k):
-                np.add.at(sums, top[:, j], x ** 2)
+                np.add.at(gate_up, top[:, j], x ** 2)
+                np.add.at(down, top[:, j], act[:, j] ** 2)
             for part in ("gate", "up", "down"):
                 name = f"blk.{il}.ffn_{part}_exps.weight"
                 assert np.array_equal(im.counts[name], counts.astype(np.float32)), name
-            for part in ("gate", "up"):
-                name = f"blk.{il}.ffn_{part}_exps.weight"
-                np.testing.assert_allclose(im.sums[name], sums, rtol=1e-5, atol=1e-6, err_msg=name)
-            down = im.sums[f"blk.{il}.ffn_down_exps.weight"]
-            assert down.shape[0] == n_expert and (down >= 0).all() and (down[counts > 0].sum(axis=1) > 0).all()
+                want = down if part == "down" else gate_up
+                np.testing.assert_allclose(im.sums[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_file_has_llama_cpps_layout_and_round_trips(imatrix_file: Path, fixtures_dir: Path, tmp_path: Path) -> None:
