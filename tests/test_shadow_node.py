@@ -174,3 +174,23 @@ def test_shadow_node_cli_errors(model: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines and lines[-1].startswith("error:") and phrase in lines[-1], (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_node_rejoins_a_restarted_coordinator(model: Path) -> None:
+    """A lost coordinator is a lost peer: the node keeps running and joins the next one on the port."""
+    with Engine(model, n_ctx=64, n_threads=1) as engine:
+        first = RemoteShadowPredictor(engine, 1)
+        endpoint = first.endpoint
+        proc = node(endpoint, model)
+        try:
+            first.wait_for_shadow(60)
+            first.close()
+            second = RemoteShadowPredictor(engine, 1, bind=endpoint)
+            try:
+                second.wait_for_shadow(60)
+                assert second.connected and proc.poll() is None
+            finally:
+                second.close()
+        finally:
+            err = stop(proc)
+    assert proc.returncode == 0, err
