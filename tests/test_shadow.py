@@ -116,6 +116,8 @@ def test_impossible_shadow_types_are_user_errors(tmp_path: Path) -> None:
         (["--shadow-type", "q2_k"], ["multiple of 256", "types that work for this model: f16, q8_0, q5_0, iq4_nl, q4_0"]),
         (["--shadow-type", "q5_1"], ["unknown type", "q4_k"]),
         (["--shadow-trunk-type", "q8_0"], ["needs --shadow-type"]),
+        (["--shadow-fallback-type", "iq4_nl"], ["needs --shadow-type"]),
+        (["--shadow-type", "q4_k", "--shadow-fallback-type", "q2_k"], ["--shadow-fallback-type q2_k", "rows of 64"]),
     ]
     for extra, phrases in cases:
         r = edgemoe("convert", str(src), str(tmp_path / "out"), *extra)
@@ -128,6 +130,27 @@ def test_impossible_shadow_types_are_user_errors(tmp_path: Path) -> None:
     r = edgemoe("convert", str(src), str(tmp_path / "ok"), "--shadow-type", "q8_0", "--quiet")
     assert r.returncode == 0, r.stderr
     assert load_manifest(tmp_path / "ok").shadow["type"] == "q8_0"
+
+
+def test_fallback_type_takes_the_rows_a_k_quant_cannot(tmp_path: Path) -> None:
+    """As llama.cpp's quantizer falls back, but asked for: gate/up (rows of 64) IQ4_NL, down (rows of 256) Q4_K."""
+    src = write_moe(tmp_path / "m.gguf", n_embd=64, n_ff=256)
+    r = edgemoe("convert", str(src), str(tmp_path / "no"), "--shadow-type", "q4_k")
+    assert r.returncode == 2 and "or keep q4_k where it fits with --shadow-fallback-type iq4_nl" in r.stderr, r.stderr
+    r = edgemoe("convert", str(src), str(tmp_path / "out"), "--shadow-type", "q4_k", "--shadow-fallback-type", "iq4_nl",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    shadow = load_manifest(tmp_path / "out").shadow
+    assert shadow["type"] == "q4_k" and shadow["fallback_type"] == "iq4_nl" and shadow["file"] == "shadow-q4_k.gguf"
+    reader = open_gguf(tmp_path / "out" / shadow["file"])
+    types = {t.name.split(".")[2]: t.tensor_type.name for t in reader.tensors}
+    assert types == {"ffn_gate_exps": "IQ4_NL", "ffn_up_exps": "IQ4_NL", "ffn_down_exps": "Q4_K"}
+    assert metadata(reader)["edgemoe.shadow.fallback_type"] == "iq4_nl"
+    assert not verify_model_dir(tmp_path / "out")
+    # where every row fits, the fallback is not used and not recorded
+    r = edgemoe("convert", str(src), str(tmp_path / "fits"), "--shadow-type", "q8_0", "--shadow-fallback-type", "iq4_nl",
+                "--quiet")
+    assert r.returncode == 0 and "fallback_type" not in load_manifest(tmp_path / "fits").shadow
 
 
 # exactness on a cluster ----------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no file listing")
     p.add_argument("--shadow-type", metavar="TYPE", help="also write every routed expert requantized to TYPE "
                    "(f16, q8_0, q6_k, q5_k, q5_0, q4_k, iq4_nl, q4_0, q3_k, q2_k) as OUT_DIR/shadow-TYPE.gguf, for the shadow predictor")
+    p.add_argument("--shadow-fallback-type", metavar="TYPE", help="with --shadow-type: the type of the expert tensors "
+                   "whose rows it cannot take (e.g. q4_k with iq4_nl: K-quants need rows of a multiple of 256)")
     p.add_argument("--shadow-imatrix", metavar="FILE", help="with --shadow-type: weight the requantization by this importance "
                    "matrix (from `edgemoe imatrix`, or llama.cpp's llama-imatrix GGUF)")
     p.add_argument("--shadow-trunk-type", metavar="TYPE", help="with --shadow-type: also a trunk requantized to TYPE "
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from tools.convert import plan_conversion, write_model
 
     plan = plan_conversion(args.src, shadow_type=args.shadow_type, shadow_trunk_type=args.shadow_trunk_type,
-                           shadow_imatrix=args.shadow_imatrix)
+                           shadow_fallback_type=args.shadow_fallback_type, shadow_imatrix=args.shadow_imatrix)
     files = plan.files()
     n_shards = len(plan.moe_layers) * plan.n_experts
     shadow_files = files[1 + n_shards:]

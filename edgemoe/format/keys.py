@@ -9,6 +9,7 @@ N_EXPERTS_USED = "edgemoe.n_experts_used"
 EXPERT_LAYER = "edgemoe.expert.layer"
 EXPERT_INDEX = "edgemoe.expert.index"
 SHADOW_TYPE = "edgemoe.shadow.type"  # ggml type name of a shadow file's requantized weights
+SHADOW_FALLBACK_TYPE = "edgemoe.shadow.fallback_type"  # the type of the expert tensors whose rows the shadow type can't take
 SHADOW_IMATRIX = "edgemoe.shadow.imatrix_sha256"  # sha256 of the importance matrix the requantization was weighted by
 
 ROLE_TRUNK = "trunk"

@@ -69,6 +69,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # the shadow predictor's files, if converted with --shadow-type:
     # {"type": "q4_k", "file": "shadow-q4_k.gguf", "trunk_type": "q4_k" | None, "trunk_file": ... | None,
+    #  "fallback_type": the type of the expert tensors the shadow type could not take (only when used),
     #  "imatrix_sha256": sha256 of the importance matrix (present only when one weighted the requantization)}
     shadow: dict[str, Any] | None = None
 

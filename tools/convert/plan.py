@@ -52,8 +52,20 @@ class ConversionPlan:
     experts: dict[int, list[StackedExpertTensor]] = field(default_factory=dict)  # layer -> its stacked tensors
     shadow_type: GGMLQuantizationType | None = None  # routed experts requantized into shadow-<type>.gguf
     shadow_trunk_type: GGMLQuantizationType | None = None  # the trunk requantized into shadow-trunk-<type>.gguf
+    shadow_fallback_type: GGMLQuantizationType | None = None  # for expert tensors whose rows shadow_type cannot take
     shadow_imatrix: Imatrix | None = None  # column importance for the shadow's requantization
     shadow_imatrix_sha256: str | None = None
+
+    def shadow_type_of(self, st: "StackedExpertTensor") -> GGMLQuantizationType:
+        """The shadow type of one stacked expert weight: shadow_type, or the fallback where its rows don't fit."""
+        assert self.shadow_type is not None
+        if self.shadow_fallback_type is not None and not requant.fits(st.ne[0], self.shadow_type):
+            return self.shadow_fallback_type
+        return self.shadow_type
+
+    @property
+    def shadow_fallback_used(self) -> bool:
+        return any(self.shadow_type_of(t) != self.shadow_type for t in self.stacked_tensors() if t.kind == "weight")
 
     def shadow_importance(self, st: "StackedExpertTensor") -> list[np.ndarray | None] | None:
         """Per-expert column weights of a stacked expert weight for the shadow (None: unweighted)."""
@@ -81,7 +93,7 @@ class ConversionPlan:
 
     def shadow_nbytes(self) -> int:
         assert self.shadow_type is not None
-        return sum(requant.requantized_nbytes(t.tensor, self.shadow_type) if t.kind == "weight" else int(t.tensor.n_bytes)
+        return sum(requant.requantized_nbytes(t.tensor, self.shadow_type_of(t)) if t.kind == "weight" else int(t.tensor.n_bytes)
                    for t in self.stacked_tensors())
 
     def shadow_trunk_nbytes(self) -> int:
@@ -114,19 +126,24 @@ def requantize_in_trunk(t: ReaderTensor) -> bool:
 
 
 def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = None,
-                    shadow_trunk_type: str | None = None,
+                    shadow_trunk_type: str | None = None, shadow_fallback_type: str | None = None,
                     shadow_imatrix: str | os.PathLike[str] | None = None) -> ConversionPlan:
     """Validate the source and lay out the conversion. Raises UserError on any bad input.
 
     shadow_type (e.g. "q4_k"): also write every routed expert requantized to it, stacked, for the
-    shadow predictor; shadow_trunk_type: also a requantized copy of the trunk; shadow_imatrix: an
-    importance matrix (llama.cpp's imatrix GGUF) weighting the shadow experts' requantization.
+    shadow predictor; shadow_fallback_type: the type of the expert tensors whose rows shadow_type
+    cannot take (as llama.cpp's quantizer falls back, but asked for); shadow_trunk_type: also a
+    requantized copy of the trunk; shadow_imatrix: an importance matrix (llama.cpp's imatrix GGUF)
+    weighting the shadow experts' requantization.
     """
     src = Path(src)
     s_type = requant.parse_shadow_type(shadow_type) if shadow_type else None
     t_type = requant.parse_shadow_type(shadow_trunk_type, "--shadow-trunk-type") if shadow_trunk_type else None
     if t_type is not None and s_type is None:
         raise UserError("--shadow-trunk-type needs --shadow-type (the shadow's experts)")
+    f_type = requant.parse_shadow_type(shadow_fallback_type, "--shadow-fallback-type") if shadow_fallback_type else None
+    if f_type is not None and s_type is None:
+        raise UserError("--shadow-fallback-type needs --shadow-type (the shadow's experts)")
     if shadow_imatrix is not None and s_type is None:
         raise UserError("--shadow-imatrix needs --shadow-type (the shadow's experts)")
     reader = open_gguf(src)
@@ -176,12 +193,15 @@ def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = No
         raise UserError(f"{src}: expert tensors for layer {extra[0]}, but the model has {n_layers} layers")
 
     name = get_str(reader, "general.name") or src.stem
-    plan = ConversionPlan(src, reader, arch, name, n_layers, n_experts, n_used, trunk, stacked, s_type, t_type)
+    plan = ConversionPlan(src, reader, arch, name, n_layers, n_experts, n_used, trunk, stacked, s_type, t_type, f_type)
     if s_type is not None:
         weights = [t for t in plan.stacked_tensors() if t.kind == "weight"]
         rows = [t.ne[0] for t in weights]
         for t in weights:
-            requant.check_rows(str(src), t.name, t.ne[0], s_type, rows, "--shadow-type")
+            if f_type is not None and not requant.fits(t.ne[0], s_type):
+                requant.check_rows(str(src), t.name, t.ne[0], f_type, rows, "--shadow-fallback-type")
+            else:
+                requant.check_rows(str(src), t.name, t.ne[0], s_type, rows, "--shadow-type", fallback_hint=True)
         if shadow_imatrix is not None:
             plan.shadow_imatrix = _checked_imatrix(shadow_imatrix, weights, n_experts)
             plan.shadow_imatrix_sha256 = sha256_file(shadow_imatrix)

@@ -32,6 +32,9 @@ SHADOW_TYPES: dict[str, GGMLQuantizationType] = {
     "q3_k": Q.Q3_K,
     "q2_k": Q.Q2_K,
 }
+# a type of blocks of 32 with about the bits per weight of each K-quant (rows need only be a
+# multiple of 32): what rows a K-quant cannot take fall back to with --shadow-fallback-type
+SAME_SIZE_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_0", "q4_k": "iq4_nl", "q3_k": "iq4_nl", "q2_k": "q4_0"}
 _NUMPY_TYPES = (Q.F16, Q.Q8_0, Q.Q4_0)
 _CHUNK_FLOATS = 4 << 20  # rows per chunk: at most 16 MiB of float32 at a time
 
@@ -61,12 +64,20 @@ def types_for_rows(row_lengths: list[int]) -> list[str]:
     return [n for n, t in SHADOW_TYPES.items() if all(r % block_size(t) == 0 for r in row_lengths)]
 
 
-def check_rows(src: str, tensor: str, n_per_row: int, t: GGMLQuantizationType, all_rows: list[int], option: str) -> None:
+def fits(n_per_row: int, t: GGMLQuantizationType) -> bool:
+    return n_per_row % block_size(t) == 0
+
+
+def check_rows(src: str, tensor: str, n_per_row: int, t: GGMLQuantizationType, all_rows: list[int], option: str,
+               fallback_hint: bool = False) -> None:
     """A UserError naming the tensor and the types that work when rows of n_per_row can't become t."""
-    if n_per_row % block_size(t) == 0:
+    if fits(n_per_row, t):
         return
     ok = types_for_rows(all_rows)
     hint = f"types that work for this model: {', '.join(ok)}" if ok else "no shadow type fits this model's row lengths"
+    alt = SAME_SIZE_FALLBACK.get(type_name(t))
+    if fallback_hint and alt is not None and fits(n_per_row, SHADOW_TYPES[alt]):
+        hint += f"; or keep {type_name(t)} where it fits with --shadow-fallback-type {alt}"
     raise UserError(f"{src}: {option} {type_name(t)} needs rows of a multiple of {block_size(t)} values, but "
                     f"{tensor} has rows of {n_per_row}; {hint}")
 

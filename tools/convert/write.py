@@ -116,6 +116,8 @@ def _write_all(plan: ConversionPlan, root: Path, progress: bool) -> Manifest:
         if plan.shadow_type is not None:
             name = requant.type_name(plan.shadow_type)
             shadow = {"type": name, "file": shadow_file_name(name), "trunk_type": None, "trunk_file": None}
+            if plan.shadow_fallback_used:
+                shadow["fallback_type"] = requant.type_name(plan.shadow_fallback_type)
             if plan.shadow_imatrix_sha256:
                 shadow["imatrix_sha256"] = plan.shadow_imatrix_sha256
             _write_shadow(plan, root / shadow["file"], source_sha, bar)
@@ -238,9 +240,11 @@ def _write_shadow(plan: ConversionPlan, path: Path, source_sha: str, bar: tqdm) 
     writer = GGUFWriter(path, plan.arch.name)
     _common_keys(writer, plan, ROLE_SHADOW, source_sha)
     writer.add_string(SHADOW_TYPE_KEY, requant.type_name(plan.shadow_type))
+    if plan.shadow_fallback_used:
+        writer.add_string(keys.SHADOW_FALLBACK_TYPE, requant.type_name(plan.shadow_fallback_type))
     if plan.shadow_imatrix_sha256:
         writer.add_string(keys.SHADOW_IMATRIX, plan.shadow_imatrix_sha256)
-    items = [_requantized(plan, st.tensor, plan.shadow_type, plan.shadow_importance(st)) if st.kind == "weight"
+    items = [_requantized(plan, st.tensor, plan.shadow_type_of(st), plan.shadow_importance(st)) if st.kind == "weight"
              else _copied(plan, st.tensor)
              for st in plan.stacked_tensors()]
     _write_streamed(writer, items, bar)

@@ -49,7 +49,9 @@ class BuildConfig:
     n_threads: int = 2
 
 
-SHADOW_TYPE = "iq4_nl"  # rows of 576 take no K-quant; IQ4_NL is the best 4-bit type that fits them
+# the shadow's experts: Q4_K where the rows allow it (down: rows of 1536), IQ4_NL (the same 4.5 bits
+# per weight in blocks of 32) for gate/up, whose rows of 576 take no K-quant
+SHADOW_TYPE, SHADOW_FALLBACK_TYPE = "q4_k", "iq4_nl"
 IMATRIX_CHUNKS = 16  # calibration chunks the shadow's importance matrix is collected over
 
 
@@ -186,7 +188,8 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
         imatrix = out_dir / f"{name}.imatrix.gguf"
         write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
                                                max_chunks=IMATRIX_CHUNKS), "llama")
-        plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_imatrix=imatrix)
+        plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_fallback_type=SHADOW_FALLBACK_TYPE,
+                               shadow_imatrix=imatrix)
         write_model(plan, out_dir / name, force=True, progress=False)
         meta["models"][name]["dir"] = name
         meta.setdefault("build_seconds", {})[f"convert {name}"] = round(time.perf_counter() - t, 1)
