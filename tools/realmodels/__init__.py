@@ -12,32 +12,7 @@ down refit), upcycle (demo-moe), sparse (sparse-moe), write (streaming atomic GG
 (orchestration, models.json, ensure_built), evaluate (quality numbers for docs/MODELS.md).
 """
 
-from .build import (
-    MODEL_NAMES,
-    MODELS_JSON,
-    BuildConfig,
-    build_all,
-    convert_models,
-    converter_fingerprint,
-    dense_path,
-    ensure_built,
-    fingerprint,
-    is_fresh,
-    read_models_json,
-    update,
-)
+from . import build
+from .build import *  # noqa: F401,F403  (the builder's public names, listed once in build.__all__)
 
-__all__ = [
-    "MODELS_JSON",
-    "MODEL_NAMES",
-    "BuildConfig",
-    "build_all",
-    "convert_models",
-    "converter_fingerprint",
-    "dense_path",
-    "ensure_built",
-    "fingerprint",
-    "is_fresh",
-    "read_models_json",
-    "update",
-]
+__all__ = list(build.__all__)
