@@ -7,7 +7,6 @@ survives malformed messages; so does the coordinator's shadow socket.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time

@@ -103,9 +103,9 @@ class RemoteShadowPredictor(Predictor):
             return
         self._sent_to = min(self._sent_to, pos)  # the main model went back: those rows are new
         kv = engine.kv
-        row_bytes = 2 * len(kv.k) * kv.k[0].shape[1] * 4
-        for lo in range(self._sent_to, pos, max(1, KV_CHUNK_BYTES // row_bytes)):
-            hi = min(pos, lo + max(1, KV_CHUNK_BYTES // row_bytes))
+        rows_per_message = max(1, KV_CHUNK_BYTES // (2 * len(kv.k) * kv.k[0].shape[1] * 4))
+        for lo in range(self._sent_to, pos, rows_per_message):
+            hi = min(pos, lo + rows_per_message)
             rows = np.stack([np.stack([kv.k[il][lo:hi], kv.v[il][lo:hi]]) for il in range(len(kv.k))])
             self._send(self._peer, P.encode(P.KV_ROWS, rows, lo=lo))
         self._sent_to = pos
