@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 
 from edgemoe.util import proc
-from edgemoe.util.llamacpp import init_llama, load_model, meta_str, tokenize
+from edgemoe.util.llamacpp import init_llama, load_model, meta_str, model_params, tokenize
 from edgemoe.ggml.lib import ggml_tensor
 from edgemoe.util.resource import Owned
 
@@ -81,7 +81,8 @@ def copy_3d(t: GgmlTensor) -> np.ndarray:
 
 class LlamaCpp(Owned):
     """A llama.cpp model + context on CPU, set up to run the ggml kernels edgemoe calls itself:
-    no weight repacking (unless extra_bufts), F32 KV cache, flash attention, one ubatch per batch.
+    no weight repacking (unless extra_bufts: True asks for it, None takes llama.cpp's default; either
+    is granted only where this machine can run it), F32 KV cache, flash attention, one ubatch per batch.
 
     cb_eval(tensor, ask) -> bool, when given, is llama.cpp's graph callback (ggml_backend_sched_eval_callback):
     asked for every node (ask=True: does the caller want this one?), then called with each wanted node
@@ -89,19 +90,16 @@ class LlamaCpp(Owned):
     """
 
     def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2, kv_f32: bool = True,
-                 flash_attn: bool = True, extra_bufts: bool = False,
+                 flash_attn: bool = True, extra_bufts: bool | None = False,
                  cb_eval: "Callable[[GgmlTensor, bool], bool] | None" = None) -> None:
         init_llama()
         self._model: int | None = None
         self._ctx: int | None = None
         self._batch: llama_cpp.llama_batch | None = None
 
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        # This version replaced `use_mmap`/`use_mlock` with `load_mode`.
-        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
         # Repacked (extra buffer type) weights run different kernels than edgemoe's ggml calls.
-        mp.use_extra_bufts = extra_bufts
+        mp = model_params(extra_bufts=extra_bufts)
+        self.extra_bufts: bool = bool(mp.use_extra_bufts)  # what llama.cpp was given, not what was asked
         self._model = load_model(model_path, mp)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -197,7 +195,7 @@ class LlamaCppReference(LlamaCpp):
     """The reference: greedy traces, logits and (capture_routing) each layer's top-k experts."""
 
     def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2, kv_f32: bool = True,
-                 flash_attn: bool = True, extra_bufts: bool = False, capture_routing: bool = False) -> None:
+                 flash_attn: bool = True, extra_bufts: bool | None = False, capture_routing: bool = False) -> None:
         self._capture = capture_routing
         self._seen: dict[int, np.ndarray] = {}  # layer -> [n_rows, k] of the current decode
         super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_f32=kv_f32, flash_attn=flash_attn,

@@ -9,6 +9,21 @@ import pytest
 
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Probe llama.cpp's extra buffer types once, before any test: the verdict goes into the
+    environment, so every process a test starts inherits it instead of probing again."""
+    from edgemoe.util.extra_bufts import extra_bufts_result
+
+    extra_bufts_result()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from edgemoe.util.extra_bufts import extra_bufts_result
+
+    r = extra_bufts_result()
+    return "llama.cpp extra buffer types (repacking): " + ("usable" if r.usable else f"unavailable: {r.reason}")
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO / "build" / "fixtures"
 

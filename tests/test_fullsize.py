@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from edgemoe.errors import UserError
+from edgemoe.oracle import LlamaCppReference
+from edgemoe.util.extra_bufts import extra_bufts_usable
 from tools.fullsize import MODELS, build_model, model_spec, plan
 import tools.fullsize.generate as gen_mod
 from tools.fullsize.__main__ import main as cli_main
@@ -151,23 +153,16 @@ def _expected_tensors(model: str, n_layer: int, n_expert: int) -> dict[str, tupl
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_llama_cpp_loads_and_generates(small_models: dict, model: str) -> None:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        model_path=str(small_models[model]), n_ctx=64, n_threads=1, verbose=False, logits_all=True
-    )
-    toks = llm.tokenize(b"Hello world, this is")
-    llm.eval(toks)
-    logits = np.asarray(llm.scores[llm.n_tokens - 1])
+    # As a user runs llama.cpp: its default (repacked) weights wherever this machine can run them.
+    with LlamaCppReference(small_models[model], n_ctx=64, n_threads=1, extra_bufts=None) as llm:
+        assert llm.extra_bufts == extra_bufts_usable()
+        toks = llm.tokenize("Hello world, this is")
+        trace = llm.greedy(toks, 4)
+    logits = trace.logits[0]  # after the prompt
     assert np.isfinite(logits).all()
     assert 0.5 < logits.std() < 20, "activations should stay numerically healthy"
-    out = []
-    for tok in llm.generate(toks, top_k=1, temp=0.0):
-        out.append(tok)
-        if len(out) == 4:
-            break
+    out = trace.tokens
     assert len(out) == 4 and all(0 <= t < N_VOCAB for t in out)
-    llm.close()
 
 
 @pytest.mark.parametrize("model", list(MODELS))

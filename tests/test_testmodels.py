@@ -15,6 +15,8 @@ from edgemoe.errors import UserError
 from tools.testmodels import ARCHS, MODELS, build_model, fingerprint, is_fresh, smollm2_path
 from tools.testmodels.__main__ import main as cli_main
 from edgemoe.format.manifest import sha256_file
+from edgemoe.oracle import LlamaCppReference
+from edgemoe.util.extra_bufts import extra_bufts_usable
 
 QUANTIZED = {
     gguf.GGMLQuantizationType.Q4_K,
@@ -55,31 +57,20 @@ def test_fixtures_json_lists_every_model(fixtures_dir: Path) -> None:
 
 @pytest.mark.parametrize("name,arch,ftype", MODELS, ids=[m[0] for m in MODELS])
 def test_llama_cpp_loads_and_generates(fixtures_dir: Path, name: str, arch: str, ftype: str) -> None:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        model_path=str(fixtures_dir / f"{name}.gguf"),
-        n_ctx=256,
-        n_threads=1,
-        verbose=False,
-        logits_all=False,
-    )
-    try:
-        assert llm.metadata["general.architecture"] == arch
-        assert llm.n_vocab() == 49152
-        prompt = llm.tokenize(b"The quick brown fox", add_bos=True)
-        out: list[int] = []
-        for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-            out.append(tok)
-            if len(out) == 16:
-                break
-        # logits of the last decoded position (the sampler saw these)
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
+    # As a user runs llama.cpp: its default (repacked) weights wherever this machine can run them.
+    with LlamaCppReference(fixtures_dir / f"{name}.gguf", n_ctx=256, n_threads=1, extra_bufts=None) as llm:
+        assert llm.extra_bufts == extra_bufts_usable()
+        assert llm.arch == arch
+        assert llm.n_vocab == 49152
+        prompt = llm.tokenize("The quick brown fox", add_special=True)
+        trace = llm.greedy(prompt, 16)
+        out = trace.tokens
+        # logits of the last decoded position (the 16th token was chosen from these)
+        logits = trace.logits[-1]
+        assert len(out) == 16
         assert np.isfinite(logits).all()
         assert logits.std() > 0.1, "output logits are nearly constant"
         assert len(set(out)) >= 3, f"greedy decoding collapsed: {out}"
-    finally:
-        llm.close()
 
 
 @pytest.mark.parametrize("model", list(ARCHS))

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgemoe.model.engine import Engine
 from edgemoe.oracle import LlamaCppReference
+from edgemoe.util.extra_bufts import extra_bufts_result
 
 
 @dataclass
@@ -35,7 +36,8 @@ class EngineBench:
     llama_cpp: list[RunTiming] = field(default_factory=list)
     tokens_match: bool = True
     resident_experts: bool = True
-    reference_repack: bool = False
+    reference_repack: bool = False  # whether llama.cpp really ran repacked weights
+    reference_repack_note: str = ""  # why repacking was asked for and not used
 
     def median(self, runs: list[RunTiming], key: str) -> float:
         return statistics.median(getattr(r, key) for r in runs)
@@ -77,9 +79,14 @@ def bench_engine(model: str | Path, reference: str | Path, *, threads: int, prom
     """
     prompt = [100 + i for i in range(prompt_tokens)]
     result = EngineBench(str(model), str(reference), threads, prompt_tokens, n_predict, repeats,
-                         resident_experts=resident_experts, reference_repack=reference_repack)
+                         resident_experts=resident_experts)
     with Engine(model, n_ctx=n_ctx, n_threads=threads, resident_experts=resident_experts) as engine, \
             LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads, extra_bufts=reference_repack) as ref:
+        result.reference_repack = ref.extra_bufts
+        if reference_repack and not ref.extra_bufts:
+            result.reference_repack_note = (
+                "llama.cpp's weight repacking is unavailable on this machine "
+                f"({extra_bufts_result().reason}); llama.cpp ran without it")
         _edgemoe_run(engine, prompt, 4)  # warm-up: page cache, graph cache
         ref.greedy(prompt, 4)
         for _ in range(repeats):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edgemoe.cli.run import default_threads
@@ -105,6 +106,8 @@ def run_engine(args: argparse.Namespace) -> int:
                      n_ctx=max(256, args.prompt_tokens + args.n_predict + 8), resident_experts=args.resident_experts,
                      reference_repack=args.reference_repack)
     s = r.summary()
+    if r.reference_repack_note:
+        print(f"note: {r.reference_repack_note}", file=sys.stderr)
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import llama_cpp
 
 from edgemoe.errors import UserError
-from edgemoe.util.llamacpp import load_model, token_to_piece, tokenize
+from edgemoe.util.llamacpp import load_model, model_params, token_to_piece, tokenize
 from edgemoe.util.resource import Owned
 
 LLAMA_TOKEN_NULL = -1
@@ -25,10 +25,7 @@ class Tokenizer(Owned):
 
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
         self._model: int | None = None
-        mp = llama_cpp.llama_model_default_params()
-        mp.vocab_only = True
-        mp.n_gpu_layers = 0
-        self._model = load_model(model_path, mp)
+        self._model = load_model(model_path, model_params(vocab_only=True))
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.path = os.fspath(model_path)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)

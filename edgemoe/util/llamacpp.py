@@ -1,7 +1,11 @@
 """Plumbing shared by every user of llama-cpp-python's low-level ctypes API.
 
-Importing this module initialises the llama.cpp backend once and silences its logging (set
-EDGEMOE_LLAMA_LOG=1 to keep it). Everything here is a thin wrapper over `llama_cpp.*`.
+Every llama.cpp model load of the project (engine, tools, tests, benchmarks) goes through
+`model_params` and `load_model` here, so that one place decides llama.cpp's extra buffer types
+(weight repacking, AMX): on only where a probe showed this machine can run them
+(`edgemoe.util.extra_bufts`). `tests/test_llamacpp_loads.py` fails on a load anywhere else.
+
+The backend is initialised once and its logging silenced (set EDGEMOE_LLAMA_LOG=1 to keep it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import llama_cpp
 
 from edgemoe.errors import UserError
+from edgemoe.util.extra_bufts import extra_bufts_usable
 
 
 @llama_cpp.llama_log_callback
@@ -42,6 +47,22 @@ def init_llama() -> None:
     llama_cpp.llama_log_set(_log_stderr if verbose else _log_quiet, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     _initialised = True
+
+
+def model_params(*, extra_bufts: bool | None = None, vocab_only: bool = False) -> llama_cpp.llama_model_params:
+    """llama.cpp model parameters for a CPU load, memory-mapped.
+
+    extra_bufts: None for llama.cpp's default (repacked weights) where this machine can run it,
+    True to ask for it (granted only where it can run), False for plain CPU buffers, which run the
+    same ggml kernels edgemoe calls itself. A vocab-only load has no weights and never probes.
+    """
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    # This version replaced `use_mmap`/`use_mlock` with `load_mode`.
+    mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+    mp.vocab_only = vocab_only
+    mp.use_extra_bufts = bool(not vocab_only and extra_bufts is not False and extra_bufts_usable())
+    return mp
 
 
 def load_model(path: str | os.PathLike[str], params: llama_cpp.llama_model_params) -> int:
@@ -97,4 +118,4 @@ def token_to_piece(vocab: int, token: int, special: bool = False) -> bytes:
         size = -n
 
 
-__all__ = ["init_llama", "load_model", "meta_str", "token_to_piece", "tokenize"]
+__all__ = ["init_llama", "load_model", "meta_str", "model_params", "token_to_piece", "tokenize"]
