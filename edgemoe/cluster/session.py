@@ -29,12 +29,30 @@ class ClusterOptions:
     memory_budget: str | None = None
     worker_threads: int = 1
     shadow_node: str | None = None  # the shadow on its own node: "local" (spawned on loopback) or tcp://HOST:PORT to bind
+    residency: str = "auto"  # "auto": workers keep residents under one placement; "off": the paper's cacheless mode
     join_timeout_s: float = 120.0
     request_timeout_s: float = 30.0
 
     @property
     def enabled(self) -> bool:
         return self.workers > 0 or self.bind is not None
+
+
+def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[tuple[int, int], float]:
+    """Per-expert routing counts from the importance matrix the model's shadow was weighted by, when
+    it lies next to the converted directory (NAME.imatrix.gguf with the manifest's sha256); else
+    none (the placement then spreads residents evenly and learns the counts online)."""
+    from edgemoe.cluster.placement import counts_from_imatrix
+    from edgemoe.format.imatrix import read_imatrix
+    from edgemoe.format.manifest import load_manifest, sha256_file
+
+    want = (load_manifest(model).shadow or {}).get("imatrix_sha256")
+    if not want:
+        return {}
+    for path in sorted(Path(model).resolve().parent.glob("*.imatrix.gguf")):
+        if sha256_file(path) == want:
+            return counts_from_imatrix(read_imatrix(path).counts, moe_layers)
+    return {}
 
 
 @contextlib.contextmanager
@@ -70,7 +88,8 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         try:
             cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
                                      moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
-                                     timeout_s=opts.request_timeout_s)
+                                     timeout_s=opts.request_timeout_s, residency=opts.residency,
+                                     routing_counts=routing_counts(model, engine.moe_layers))
         except BaseException:
             predictor.close()
             raise
