@@ -143,8 +143,11 @@ class ClusterExperts(ExpertBackend):
         self.pub.setsockopt(zmq.LINGER, 0)
         try:
             self.endpoint = bind_endpoint(self.router, bind)
-            host = bind.rsplit(":", 1)[0]
-            self.pub_endpoint = bind_endpoint(self.pub, f"{host}:0")
+            if bind.startswith("ipc://"):  # a local cluster: Unix sockets next to each other
+                self.pub_endpoint = bind_endpoint(self.pub, bind + ".pub")
+            else:
+                host = bind.rsplit(":", 1)[0]
+                self.pub_endpoint = bind_endpoint(self.pub, f"{host}:0")
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind {bind}: {e}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -71,6 +73,9 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     remote_shadow = opts.shadow_node is not None
     if remote_shadow and parse_predictor(opts.predictor)[0] != "shadow":
         raise UserError(f"--shadow-node runs the shadow predictor elsewhere; it needs --predictor shadow, not {opts.predictor}")
+    # workers spawned here talk over Unix sockets (ZeroMQ ipc://), the fastest transport it has on one host
+    ipc_dir = tempfile.mkdtemp(prefix="edgemoe-ipc-") if opts.bind is None else None
+    worker_bind = opts.bind or f"ipc://{ipc_dir}/workers"
 
     def make_backend(engine: Engine) -> ClusterExperts:
         nonlocal cluster
@@ -87,7 +92,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
                                        main=engine, options=popts)
         try:
             cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
-                                     moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
+                                     moe_layers=engine.moe_layers, bind=worker_bind, predictor=predictor,
                                      timeout_s=opts.request_timeout_s, residency=opts.residency,
                                      routing_counts=routing_counts(model, engine.moe_layers))
         except BaseException:
@@ -127,3 +132,5 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         if cluster is not None and cluster.predictor is not None:
             cluster.predictor.close()  # a shadow predictor's thread and engine
         engine.close()
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)

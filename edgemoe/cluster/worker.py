@@ -60,10 +60,15 @@ DEFAULT_HEARTBEAT_S = 1.0
 HELLO_INTERVAL_S = 2.0  # re-send HELLO this often while not welcomed
 HELLO_RETRY_S = 0.1  # ... and this often while the link is not up yet (sends would be refused)
 _CONNECT_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_IPC_RE = re.compile(r"^ipc://(/[A-Za-z0-9._/-]{1,100})$")  # a local cluster: Unix sockets, no TCP stack
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 
 
 def parse_endpoint(endpoint: str, what: str = "--connect") -> tuple[str, int]:
+    """(host, port) of tcp://HOST:PORT; (path, 0) of ipc:///PATH (a coordinator on this host)."""
+    m = _IPC_RE.match(endpoint)
+    if m is not None:
+        return m.group(1), 0
     m = _CONNECT_RE.match(endpoint)
     if m is None or not 0 < int(m.group(2)) < 65536:
         raise UserError(f"{what}: {endpoint!r} is not an endpoint of the form tcp://HOST:PORT")
@@ -379,7 +384,7 @@ class Worker:
         except UserError as e:
             self.log.warning("dropped a welcome: %s", e)
             return
-        if host in ("*", "0.0.0.0", "[::]"):
+        if not pub.startswith("ipc://") and host in ("*", "0.0.0.0", "[::]"):
             pub = f"tcp://{self.host}:{port}"  # the coordinator told us where it bound, not where it is
         if pub != self._pub:
             if self._pub is not None:
