@@ -128,6 +128,10 @@ class ClusterExperts(ExpertBackend):
         self.placement: dict[Key, WorkerInfo] = {}  # resident (layer, expert) -> its live holder
         self._planning = False  # set by start_residency(), once the first workers are in
         self._plan_id = 0
+        # local workers: () -> [(name, pid, why)] of those that exited (set by the session that spawned
+        # them), so that a worker the kernel killed is noticed at once rather than after a timeout
+        self.exited: Callable[[], list[tuple[str, int, str]]] | None = None
+        self._next_watch = 0.0
         self.recall = RecallMeter(k)
         self.workers: dict[bytes, WorkerInfo] = {}
         self._next_id = 0
@@ -207,6 +211,12 @@ class ClusterExperts(ExpertBackend):
         """The live worker keeping (layer, expert) resident, if any."""
         w = self.placement.get((layer, expert))
         return w if w is not None and w.alive else None
+
+    def _watch(self) -> None:
+        for name, pid, why in self.exited():
+            for w in self.live_workers():
+                if w.name == name and w.pid == pid:
+                    self._lost(w, why)
 
     def _lost(self, w: WorkerInfo, why: str) -> None:
         """A worker is gone: forget its assignments, re-plan its residents over the others."""
@@ -396,6 +406,9 @@ class ClusterExperts(ExpertBackend):
             if decode and self.predictor is not None:  # a background predictor may have caught up meanwhile
                 self._prefetch(self.predictor.poll(layer), layer)
             now = time.monotonic()
+            if self.exited is not None and now >= self._next_watch:
+                self._next_watch = now + 0.25
+                self._watch()
             for r in list(pending.values()):
                 if not r.worker.alive or now - r.sent_at > self.timeout_s:
                     self._retry(r, pending, "timed out" if r.worker.alive else "is gone")

@@ -119,6 +119,8 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
             if failed:
                 raise UserError("; ".join(failed))
 
+        if local is not None:
+            cluster.exited = local.exited
         cluster.wait_for_workers(opts.workers + opts.wait_workers, opts.join_timeout_s, check)
         if remote_shadow:
             cluster.predictor.wait_for_shadow(opts.join_timeout_s, check)
