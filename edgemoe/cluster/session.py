@@ -125,6 +125,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         if remote_shadow:
             cluster.predictor.wait_for_shadow(opts.join_timeout_s, check)
         engine.local_workers = local  # type: ignore[attr-defined]
+        engine.local_shadow = local_shadow  # type: ignore[attr-defined]
         yield engine
     finally:
         if local is not None:
