@@ -355,3 +355,71 @@ def test_random_schedules_stay_within_budget_and_serve_everything() -> None:
         assert not pending, (trial, pending, a.entries, list(a.queue))
         assert served > 0
         assert refused == 0 or room < 1
+
+
+# -- residents -----------------------------------------------------------------------------------
+
+
+def test_residents_stay_after_compute_and_within_their_room() -> None:
+    a = adm(5, jit_room=2 * S)
+    assert a.resident_room == 3 * S
+    drops, refused = a.set_resident([(k(0), S), (k(1), S), (k(2), S), (k(3), S)])
+    assert drops == [] and refused == [k(3)]  # three fit the resident room, the fourth loads just in time
+    assert sorted(a.resident_keys()) == [k(0), k(1), k(2)]
+    for _ in range(3):
+        load_next(a)
+    assert a.next_load() is None
+    for _ in range(3):  # computed again and again: hits, never dropped
+        r = a.request(k(1), S)
+        assert r.hit and r.ready
+        assert a.computed(k(1)) is False
+    # predictions expire, residents do not
+    a.prefetch(1, [(k(0), S)])
+    a.prefetch(9, [])
+    assert a.state(k(0)) == "loaded"
+    # the just-in-time room still serves others: a demand loads into it, and is dropped after use
+    r = a.request(k(5), S)
+    assert not r.hit and load_next(a).key == k(5)
+    assert a.computed(k(5)) is True and a.state(k(5)) is None
+
+
+def test_a_new_resident_set_drops_the_old_ones_not_in_it() -> None:
+    a = adm(5, jit_room=2 * S)
+    a.set_resident([(k(0), S), (k(1), S)])
+    load_next(a)
+    load_next(a)
+    a.request(k(0), S)  # pinned by a request in flight: stays until computed
+    drops, _ = a.set_resident([(k(2), S)])
+    assert drops == [k(1)]
+    assert a.state(k(0)) == "loaded" and not a.entries[k(0)].resident
+    assert a.computed(k(0)) is True  # no longer resident: dropped after its compute
+    assert load_next(a).key == k(2)
+    assert a.set_resident([])[0] == [k(2)] and not a.entries
+
+
+def test_demands_evict_others_before_residents() -> None:
+    a = adm(3, jit_room=S)
+    a.set_resident([(k(0), S), (k(1), S)])
+    load_next(a)
+    load_next(a)
+    a.prefetch(1, [(k(2), S)])
+    load_next(a)
+    assert a.free == 0
+    a.request(k(3), S)  # a demand: evicts the idle prefetched shard, not a resident
+    d = a.next_load()
+    assert isinstance(d, Load) and d.key == k(3) and d.evict == [k(2)]
+    # when the baseline grew and only residents are idle, a demand evicts one (it stops being resident)
+    a.loaded(k(3))
+    a.computed(k(3))
+    a.baseline += S
+    a.request(k(4), S)
+    d = a.next_load()
+    assert isinstance(d, Load) and len(d.evict) == 1 and d.evict[0] in (k(0), k(1))
+    assert d.evict[0] not in a.resident_keys()
+
+
+def test_reset_forgets_residents() -> None:
+    a = adm(3, jit_room=S)
+    a.set_resident([(k(0), S)])
+    load_next(a)
+    assert a.reset() == [k(0)] and not a.entries

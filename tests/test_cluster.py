@@ -55,12 +55,14 @@ def test_every_test_model_on_four_workers(converted_models: dict[str, Path]) -> 
         assert sum(w["requests"] for w in summary["workers"]) > 0
 
 
-@pytest.mark.parametrize("workers", [1, 2, 8])
-@pytest.mark.parametrize("predictor", ["reactive", "random", "lookahead"])
-def test_worker_counts_and_predictors_change_nothing(converted_models: dict[str, Path], workers: int, predictor: str) -> None:
+@pytest.mark.parametrize("workers,predictor,residency", [
+    (w, p, "auto") for w in (1, 2, 8) for p in ("reactive", "random", "lookahead")
+] + [(1, "reactive", "off"), (2, "lookahead", "off"), (8, "random", "off")])
+def test_worker_counts_and_predictors_change_nothing(converted_models: dict[str, Path], workers: int, predictor: str,
+                                                     residency: str) -> None:
     model = converted_models["qwen2moe-q4_k_m"]
     want_tokens, want_logits = in_process(model)
-    tokens, logits, summary = cluster_run(model, workers=workers, predictor=predictor)
+    tokens, logits, summary = cluster_run(model, workers=workers, predictor=predictor, residency=residency)
     assert tokens == want_tokens
     assert np.array_equal(logits, want_logits)
     assert len(summary["workers"]) == workers
@@ -68,6 +70,95 @@ def test_worker_counts_and_predictors_change_nothing(converted_models: dict[str,
         assert summary["recall"] == 0.0 and summary["predicted_loads"] == 0
     if predictor == "lookahead" and workers >= 4:
         assert summary["recall"] > 0.2
+    assert (summary["resident_experts"] > 0) == (residency == "auto")
+
+
+def _decode_deltas(engine: Engine) -> dict[str, int]:
+    """Run greedy twice; what the second run (residents loaded, page cache warm) added to the stats."""
+    greedy(engine)
+    s = engine.experts.stats
+    before = (s.hits, s.resident_routed, s.calls, s.predicted)
+    tokens, logits = greedy(engine)
+    after = (s.hits, s.resident_routed, s.calls, s.predicted)
+    d = dict(zip(("hits", "resident_routed", "calls", "predicted"), (b - a for a, b in zip(before, after))))
+    d["tokens"], d["logits"] = tokens, logits
+    return d
+
+
+@pytest.mark.parametrize("residency", ["auto", "off"])
+def test_residency_changes_nothing_and_residents_are_hits(converted_models: dict[str, Path], residency: str) -> None:
+    """Residents and prefetches must become hits (read from the workers' own reports); the answer is
+    the in-process engine's either way."""
+    model = converted_models["llama-moe-q8_0"]
+    want_tokens, want_logits = in_process(model)
+    opts = ClusterOptions(workers=2, predictor="reactive" if residency == "auto" else "lookahead", residency=residency)
+    with open_engine(model, opts, n_ctx=256, n_threads=1) as engine:
+        d = _decode_deltas(engine)
+        cluster = engine.experts
+        n_experts = len(cluster._sizes)
+        if residency == "auto":
+            # the default budget holds every expert: each is resident once, spread over both workers
+            assert len(cluster.placement) == n_experts
+            assert {w.resident for w in cluster.live_workers()} == {n_experts // 2}
+            routed = (N_PREDICT - 1) * len(engine.moe_layers) * engine.cfg.n_expert_used
+            # every routed expert of decode (and of the prompt's last row at the last layer) had a holder ...
+            assert d["resident_routed"] in (routed, routed + engine.cfg.n_expert_used)
+            assert d["hits"] == d["calls"] > routed  # ... and every expert computed was already mapped there
+            assert d["predicted"] == 0  # nothing to predict: a reactive cluster loses nothing
+        else:
+            assert not cluster.placement and d["resident_routed"] == 0
+            assert d["predicted"] > 0 and 0 < d["hits"] <= d["predicted"]  # correct predictions were loaded ahead
+    assert d["tokens"] == want_tokens and np.array_equal(d["logits"], want_logits)
+
+
+def test_budget_between_jit_and_all_resident(converted_models: dict[str, Path]) -> None:
+    """Budgets that hold some of the experts: the placement respects them, the rest load just in time."""
+    model = converted_models["llama-moe-f32"]  # 32 experts of 1.5 MiB: 80 MiB leaves room for some of them
+    want_tokens, want_logits = in_process(model)
+    shard = max(p.stat().st_size for p in (model / "experts").iterdir())
+    opts = ClusterOptions(workers=2, predictor="lookahead", memory_budget="80MiB")
+    with open_engine(model, opts, n_ctx=256, n_threads=1) as engine:
+        cluster = engine.experts
+        d = _decode_deltas(engine)
+        workers = cluster.live_workers()
+        for w in workers:
+            held = sum(cluster._sizes[k] for k, x in cluster.placement.items() if x is w)
+            assert held <= w.resident_room < w.budget
+        placed = len(cluster.placement)
+        assert 0 < placed < len(cluster._sizes), (placed, shard)
+        assert 0 < d["resident_routed"] < d["calls"] and d["hits"] >= d["resident_routed"]
+    assert d["tokens"] == want_tokens and np.array_equal(d["logits"], want_logits)
+
+
+def test_lost_worker_holding_residents_is_replanned(converted_models: dict[str, Path]) -> None:
+    """A worker killed mid-generation while holding resident experts: its residents are re-planned
+    over the others, the lost requests recomputed, the answer unchanged."""
+    model = converted_models["olmoe-q8_0"]
+    want_tokens, want_logits = in_process(model)
+    with open_engine(model, ClusterOptions(workers=3, predictor="lookahead", request_timeout_s=2.0),
+                     n_ctx=256, n_threads=1) as engine:
+        cluster = engine.experts
+        greedy(engine)
+        victim_info = next(w for w in cluster.live_workers() if w.name == "local-0")
+        assert victim_info.resident > 0
+        victim = engine.local_workers.procs[0]
+        plan_before = cluster._plan_id
+        engine.reset()
+        logits0 = engine.eval(PROMPT)[0]
+        victim.send_signal(signal.SIGKILL)  # gone without a word, mid-generation, holding residents
+        victim.wait(timeout=10)
+        tokens = [int(np.argmax(logits0))]
+        rows = [logits0]
+        for _ in range(N_PREDICT - 1):
+            out = engine.eval([tokens[-1]])[0]
+            rows.append(out)
+            tokens.append(int(np.argmax(out)))
+        summary = cluster.summary()
+        assert not victim_info.alive and cluster._plan_id > plan_before
+        assert all(w.alive for w in cluster.placement.values())
+        assert len(cluster.placement) == len(cluster._sizes)  # the others had room for all of them
+    assert tokens == want_tokens and np.array_equal(np.stack(rows), want_logits)
+    assert summary["retries"] >= 1
 
 
 def test_lookahead_beats_random_on_recall(converted_models: dict[str, Path]) -> None:
@@ -124,15 +215,16 @@ def test_coordinator_survives_malformed_messages(converted_models: dict[str, Pat
     peer.setsockopt(zmq.ROUTING_ID, b"prankster")
     try:
         peer.connect(cluster.endpoint)
-        bad = [[b"\xc1garbage"], [b"\x92\x01\x02"], [P.msgpack.packb({"v": 1, "t": "hello"})],
-               [P.msgpack.packb({"v": 1, "t": "nonsense"})], [b"x" * (P.MAX_HEADER_BYTES + 1)],
-               [P.msgpack.packb({"v": 1, "t": "result", "req": 1}), b"123"]]
+        v = P.PROTOCOL_VERSION
+        bad = [[b"\xc1garbage"], [b"\x92\x01\x02"], [P.msgpack.packb({"v": v, "t": "hello"})],
+               [P.msgpack.packb({"v": v, "t": "nonsense"})], [b"x" * (P.MAX_HEADER_BYTES + 1)],
+               [P.msgpack.packb({"v": v, "t": "result", "req": 1}), b"123"]]
         for frames in bad:
             peer.send_multipart(frames)
         for _ in range(10):
             cluster._poll(0.05)
         # a hello of another protocol version is told so
-        peer.send_multipart([P.msgpack.packb({"v": 2, "t": "hello", "name": "future"})])
+        peer.send_multipart([P.msgpack.packb({"v": v + 1, "t": "hello", "name": "future"})])
         cluster._poll(0.5)
         assert peer.poll(2000)
         reply = P.decode(peer.recv_multipart())

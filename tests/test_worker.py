@@ -98,8 +98,10 @@ class FakeCoordinator:
     def publish(self, msg_type: str, **fields: Any) -> None:
         self.pub.send_multipart(P.encode(msg_type, **fields))
 
-    def compute(self, ident: bytes, req: int, layer: int, expert: int, x: np.ndarray, timeout: float = 10.0) -> P.Message:
-        self.send(ident, P.COMPUTE, x, req=req, layer=layer, expert=expert)
+    def compute(self, ident: bytes, req: int, layer: int, expert: int | list[int], x: np.ndarray,
+                timeout: float = 10.0, rows: list[int] | None = None) -> P.Message:
+        experts = [expert] if isinstance(expert, int) else expert
+        self.send(ident, P.COMPUTE, x, req=req, layer=layer, experts=experts, rows=rows or [x.shape[0]])
         _, msg = self.recv(timeout)
         assert msg.type in (P.RESULT, P.FAIL), msg
         assert msg["req"] == req
@@ -121,7 +123,7 @@ class WorkerProc:
         env = {**os.environ, "GGML_NO_BACKTRACE": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgemoe", "worker", "--connect", coord_endpoint, "--model", str(model),
-             "--memory-budget", budget, "--threads", "1", "--name", name, *extra],
+             "--memory-budget", budget, "--threads", "1", "--name", name, "--log-level", "DEBUG", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
 
@@ -224,8 +226,8 @@ def test_compute_equals_local_experts(served: Served, local_q8: LocalExperts, q8
         x = hidden(n, req, n_embd)
         msg = served.coord.compute(served.ident, req, layer, expert, x)
         assert msg.type == P.RESULT, msg.fields
-        assert (msg["layer"], msg["expert"]) == (layer, expert)
-        assert msg["hit"] is False and msg["wait_s"] == 0 and msg["load_s"] > 0 and msg["compute_s"] > 0
+        assert (msg["layer"], msg["experts"], msg["rows"]) == (layer, [expert], [n])
+        assert msg["hits"] == 0 and msg["wait_s"] == 0 and msg["load_s"] > 0 and msg["compute_s"] > 0
         assert msg.tensor.shape == (n, n_embd)
         assert np.array_equal(msg.tensor, local_q8.compute(layer, expert, x)), (layer, expert, n)
     served.worker.wait_log(r"drop L2\.E7 \(computed\)")
@@ -247,7 +249,7 @@ def test_prefetch_then_compute_hits(served: Served, local_q8: LocalExperts, q8_m
     c.publish(P.PREFETCH, step=1, loads=[[wid, 2, 4], [wid + 1, 2, 5]])  # (2, 5) is another worker's
     w.wait_log(r"load L2\.E4:")
     msg = c.compute(served.ident, 200, 2, 4, x)
-    assert msg.type == P.RESULT and msg["hit"] is True and msg["load_s"] == 0
+    assert msg.type == P.RESULT and msg["hits"] == 1 and msg["load_s"] == 0
     assert np.array_equal(msg.tensor, local_q8.compute(2, 4, x))
     assert "load L2.E5" not in w.log()
     w.wait_log(r"drop L2\.E4 \(computed\)")
@@ -257,45 +259,99 @@ def test_prefetch_then_compute_hits(served: Served, local_q8: LocalExperts, q8_m
     c.publish(P.PREFETCH, step=3, loads=[[wid, 1, 3]])
     w.wait_log(r"prefetch step 3")
     w.wait_log(r"load L1\.E3:")
-    assert c.compute(served.ident, 201, 1, 3, x)["hit"] is True
-    assert c.compute(served.ident, 202, 1, 3, x)["hit"] is True
+    assert c.compute(served.ident, 201, 1, 3, x)["hits"] == 1
+    assert c.compute(served.ident, 202, 1, 3, x)["hits"] == 1
     w.wait_log(r"drop L1\.E3 \(computed\)")
     assert w.log().count("load L1.E3:") == 1
-    assert c.compute(served.ident, 203, 1, 3, x)["hit"] is False
+    assert c.compute(served.ident, 203, 1, 3, x)["hits"] == 0
 
     # a misprediction expires once a prefetch two steps newer arrives
     c.publish(P.PREFETCH, step=10, loads=[[wid, 0, 6]])
     w.wait_log(r"load L0\.E6:")
     c.publish(P.PREFETCH, step=12, loads=[[wid, 0, 1]])
     w.wait_log(r"drop L0\.E6 \(prefetch expired\)")
-    assert c.compute(served.ident, 204, 0, 1, x)["hit"] is True
+    assert c.compute(served.ident, 204, 0, 1, x)["hits"] == 1
     c.publish(P.PREFETCH, step=20, loads=[[wid, 0, 2]])
     w.wait_log(r"load L0\.E2:")
     c.publish(P.PREFETCH, step=22, loads=[[wid + 1, 0, 3]])  # nothing for us, still a newer step
     w.wait_log(r"drop L0\.E2 \(prefetch expired\)")
 
 
+def test_one_message_many_experts(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+    """One compute carries several experts of a layer, each on its own rows; outputs come back in order."""
+    c = served.coord
+    n_embd = n_embd_of(q8_model)
+    x = hidden(4, 77, n_embd)
+    msg = c.compute(served.ident, 250, 2, [1, 4, 6], x, rows=[1, 2, 1])
+    assert msg.type == P.RESULT, msg.fields
+    assert msg["experts"] == [1, 4, 6] and msg["rows"] == [1, 2, 1] and msg["hits"] == 0
+    want = np.concatenate([local_q8.compute(2, 1, x[:1]), local_q8.compute(2, 4, x[1:3]), local_q8.compute(2, 6, x[3:])])
+    assert np.array_equal(msg.tensor, want)
+    # more experts to load at once than the worker has just-in-time slots: refused, nothing stays pinned
+    slots = served.hello["jit_slots"]
+    many = list(range(slots + 1))
+    msg = c.compute(served.ident, 251, 0, many, hidden(len(many), 78, n_embd), rows=[1] * len(many))
+    assert msg.type == P.FAIL and "just-in-time slots" in msg["reason"]
+    assert c.compute(served.ident, 252, 0, 0, x[:1]).type == P.RESULT
+
+
+def test_residents_stay_mapped(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+    c, w = served.coord, served.worker
+    h = served.hello
+    assert h["jit_slots"] == 3  # top-2 plus one for a prefetch
+    assert 0 < h["resident_room"] < h["budget"] - h["baseline_rss"]
+    x = hidden(1, 90, n_embd_of(q8_model))
+    c.send(served.ident, P.RESIDENT, plan=1, experts=[[1, 0], [1, 1]])
+    w.wait_log(r"resident plan 1: 2 experts")
+    w.wait_log(r"load L1\.E0:")
+    w.wait_log(r"load L1\.E1:")
+    for req in (260, 261, 262):  # hits every time: computed, never dropped
+        msg = c.compute(served.ident, req, 1, [0, 1], np.repeat(x, 2, axis=0), rows=[1, 1])
+        assert msg.type == P.RESULT and msg["hits"] == 2 and msg["load_s"] == 0, msg.fields
+        assert np.array_equal(msg.tensor[1:], local_q8.compute(1, 1, x))
+    assert "drop L1.E0" not in w.log() and w.log().count("load L1.E0:") == 1
+    # a prediction of a resident loads nothing more
+    c.publish(P.PREFETCH, step=50, loads=[[served.worker_id, 1, 0]])
+    assert c.compute(served.ident, 263, 1, 0, x)["hits"] == 1
+    c.send(served.ident, P.RESIDENT, plan=2, experts=[[1, 1]])
+    w.wait_log(r"drop L1\.E0 \(no longer resident\)")
+    assert c.compute(served.ident, 264, 1, 1, x)["hits"] == 1
+    c.send(served.ident, P.RESIDENT, plan=3, experts=[[1, 1], [9, 0]])  # an expert this model lacks: warned, skipped
+    w.wait_log(r"resident plan 3: no such expert in this model: L9\.E0")
+    c.send(served.ident, P.RESIDENT, plan=4, experts=[])
+    w.wait_log(r"drop L1\.E1 \(no longer resident\)")
+    assert w.log().count("load L1.E1:") == 1
+
+
 def test_bad_messages_are_logged_and_dropped(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
     c, w, ident = served.coord, served.worker, served.ident
     n_embd = n_embd_of(q8_model)
     x = hidden(1, 5, n_embd)
-    header = {"v": 1, "t": "compute", "req": 1, "layer": 0, "expert": 0, "dtype": "f32", "shape": [1, n_embd]}
+    v = P.PROTOCOL_VERSION
+    header = {"v": v, "t": "compute", "req": 1, "layer": 0, "experts": [0], "rows": [1], "dtype": "f32", "shape": [1, n_embd]}
     bad = [
         [b"\xc1garbage"],
         [msgpack.packb([1, 2, 3])],
         [msgpack.packb({"v": 99, "t": "heartbeat", "rss": 1, "peak_rss": 1})],
-        [msgpack.packb({"v": 1, "t": "teleport"})],
-        [msgpack.packb({"v": 1, "t": "heartbeat", "rss": 1, "peak_rss": 1, "pad": "x" * (P.MAX_HEADER_BYTES + 1)})],
+        [msgpack.packb({"v": v, "t": "teleport"})],
+        [msgpack.packb({"v": v, "t": "heartbeat", "rss": 1, "peak_rss": 1, "pad": "x" * (P.MAX_HEADER_BYTES + 1)})],
         [msgpack.packb(header)],  # no tensor frame
         [msgpack.packb(header), x.tobytes()[:-4]],  # short tensor frame
-        [msgpack.packb({**header, "shape": [1 << 20, 1 << 10]}), b"\0" * 16],  # oversized tensor
-        [msgpack.packb({"v": 1, "t": "prefetch", "step": 1, "loads": []})],  # a publisher-only message
+        [msgpack.packb({**header, "shape": [1 << 20, 1 << 10], "rows": [1 << 20]}), b"\0" * 16],  # oversized tensor
+        [msgpack.packb({**header, "experts": [0, 0], "rows": [1, 0]}), x.tobytes()],  # an expert twice
+        [msgpack.packb({**header, "rows": [2]}), x.tobytes()],  # rows do not add up to the tensor's
+        [msgpack.packb({**header, "experts": [], "rows": []}), x.tobytes()],  # no expert
+        [msgpack.packb({**header, "experts": list(range(P.MAX_EXPERTS_PER_COMPUTE + 1)),
+                        "rows": [1] * (P.MAX_EXPERTS_PER_COMPUTE + 1)}), x.tobytes()],  # too many
+        [msgpack.packb({"v": v, "t": "resident", "plan": 1, "experts": [[0, 1], [0, 1]]})],  # an expert twice
+        [msgpack.packb({"v": v, "t": "resident", "plan": 1, "experts": [[0, -1]]})],
+        [msgpack.packb({"v": v, "t": "prefetch", "step": 1, "loads": []})],  # a publisher-only message
     ]
     for frames in bad:
         c.send_raw(ident, frames)
     c.pub.send_multipart([b"not msgpack"])
-    c.pub.send_multipart([msgpack.packb({"v": 1, "t": "prefetch", "step": 1, "loads": [[1, 2]]})])
-    w.wait_log(r"WARNING dropped a malformed message from the coordinator", count=8)
+    c.pub.send_multipart([msgpack.packb({"v": v, "t": "prefetch", "step": 1, "loads": [[1, 2]]})])
+    w.wait_log(r"WARNING dropped a malformed message from the coordinator", count=14)
     w.wait_log(r"WARNING dropped a malformed message from the publisher", count=2)
     w.wait_log(r"WARNING dropped an unexpected prefetch message from the coordinator")
 
@@ -329,7 +385,7 @@ def test_restarted_coordinator_is_rejoined(served: Served, local_q8: LocalExpert
     assert msg.type == P.RESULT and np.array_equal(msg.tensor, local_q8.compute(1, 1, x))
     new.publish(P.PREFETCH, step=1, loads=[[3, 1, 2]])
     served.worker.wait_log(r"load L1\.E2:")
-    assert new.compute(ident, 401, 1, 2, x)["hit"] is True
+    assert new.compute(ident, 401, 1, 2, x)["hits"] == 1
     assert "reconnect" in served.worker.log()
 
 
@@ -361,6 +417,30 @@ def test_budget_below_baseline_refused(q8_model: Path, tmp_path: Path) -> None:
         assert re.search(r"memory budget 8\.0 MiB is below this worker's baseline RSS \d+\.\d MiB", errors[0])
     finally:
         w.stop()
+
+
+def test_budget_below_one_expert_names_the_smallest(q8_model: Path, served: Served, tmp_path: Path) -> None:
+    """Above the baseline but without room for one expert: one error line naming the smallest budget
+    that works; a worker given that budget starts."""
+    layout = ShardLayout.read(q8_model / expert_file_name(0, 0))
+    budget = served.hello["baseline_rss"] + default_reserve(layout.tensors["down"].ne[1], layout.n_ff) // 2
+    w = WorkerProc("tcp://127.0.0.1:9", q8_model, tmp_path / "w.log", budget=str(budget))
+    try:
+        assert w.proc.wait(20) == 2
+        errors = [line for line in w.log().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in w.log(), w.log()
+        m = re.search(r"the smallest budget that works is (\d+)MiB$", errors[0])
+        assert m, errors[0]
+    finally:
+        w.stop()
+    coord = FakeCoordinator()
+    ok = WorkerProc(coord.endpoint, q8_model, tmp_path / "ok.log", budget=f"{m.group(1)}MiB", name="smallest")
+    try:
+        ident, hello = coord.expect(P.HELLO, timeout=20)
+        assert hello["jit_slots"] >= 1
+    finally:
+        ok.stop()
+        coord.close()
 
 
 def test_bounded_memory_and_sigterm(converted_models: dict[str, Path], served: Served, tmp_path: Path) -> None:
@@ -397,8 +477,8 @@ def test_bounded_memory_and_sigterm(converted_models: dict[str, Path], served: S
         for msg, layer, expert, x in results:
             assert msg.type == P.RESULT, msg.fields
             assert np.array_equal(msg.tensor, local.compute(layer, expert, x)), (layer, expert)
-            assert msg["rss"] < budget
-        hits = sum(m["hit"] for m, *_ in results)
+        assert all(b["rss"] < budget for b in coord.heartbeats)
+        hits = sum(m["hits"] for m, *_ in results)
         assert 2 + 1 <= hits < len(results)  # L0.E0, L0.E1 and the last one asked of layer 2 at least
         assert "evicted for" in w.log()
         peak = peak_rss_bytes(w.pid)

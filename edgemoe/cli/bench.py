@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,9 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
     e.set_defaults(handler=run_engine)
 
-    c = kinds.add_parser("cluster", help="decode tok/s of a local cluster vs llama.cpp fully cached",
+    c = kinds.add_parser("cluster", help="decode tok/s of a local cluster vs llama.cpp fully cached and confined",
                          description="Decode tok/s of a local cluster of budget-limited workers against llama.cpp "
-                         "holding the whole model, same run; stall share, recall, peak RSS of every worker.")
+                         "holding the whole model (runs alternating), then llama.cpp confined to a memory cgroup "
+                         "(page cache counted) of one worker's budget and of the workers' total; bytes read from "
+                         "storage per token, peak memory of every process (workers' VmHWM and cgroup peak, the "
+                         "coordinator, the shadow node, llama.cpp), stall share, recall. The machine's other load "
+                         "disturbs absolute numbers: compare the ratios.")
     c.add_argument("model", metavar="MODEL", help="converted model directory")
     c.add_argument("--reference", metavar="SRC.gguf", help="the GGUF llama.cpp runs (default: MODEL's source next to it)")
     c.add_argument("--workers", type=int, default=4, help="local worker processes (default 4)")
@@ -50,6 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     c.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     c.add_argument("--repeat", type=int, default=3, help="measured runs (default 3, after one warm-up)")
+    c.add_argument("--residency", choices=["auto", "off"], default="auto",
+                   help="the workers' resident experts: auto (default) or off (the paper's cacheless mode)")
+    c.add_argument("--no-confined", dest="confined", action="store_false",
+                   help="skip the runs of llama.cpp confined to the budgets")
+    c.add_argument("--confined-n-predict", type=int, default=8, metavar="N",
+                   help="tokens per confined llama.cpp run (default 8: at one board's budget it reads the model per token)")
+    c.add_argument("--plot", metavar="FILE.png", help="also write a PNG: decode tok/s against memory")
     c.add_argument("--json", action="store_true", help="print the full result as JSON")
     c.set_defaults(handler=run_cluster)
 
@@ -122,35 +134,62 @@ def run_engine(args: argparse.Namespace) -> int:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    if min(args.workers, args.threads, args.prompt_tokens, args.repeat) < 1 or args.n_predict < 2:
-        raise UserError("--workers, --threads, --prompt-tokens, --repeat must be >= 1 and --n-predict >= 2")
+    if min(args.workers, args.threads, args.prompt_tokens, args.repeat, args.confined_n_predict) < 1 or args.n_predict < 2:
+        raise UserError("--workers, --threads, --prompt-tokens, --repeat, --confined-n-predict must be >= 1 and "
+                        "--n-predict >= 2")
     if not Path(args.model).is_dir():
         raise UserError(f"{args.model}: a cluster needs a converted model directory")
-    from edgemoe.bench.cluster import bench_cluster
+    if args.memory_budget is not None:
+        from edgemoe.cluster.budget import parse_size
+
+        parse_size(args.memory_budget, "--memory-budget")
+    if args.plot:
+        if not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
+        if not Path(args.plot).resolve().parent.is_dir():
+            raise UserError(f"--plot {args.plot}: directory {Path(args.plot).resolve().parent} does not exist")
+    from edgemoe.bench.cluster import bench_cluster, plot
 
     r = bench_cluster(args.model, _reference_for(args.model, args.reference), workers=args.workers,
                       memory_budget=args.memory_budget, predictor=args.predictor, threads=args.threads,
                       prompt_tokens=args.prompt_tokens, n_predict=args.n_predict, repeats=args.repeat,
-                      shadow_node=args.shadow_node)
+                      shadow_node=args.shadow_node, residency=args.residency, confined=args.confined,
+                      confined_n_predict=args.confined_n_predict)
+    if args.plot:
+        plot(r, args.plot)
     s = r.summary()
+    if r.confined_note:
+        print(f"note: {r.confined_note}", file=sys.stderr)
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     where = " on its own node" if r.shadow_node else ""
-    print(f"cluster of {r.workers} workers (budget {r.memory_budget or 'none'}, predictor {r.predictor}{where}) vs llama.cpp "
-          f"fully cached, {r.threads} thread(s), median of {r.repeats}")
-    print(f"decode tok/s: cluster {s['cluster_decode_tok_s']:.1f}, llama.cpp {s['llama_cpp_decode_tok_s']:.1f}, "
+    print(f"cluster of {r.workers} workers (budget {r.memory_budget or 'none'}, predictor {r.predictor}{where}, residency "
+          f"{r.residency}: {r.resident_experts} of {r.n_experts} experts resident) vs llama.cpp, {r.threads} thread(s), "
+          f"median of {r.repeats}")
+    print(f"decode tok/s: cluster {s['cluster_decode_tok_s']:.1f}, llama.cpp fully cached {s['llama_cpp_decode_tok_s']:.1f}, "
           f"ratio {s['ratio']:.2f}")
+    for c in r.confined:
+        print(f"  llama.cpp confined to {mib(c.limit)} (memory cgroup, page cache counted): {c.median_tok_s:.2f} tok/s "
+              f"(cluster {s[f'cluster_vs_confined_{c.limit >> 20}MiB']:.1f}x), reads "
+              f"{statistics.median(c.storage_bytes_per_token) / 1e6:.0f} MB per token, cgroup peak {mib(c.cgroup_peak)}, "
+              f"{r.confined_n_predict} tokens a run")
     print(f"stalled on expert loads: {100 * s['stall_share']:.1f}% of decode time; recall {s['recall']:.3f}")
-    print(f"peak RSS: workers {', '.join(mib(x) for x in r.worker_peak_rss)}; coordinator {mib(r.coordinator_peak_rss)}; "
-          f"llama.cpp process {mib(r.llama_cpp_rss)}; model file {mib(r.model_bytes)}")
+    cg = f"; cgroup peaks {', '.join(mib(x) for x in r.worker_cgroup_peak)}" if r.worker_cgroup_peak else " (no cgroups)"
+    shadow = f"; shadow node {mib(r.shadow_node_peak_rss)}" if r.shadow_node_peak_rss else ""
+    print(f"peak memory: workers VmHWM {', '.join(mib(x) for x in r.worker_peak_rss)}{cg}; coordinator "
+          f"{mib(r.coordinator_peak_rss)}{shadow}; llama.cpp fully cached {mib(r.llama_cpp_peak_rss)} "
+          f"(coordinator/llama.cpp {s['coordinator_to_llama_cpp_memory']:.2f}); model file {mib(r.model_bytes)}")
     print(f"storage: a token routes to {r.expert_bytes_per_token / 1e6:.0f} MB of experts, the workers read "
-          f"{s['storage_bytes_per_token'] / 1e6:.0f} MB per token from storage; shards map at "
-          f"{r.shard_read_cold_bytes_per_s / 1e9:.2f} GB/s cold, {r.shard_read_warm_bytes_per_s / 1e9:.2f} GB/s from the "
-          f"page cache ({r.shard_read_streams} loaders): at that rate storage alone allows "
-          f"{s['storage_bound_tok_s']:.1f} tok/s ({s['storage_bound_ratio']:.2f}x llama.cpp)")
+          f"{s['storage_bytes_per_token'] / 1e6:.1f} MB per token ({100 * s['storage_share_of_routed']:.0f}%); shards map "
+          f"at {r.shard_read_cold_bytes_per_s / 1e9:.2f} GB/s cold, {r.shard_read_warm_bytes_per_s / 1e9:.2f} GB/s from "
+          f"the page cache ({r.shard_read_streams} loaders): storage allows {s['storage_bound_tok_s']:.1f} tok/s at "
+          f"these reads, {s['dropping_storage_bound_tok_s']:.1f} tok/s to a cluster that drops every expert "
+          f"(cluster at {s['cluster_to_dropping_storage_bound']:.2f}x that)")
     print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
+    if args.plot:
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -53,6 +53,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reanchor: MoE layers re-run from the main model's state after each layer (default 1)")
     g.add_argument("--memory-budget", metavar="SIZE", help="memory budget of each spawned worker, e.g. 256MiB")
     g.add_argument("--worker-threads", type=int, default=1, help="threads per spawned worker (default 1)")
+    g.add_argument("--residency", choices=["auto", "off"], default="auto",
+                   help="auto (default): the workers keep what their budgets hold beyond the just-in-time slots "
+                   "resident, under one placement; off: drop every expert after use (the paper's cacheless mode)")
     g.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
                    help="seconds before a worker's request is retried elsewhere (default 30)")
 
@@ -106,7 +109,8 @@ def cluster_options(args: argparse.Namespace):
     return ClusterOptions(workers=args.workers, bind=args.bind, wait_workers=args.wait_workers, predictor=args.predictor,
                           memory_budget=args.memory_budget, worker_threads=args.worker_threads,
                           request_timeout_s=args.request_timeout, align_token=args.align_token, align_kv=args.align_kv,
-                          shadow_trunk=args.shadow_trunk, reanchor_depth=args.reanchor_depth, shadow_node=args.shadow_node)
+                          shadow_trunk=args.shadow_trunk, reanchor_depth=args.reanchor_depth, shadow_node=args.shadow_node,
+                          residency=args.residency)
 
 
 def cluster_stats(engine) -> dict:

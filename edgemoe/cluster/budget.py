@@ -26,6 +26,12 @@ Policy.
 - `step` in PREFETCH is the decode step (token index). A prefetch that no compute consumed
   expires once a prefetch `horizon` steps newer arrives: a mispredicted shard does not stay
   resident, and a queued one is not loaded any more.
+- Residents: the coordinator names the experts this worker keeps (`set_resident`, the whole set
+  each time). They are loaded after demands and prefetches already queued, stay mapped after a
+  compute, never expire and are not evicted for other loads while any other shard could make
+  room (only a demand that cannot fit otherwise evicts an idle resident, which then stops being
+  one). They are held within `resident_room`: the capacity minus `jit_room`, the room kept for
+  just-in-time loads.
 - A shard (plus nothing else) that can never fit — size > budget - baseline - reserve — is
   refused at once with "expert needs X, budget leaves Y"; so is a request whose activations
   exceed the reserve.
@@ -168,14 +174,17 @@ class _Entry:
     pins: int = 0  # requests waiting for / about to compute this shard
     seq: int = 0  # order of the latest prefetch (eviction picks the one needed last)
     cancelled: bool = False  # loading, but no longer wanted: drop as soon as it is loaded
+    resident: bool = False  # the coordinator's placement keeps it here
 
 
 class Admission:
     """Which shards a worker loads, keeps and drops, within budget. Not thread-safe: lock around it."""
 
-    def __init__(self, budget: int, baseline: int, reserve: int, *, slack: int = 0, horizon: int = 2) -> None:
+    def __init__(self, budget: int, baseline: int, reserve: int, *, slack: int = 0, horizon: int = 2,
+                 jit_room: int = 0) -> None:
         """slack: the part of `reserve` meant for the baseline's growth while serving (observe_rss
-        raises the baseline only by what exceeds it)."""
+        raises the baseline only by what exceeds it). jit_room: bytes of the capacity residents
+        leave to just-in-time loads."""
         if horizon < 1:
             raise ValueError("horizon must be >= 1")
         if not 0 <= slack <= reserve:
@@ -186,6 +195,7 @@ class Admission:
         self.reserve = reserve
         self.slack = slack
         self.horizon = horizon
+        self.jit_room = jit_room
         self.newest_step: int | None = None
         self.entries: dict[Key, _Entry] = {}
         self.queue: deque[Key] = deque()  # QUEUED keys, load order: demands first
@@ -205,6 +215,14 @@ class Admission:
     @property
     def free(self) -> int:
         return self.capacity - self.used
+
+    @property
+    def resident_room(self) -> int:
+        """Bytes residents may take: the capacity less the just-in-time room."""
+        return max(0, self.capacity - self.jit_room)
+
+    def resident_keys(self) -> list[Key]:
+        return [k for k, e in self.entries.items() if e.resident]
 
     def state(self, key: Key) -> str | None:
         e = self.entries.get(key)
@@ -270,7 +288,7 @@ class Admission:
             if not e.steps or e.steps[0] >= oldest_kept:
                 continue
             e.steps = [s for s in e.steps if s >= oldest_kept]
-            if e.steps or e.pins:
+            if e.steps or e.pins or e.resident:
                 continue
             drops += self._forget(key)
         return drops
@@ -319,9 +337,47 @@ class Admission:
         e.pins -= 1
         if e.steps:
             e.steps.pop(0)  # this compute consumed the oldest prefetch of the key
-        if e.pins or e.steps:
+        if e.pins or e.steps or e.resident:
             return False
         return bool(self._forget(key))
+
+    def release(self, key: Key) -> bool:
+        """A request pinned `key` but was given up before computing (another of its experts could not
+        be served): unpin without consuming a prefetch. True: drop the shard now."""
+        e = self.entries[key]
+        e.pins -= 1
+        if e.pins or e.steps or e.resident:
+            return False
+        return bool(self._forget(key))
+
+    def set_resident(self, items: list[tuple[Key, int]]) -> tuple[list[Key], list[Key]]:
+        """The coordinator's resident set for this worker (replaces the previous one), in its order.
+        Returns (loaded shards to drop now, keys refused because resident_room is full)."""
+        room = self.resident_room
+        wanted: dict[Key, int] = {}
+        refused: list[Key] = []
+        for key, size in items:
+            if key in wanted:
+                continue
+            if size <= room:
+                wanted[key] = size
+                room -= size
+            else:
+                refused.append(key)
+        drops: list[Key] = []
+        for key, e in list(self.entries.items()):
+            if e.resident and key not in wanted:
+                e.resident = False
+                if not e.pins and not e.steps:
+                    drops += self._forget(key)
+        for key, size in wanted.items():
+            e = self.entries.get(key)
+            if e is None:
+                self.entries[key] = _Entry(size, QUEUED, resident=True)
+                self.queue.append(key)  # after the demands and prefetches already queued
+            else:
+                e.resident, e.cancelled = True, False
+        return drops, refused
 
     def reset(self) -> list[Key]:
         """Forget every schedule (the coordinator restarted). Returns loaded shards to drop now;
@@ -329,6 +385,7 @@ class Admission:
         drops: list[Key] = []
         for key, e in list(self.entries.items()):
             e.steps = []
+            e.resident = False  # the coordinator sends its own placement
             if not e.pins:
                 drops += self._forget(key)
         self.newest_step = None
@@ -349,11 +406,12 @@ class Admission:
         free = self.free
         evict: list[Key] = []
         if e.size > free and e.pins:
-            idle = [(min(x.steps) if x.steps else -1, -x.seq, k) for k, x in self.entries.items()
+            # residents last: only when nothing else makes room (the baseline grew)
+            idle = [(x.resident, min(x.steps) if x.steps else -1, -x.seq, k) for k, x in self.entries.items()
                     if x.state == LOADED and not x.pins]
             idle.sort()
             room = free
-            for _, _, k in idle:
+            for _, _, _, k in idle:
                 if room >= e.size:
                     break
                 evict.append(k)
@@ -367,6 +425,7 @@ class Admission:
         requeue: list[Key] = []
         for k in evict:
             x = self.entries.pop(k)
+            x.resident = False
             if x.steps and self.newest_step is not None and max(x.steps) >= self.newest_step:
                 x.state, x.steps = QUEUED, [s for s in x.steps if s >= self.newest_step]
                 self.entries[k] = x

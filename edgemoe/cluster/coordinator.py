@@ -6,6 +6,12 @@ l mod n_groups, one expert per worker; predicted experts of the coming layers ar
 router decides, and an expert nobody predicted is loaded on demand by a free worker of the group.
 Prefill spreads every expert of a layer over all workers, tokens grouped by expert, in
 mini-batches that pipeline transfer and compute.
+
+Beyond the paper (`residency="auto"`): what the workers' budgets hold beyond their just-in-time
+slots is filled with resident experts under one placement (edgemoe.cluster.placement); a routed
+expert goes to the worker holding it, only the others are predicted and loaded just in time. A
+worker that leaves takes its residents with it: the placement is re-planned over the others. In
+decode each worker gets one compute message per layer carrying all of its experts.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.budget import page_round
+from edgemoe.cluster.placement import Key, Room, plan_placement, worker_sets
 from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
-from edgemoe.format.manifest import manifest_hash
+from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_hash
 from edgemoe.model.experts import ExpertBackend, ExpertStats
 from edgemoe.predict.base import Predictor, RecallMeter
 from edgemoe.util.proc import peak_rss_bytes
@@ -40,11 +48,17 @@ class WorkerInfo:
     pid: int
     baseline_rss: int
     last_seen: float
+    resident_room: int = 0
+    jit_slots: int = 1
     alive: bool = True
     rss: int = 0
     peak_rss: int = 0
     requests: int = 0
     hits: int = 0
+    resident: int = 0  # experts the placement keeps on it
+
+
+RESIDENCY_MODES = ("auto", "off")
 
 
 @dataclass
@@ -62,15 +76,19 @@ class ClusterStats(ExpertStats):
     bytes_received: int = 0
     retries: int = 0
     predicted: int = 0
-    hits: int = 0
+    hits: int = 0  # experts computed that were already mapped (or loading) when their request came
+    resident_routed: int = 0  # routed experts (decode) that a live worker held resident
 
 
 @dataclass
 class _Request:
+    """One compute message: experts of one layer on one worker, each on its own rows of `hidden`."""
+
     req: int
     layer: int
-    expert: int
-    rows: np.ndarray  # token rows of the layer's input
+    experts: list[int]
+    counts: list[int]  # rows of hidden per expert, in order
+    rows: np.ndarray  # token row (of the layer's input) of each row of hidden
     slots: np.ndarray  # top-k slot of each row
     hidden: np.ndarray
     worker: WorkerInfo
@@ -84,7 +102,14 @@ class ClusterExperts(ExpertBackend):
 
     def __init__(self, model_dir: str | Path, *, n_embd: int, n_expert: int, k: int, moe_layers: list[int],
                  bind: str = "tcp://127.0.0.1:0", predictor: Predictor | None = None, group_size: int | None = None,
-                 timeout_s: float = 30.0, prefill_batch: int = 64, heartbeat_s: float = 1.0) -> None:
+                 timeout_s: float = 30.0, prefill_batch: int = 64, heartbeat_s: float = 1.0,
+                 residency: str = "auto", routing_counts: dict[Key, float] | None = None) -> None:
+        """residency: "auto" fills the workers' spare budget with resident experts, "off" is the
+        paper's cacheless mode. routing_counts: how often each (layer, expert) is routed (an
+        importance matrix's counts); the placement keeps the most used first, and adds what it
+        sees routed."""
+        if residency not in RESIDENCY_MODES:
+            raise UserError(f"--residency {residency!r}: choose one of {', '.join(RESIDENCY_MODES)}")
         self.model_dir = Path(model_dir)
         self.model_hash = manifest_hash(model_dir)
         self.n_embd, self.n_expert, self.k = n_embd, n_expert, k
@@ -95,6 +120,18 @@ class ClusterExperts(ExpertBackend):
         self.prefill_batch = prefill_batch
         self.heartbeat_s = heartbeat_s
         self.stats = ClusterStats()
+        self.residency = residency
+        manifest = load_manifest(model_dir)
+        self._sizes: dict[Key, int] = {(l, e): page_round(manifest.files[rel].size)
+                                       for l, e, rel in manifest.expert_files()}
+        self._counts: dict[Key, float] = dict(routing_counts or {})
+        self.placement: dict[Key, WorkerInfo] = {}  # resident (layer, expert) -> its live holder
+        self._planning = False  # set by start_residency(), once the first workers are in
+        self._plan_id = 0
+        # local workers: () -> [(name, pid, why)] of those that exited (set by the session that spawned
+        # them), so that a worker the kernel killed is noticed at once rather than after a timeout
+        self.exited: Callable[[], list[tuple[str, int, str]]] | None = None
+        self._next_watch = 0.0
         self.recall = RecallMeter(k)
         self.workers: dict[bytes, WorkerInfo] = {}
         self._next_id = 0
@@ -110,8 +147,11 @@ class ClusterExperts(ExpertBackend):
         self.pub.setsockopt(zmq.LINGER, 0)
         try:
             self.endpoint = bind_endpoint(self.router, bind)
-            host = bind.rsplit(":", 1)[0]
-            self.pub_endpoint = bind_endpoint(self.pub, f"{host}:0")
+            if bind.startswith("ipc://"):  # a local cluster: Unix sockets next to each other
+                self.pub_endpoint = bind_endpoint(self.pub, bind + ".pub")
+            else:
+                host = bind.rsplit(":", 1)[0]
+                self.pub_endpoint = bind_endpoint(self.pub, f"{host}:0")
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind {bind}: {e}") from None
@@ -133,6 +173,62 @@ class ClusterExperts(ExpertBackend):
             if left <= 0:
                 raise UserError(f"only {len(self.live_workers())} of {n} workers joined within {timeout_s:.0f} s")
             self._poll(min(left, 0.2))
+        if not self._planning:
+            self.start_residency()
+
+    # residency ----------------------------------------------------------------------------------
+    def start_residency(self) -> None:
+        """Plan the placement over the workers now in, and re-plan whenever one joins or leaves."""
+        self._planning = True
+        self._replan()
+
+    def _replan(self) -> None:
+        """One placement over the live workers (their resident rooms), the most routed experts first.
+        Experts already resident on a live worker stay where they are (no reload); the experts of a
+        worker that left, and room that appeared, are filled anew. Each worker is sent its set."""
+        if not self._planning or self.residency == "off":
+            return
+        live = self.live_workers()
+        keep = {k: w for k, w in self.placement.items() if w.alive}
+        rooms = []
+        for w in live:
+            used = sum(self._sizes[k] for k, h in keep.items() if h is w)
+            rooms.append(Room(w.worker_id, w.resident_room - used))
+        by_id = {w.worker_id: w for w in live}
+        rest = {k: v for k, v in self._sizes.items() if k not in keep}
+        new = {k: by_id[i] for k, i in plan_placement(rooms, rest, self._counts).items()}
+        self.placement = {**keep, **new}
+        self._plan_id += 1
+        sets = worker_sets({k: w.worker_id for k, w in self.placement.items()})
+        for w in live:
+            mine = sets.get(w.worker_id, [])
+            w.resident = len(mine)
+            self._send(w.identity, P.encode(P.RESIDENT, plan=self._plan_id, experts=[list(k) for k in mine]))
+        log.info("placement %d: %d of %d experts resident on %d workers (%s)", self._plan_id, len(self.placement),
+                 len(self._sizes), len(live), ", ".join(f"{w.name} {w.resident}" for w in live))
+
+    def holder(self, layer: int, expert: int) -> WorkerInfo | None:
+        """The live worker keeping (layer, expert) resident, if any."""
+        w = self.placement.get((layer, expert))
+        return w if w is not None and w.alive else None
+
+    def _watch(self) -> None:
+        for name, pid, why in self.exited():
+            for w in self.live_workers():
+                if w.name == name and w.pid == pid:
+                    self._lost(w, why)
+
+    def _lost(self, w: WorkerInfo, why: str) -> None:
+        """A worker is gone: forget its assignments, re-plan its residents over the others."""
+        if not w.alive:
+            return
+        log.warning("worker %s %s; its %d resident experts are re-planned over the others", w.name, why, w.resident)
+        w.alive = False
+        for key in [k for k, x in self._assigned.items() if x is w]:
+            del self._assigned[key]
+        self.placement = {k: x for k, x in self.placement.items() if x is not w}
+        if self.live_workers():
+            self._replan()
 
     def groups(self) -> list[list[WorkerInfo]]:
         """Workers in groups of group_size (the last group takes any remainder)."""
@@ -159,6 +255,8 @@ class ClusterExperts(ExpertBackend):
                       residual: np.ndarray | None = None) -> np.ndarray:
         n_tok = hidden.shape[0]
         decode = n_tok == 1
+        for e in selected.reshape(-1).tolist():  # online routing counts, for the next re-plan
+            self._counts[(layer, e)] = self._counts.get((layer, e), 0.0) + 1.0
         if decode:
             if layer == self.moe_layers[0]:
                 self._begin_token()
@@ -193,6 +291,8 @@ class ClusterExperts(ExpertBackend):
         for layer, experts in sorted(predictions.items()):
             if layer <= current or layer not in self.moe_layers:
                 continue
+            self._predicted[layer] = set(experts)
+            experts = [e for e in experts if self.holder(layer, e) is None]  # residents need no load
             group = self.group_of(layer)
             # keep earlier assignments of this layer; give new experts to the least-loaded workers
             keep = {e for e in experts if (layer, e) in self._assigned}
@@ -206,22 +306,62 @@ class ClusterExperts(ExpertBackend):
                 used.append(w)
                 self._assigned[(layer, e)] = w
                 loads.append([w.worker_id, layer, e])
-            self._predicted[layer] = set(experts)
         if loads:
             self.stats.predicted += len(loads)
             self._send_pub(P.encode(P.PREFETCH, step=self._step, loads=loads))
 
     def _plan_decode(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
+        """Each routed expert to its holder (resident), else to the worker it was predicted to
+        (prefetched), else to the least busy worker of the layer's group (loaded on demand); then
+        one request per worker carrying all of its experts (at most its just-in-time slots of
+        them not resident)."""
         group = self.group_of(layer)
-        taken = [self._assigned[(layer, int(e))] for e in selected[0] if (layer, int(e)) in self._assigned]
+        chosen: list[tuple[int, int, WorkerInfo]] = []  # (slot, expert, worker)
+        taken: list[WorkerInfo] = []
+        misses = []
+        for slot, e in enumerate(selected[0].tolist()):
+            w = self.holder(layer, e)
+            if w is not None:
+                self.stats.resident_routed += 1
+            else:
+                w = self._assigned.get((layer, e))
+                if w is None or not w.alive:
+                    misses.append((slot, e))
+                    continue
+            chosen.append((slot, e, w))
+            taken.append(w)
+        for slot, e in misses:  # a miss: the least busy worker of the group loads it on demand
+            w = min(group, key=lambda w: (taken.count(w), w.worker_id))
+            taken.append(w)
+            chosen.append((slot, e, w))
+        return self._group_requests(layer, hidden, chosen)
+
+    def _group_requests(self, layer: int, hidden: np.ndarray, chosen: list[tuple[int, int, WorkerInfo]]) -> list[_Request]:
+        """One decode request per worker (split where more cold experts than its slots)."""
+        by_worker: dict[int, list[tuple[int, int]]] = {}
+        workers: dict[int, WorkerInfo] = {}
+        for slot, e, w in chosen:
+            by_worker.setdefault(w.worker_id, []).append((slot, e))
+            workers[w.worker_id] = w
         requests = []
-        for slot, e in enumerate(int(x) for x in selected[0]):
-            w = self._assigned.get((layer, e))
-            if w is None or not w.alive:  # a miss: the least busy worker of the group loads it on demand
-                w = min(group, key=lambda w: (taken.count(w), w.worker_id))
-                taken.append(w)
-            requests.append(self._request(layer, e, np.array([0]), np.array([slot]), hidden[:1], w))
+        for wid, items in by_worker.items():
+            w = workers[wid]
+            batch: list[tuple[int, int]] = []
+            cold = 0
+            for slot, e in items:
+                is_cold = self.holder(layer, e) is not w
+                if batch and is_cold and cold + 1 > w.jit_slots:
+                    requests.append(self._decode_request(layer, hidden, batch, w))
+                    batch, cold = [], 0
+                batch.append((slot, e))
+                cold += int(is_cold)
+            requests.append(self._decode_request(layer, hidden, batch, w))
         return requests
+
+    def _decode_request(self, layer: int, hidden: np.ndarray, items: list[tuple[int, int]], w: WorkerInfo) -> _Request:
+        n = len(items)
+        return self._request(layer, [e for _, e in items], [1] * n, np.zeros(n, dtype=np.intp),
+                             np.array([slot for slot, _ in items]), np.repeat(hidden[:1], n, axis=0), w)
 
     def _plan_prefill(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
         live = self.live_workers()
@@ -230,16 +370,16 @@ class ClusterExperts(ExpertBackend):
         requests = []
         for e in np.unique(selected):
             rows, slots = np.nonzero(selected == e)
-            w = live[int(e) % len(live)]
+            w = self.holder(layer, int(e)) or live[int(e) % len(live)]
             for i in range(0, len(rows), self.prefill_batch):  # mini-batches: the first computes while later ones travel
                 r, s = rows[i:i + self.prefill_batch], slots[i:i + self.prefill_batch]
-                requests.append(self._request(layer, int(e), r, s, np.ascontiguousarray(hidden[r]), w))
+                requests.append(self._request(layer, [int(e)], [len(r)], r, s, np.ascontiguousarray(hidden[r]), w))
         return requests
 
-    def _request(self, layer: int, expert: int, rows: np.ndarray, slots: np.ndarray, hidden: np.ndarray,
-                 worker: WorkerInfo) -> _Request:
+    def _request(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray, slots: np.ndarray,
+                 hidden: np.ndarray, worker: WorkerInfo) -> _Request:
         self._req += 1
-        return _Request(self._req, layer, expert, rows, slots, hidden, worker)
+        return _Request(self._req, layer, experts, counts, rows, slots, hidden, worker)
 
     # sending and receiving ----------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list) -> None:
@@ -253,7 +393,8 @@ class ClusterExperts(ExpertBackend):
     def _dispatch(self, r: _Request) -> None:
         r.sent_at = time.monotonic()
         r.worker.requests += 1
-        self._send(r.worker.identity, P.encode(P.COMPUTE, r.hidden, req=r.req, layer=r.layer, expert=r.expert))
+        self._send(r.worker.identity, P.encode(P.COMPUTE, r.hidden, req=r.req, layer=r.layer, experts=r.experts,
+                                               rows=r.counts))
 
     def _run(self, requests: list[_Request], out: np.ndarray, decode: bool, layer: int) -> None:
         t0 = time.monotonic()
@@ -265,6 +406,9 @@ class ClusterExperts(ExpertBackend):
             if decode and self.predictor is not None:  # a background predictor may have caught up meanwhile
                 self._prefetch(self.predictor.poll(layer), layer)
             now = time.monotonic()
+            if self.exited is not None and now >= self._next_watch:
+                self._next_watch = now + 0.25
+                self._watch()
             for r in list(pending.values()):
                 if not r.worker.alive or now - r.sent_at > self.timeout_s:
                     self._retry(r, pending, "timed out" if r.worker.alive else "is gone")
@@ -278,21 +422,23 @@ class ClusterExperts(ExpertBackend):
         s.decode_layers += int(decode)
 
     def _retry(self, r: _Request, pending: dict[int, _Request], why: str) -> None:
-        """Recompute a lost request on another live worker so the answer is still correct."""
-        log.warning("worker %s %s on request %d (layer %d, expert %d); marking it lost and retrying elsewhere",
-                    r.worker.name, why, r.req, r.layer, r.expert)
-        r.worker.alive = False
-        for key in [k for k, w in self._assigned.items() if w is r.worker]:
-            del self._assigned[key]
+        """Recompute a lost request on live workers (one request per expert, each to its holder after
+        the re-plan, else spread by expert id) so the answer is still correct."""
+        log.warning("worker %s %s on request %d (layer %d, experts %s); recomputing elsewhere",
+                    r.worker.name, why, r.req, r.layer, r.experts)
+        self._lost(r.worker, why)
         live = self.live_workers()
         if not live:
             raise RuntimeError("every worker is gone; cannot finish the request")
         del pending[r.req]
-        self._req += 1
-        r.req, r.worker = self._req, live[r.expert % len(live)]
-        pending[r.req] = r
-        self.stats.retries += 1
-        self._dispatch(r)
+        lo = 0
+        for e, n in zip(r.experts, r.counts):
+            w = self.holder(r.layer, e) or live[e % len(live)]
+            part = self._request(r.layer, [e], [n], r.rows[lo:lo + n], r.slots[lo:lo + n], r.hidden[lo:lo + n], w)
+            lo += n
+            pending[part.req] = part
+            self.stats.retries += 1
+            self._dispatch(part)
 
     def _poll(self, timeout_s: float, pending: dict[int, _Request] | None = None, out: np.ndarray | None = None) -> None:
         events = dict(self._poller.poll(int(timeout_s * 1000)))
@@ -326,27 +472,26 @@ class ClusterExperts(ExpertBackend):
             w.rss, w.peak_rss = msg["rss"], max(w.peak_rss, msg["peak_rss"])
         elif msg.type == P.BYE:
             log.info("worker %s left", w.name)
-            w.alive = False
+            self._lost(w, "left")
         elif msg.type == P.RESULT:
             r = pending.get(msg["req"]) if pending is not None else None
             if r is None or r.worker is not w:
                 log.warning("dropped a result for unknown request %d from %s", msg["req"], w.name)
                 return
-            if msg.tensor.shape != (len(r.rows), self.n_embd):
-                log.warning("dropped a result of shape %s from %s", msg.tensor.shape, w.name)
+            if msg.tensor.shape != (len(r.rows), self.n_embd) or msg["experts"] != r.experts or msg["rows"] != r.counts:
+                log.warning("dropped a result of shape %s for experts %s from %s", msg.tensor.shape, msg["experts"], w.name)
                 return
             out[r.rows, r.slots] = msg.tensor
             del pending[r.req]
             s = self.stats
-            s.calls += 1
+            s.calls += len(r.experts)
             s.tokens += len(r.rows)
             s.worker_load_s += msg["load_s"]
             s.worker_wait_s += msg["wait_s"]
             s.worker_compute_s += msg["compute_s"]
-            s.hits += int(msg["hit"])
-            w.hits += int(msg["hit"])
-            w.rss = msg["rss"]
-            w.peak_rss = max(w.peak_rss, msg["rss"])
+            hits = min(msg["hits"], len(r.experts))
+            s.hits += hits
+            w.hits += hits
             r.work_s = msg["load_s"] + msg["wait_s"] + msg["compute_s"]
             r.stall_s = msg["load_s"] + msg["wait_s"]
         elif msg.type == P.FAIL:
@@ -366,21 +511,29 @@ class ClusterExperts(ExpertBackend):
         w = self.workers.get(identity)
         if w is None:
             w = WorkerInfo(self._next_id, identity, msg["name"], msg["budget"], msg["threads"], msg["pid"],
-                           msg["baseline_rss"], time.monotonic())
+                           msg["baseline_rss"], time.monotonic(), resident_room=msg["resident_room"],
+                           jit_slots=max(1, msg["jit_slots"]))
             self._next_id += 1
             self.workers[identity] = w
             log.info("worker %s joined (id %d, budget %d MiB, baseline %d MiB)", w.name, w.worker_id,
                      w.budget >> 20, w.baseline_rss >> 20)
         else:
             w.alive, w.last_seen = True, time.monotonic()
+            w.resident_room, w.jit_slots = msg["resident_room"], max(1, msg["jit_slots"])
+            self.placement = {k: x for k, x in self.placement.items() if x is not w}  # it forgot them
             log.info("worker %s rejoined (id %d)", w.name, w.worker_id)
         self._send(identity, P.encode(P.WELCOME, worker_id=w.worker_id, pub=self.pub_endpoint, heartbeat_s=self.heartbeat_s))
+        self._replan()
 
     def summary(self) -> dict:
         s = self.stats
         return {
             "workers": [{"name": w.name, "id": w.worker_id, "pid": w.pid, "budget": w.budget, "peak_rss": w.peak_rss,
-                         "requests": w.requests, "hits": w.hits, "alive": w.alive} for w in self.workers.values()],
+                         "requests": w.requests, "hits": w.hits, "resident": w.resident, "alive": w.alive}
+                        for w in self.workers.values()],
+            "residency": self.residency,
+            "resident_experts": len(self.placement),
+            "resident_routed": s.resident_routed,
             "recall": self.recall.recall,
             "predicted_loads": s.predicted,
             "bytes_sent": s.bytes_sent,

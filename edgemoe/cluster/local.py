@@ -1,7 +1,13 @@
-"""Local daemons on loopback (workers, a shadow node), started and stopped by the coordinator process."""
+"""Local daemons on loopback (workers, a shadow node), started and stopped by the coordinator process.
+
+A daemon given a memory limit runs in a memory cgroup of that size (edgemoe.cluster.cgroup), so the
+kernel enforces it, page cache included; where no cgroup can be made, one warning line says so and
+the daemon keeps to its budget by its own accounting.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -9,7 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgemoe.cluster.budget import parse_size
+from edgemoe.cluster.cgroup import CgroupUnavailable, MemoryCgroup
 from edgemoe.util.proc import peak_rss_bytes, storage_read_bytes
+
+log = logging.getLogger("edgemoe.local")
 
 
 class LocalProcesses:
@@ -19,17 +29,66 @@ class LocalProcesses:
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="edgemoe-local-"))
         self.names: list[str] = []
         self.procs: list[subprocess.Popen] = []
+        self.cgroups: list[MemoryCgroup | None] = []
         self._peak: dict[int, int] = {}
+        self._cgroup_peak: dict[str, int] = {}
+        self._oom: dict[str, int] = {}
+        self._warned = False
 
-    def spawn(self, name: str, args: list[str]) -> None:
-        """`python -m edgemoe ARGS...`, its output in LOG_DIR/NAME.log."""
+    def spawn(self, name: str, args: list[str], memory_limit: int | None = None) -> None:
+        """`python -m edgemoe ARGS...`, its output in LOG_DIR/NAME.log; in a memory cgroup of
+        memory_limit bytes where one can be made."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")
+        group = None
+        if memory_limit is not None:
+            try:
+                group = MemoryCgroup.create(name, memory_limit)
+            except CgroupUnavailable as e:
+                if not self._warned:  # one line for all the daemons
+                    log.warning("no memory cgroup for the local daemons (%s): they keep to their budgets by their "
+                                "own accounting", e)
+                    self._warned = True
+        out = open(self.log_dir / f"{name}.log", "ab")
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "edgemoe", *args], stdin=subprocess.DEVNULL,
-                                           stdout=log, stderr=subprocess.STDOUT, env=env))
+        try:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "edgemoe", *args], stdin=subprocess.DEVNULL,
+                                               stdout=out, stderr=subprocess.STDOUT, env=env,
+                                               preexec_fn=group.enter if group is not None else None))
+        except BaseException:
+            if group is not None:
+                group.remove()
+            raise
+        finally:
+            out.close()
         self.names.append(name)
-        log.close()
+        self.cgroups.append(group)
+
+    def cgroup_peak(self) -> dict[str, int]:
+        """name -> the most memory its cgroup was charged (page cache included), for those in one."""
+        for name, g in zip(self.names, self.cgroups):
+            if g is not None:
+                peak = g.peak()
+                if peak is not None:
+                    self._cgroup_peak[name] = peak
+        return dict(self._cgroup_peak)
+
+    def oom_killed(self) -> list[str]:
+        """Names of the daemons the kernel killed for memory."""
+        for name, g in zip(self.names, self.cgroups):
+            if g is not None:
+                self._oom[name] = max(self._oom.get(name, 0), g.oom_kills())
+        return [name for name, n in self._oom.items() if n]
+
+    def exited(self) -> list[tuple[str, int, str]]:
+        """(name, pid, why) of each daemon that has exited."""
+        out = []
+        killed = set(self.oom_killed())
+        for name, p in zip(self.names, self.procs):
+            if p.poll() is not None:
+                why = ("was killed by the kernel for memory (its cgroup's limit)" if name in killed
+                       else f"exited with status {p.returncode}")
+                out.append((name, p.pid, why))
+        return out
 
     def sample_rss(self) -> None:
         """Record each process's peak RSS (VmHWM), read from outside it."""
@@ -58,14 +117,15 @@ class LocalProcesses:
     def failed(self) -> list[str]:
         """Processes that exited, with the last line of their log."""
         out = []
-        for name, p in zip(self.names, self.procs):
-            if p.poll() is not None:
-                lines = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
-                out.append(f"{name} exited with status {p.returncode}: {lines[-1] if lines else '(no output)'}")
+        for name, _, why in self.exited():
+            lines = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+            out.append(f"{name} {why}: {lines[-1] if lines else '(no output)'}")
         return out
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.sample_rss()
+        self.cgroup_peak()
+        self.oom_killed()
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -75,6 +135,9 @@ class LocalProcesses:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=timeout_s)
+        for g in self.cgroups:
+            if g is not None:
+                g.remove()
 
     def __enter__(self) -> "LocalProcesses":
         return self
@@ -87,18 +150,21 @@ class LocalWorkers(LocalProcesses):
     """N `edgemoe worker` processes named local-0 ... local-(N-1)."""
 
     def __init__(self, model_dir: str | Path, n: int, connect: str, *, memory_budget: str | None = None,
-                 threads: int = 1, log_dir: str | Path | None = None) -> None:
+                 threads: int = 1, log_dir: str | Path | None = None, cgroup: bool = True) -> None:
+        """cgroup: each worker with a budget runs in a memory cgroup of that size where one can be made."""
         super().__init__(log_dir)
         self.model_dir, self.n, self.connect = Path(model_dir), n, connect
-        self.memory_budget, self.threads = memory_budget, threads
+        self.memory_budget, self.threads, self.cgroup = memory_budget, threads, cgroup
 
     def start(self) -> "LocalWorkers":
         for i in range(self.n):
             args = ["worker", "--connect", self.connect, "--model", str(self.model_dir), "--threads", str(self.threads),
                     "--name", f"local-{i}"]
+            limit = None
             if self.memory_budget:
                 args += ["--memory-budget", self.memory_budget]
-            self.spawn(f"local-{i}", args)
+                limit = parse_size(self.memory_budget, "--memory-budget")
+            self.spawn(f"local-{i}", args, memory_limit=limit if self.cgroup else None)
         return self
 
     def __enter__(self) -> "LocalWorkers":

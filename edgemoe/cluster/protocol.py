@@ -14,16 +14,19 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 << 10
 MAX_TENSOR_BYTES = 256 << 20  # a prefill mini-batch of a large model stays far below this
+MAX_EXPERTS_PER_COMPUTE = 256  # experts one COMPUTE may carry (a layer's routed experts on one worker)
+MAX_RESIDENT = 1 << 16  # experts one RESIDENT may name
 
 # message types ---------------------------------------------------------------------------------
 HELLO = "hello"  # worker -> coordinator (DEALER -> ROUTER): who I am, what I can do
 WELCOME = "welcome"  # coordinator -> worker: accepted; where predictions are published
 REJECT = "reject"  # coordinator -> worker: refused (e.g. another model); the worker exits
-COMPUTE = "compute"  # coordinator -> worker: run expert (layer, expert) on the attached hidden states
-RESULT = "result"  # worker -> coordinator: the expert's output, with timings
+COMPUTE = "compute"  # coordinator -> worker: run experts of one layer, each on its own rows of the attached hidden states
+RESULT = "result"  # worker -> coordinator: the experts' outputs (same rows), with timings
+RESIDENT = "resident"  # coordinator -> worker: the experts to keep resident (the whole set; replaces the last one)
 FAIL = "fail"  # worker -> coordinator: a request could not be served (message says why)
 PREFETCH = "prefetch"  # coordinator -> all workers (PUB): load these experts now, compute follows
 HEARTBEAT = "heartbeat"  # both ways: liveness, with the worker's memory use
@@ -38,12 +41,14 @@ ROUTES = "routes"  # shadow node -> coordinator: the shadow's router choice for 
 
 # fields each message type must carry, with their Python types
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    HELLO: {"name": str, "model": str, "budget": int, "threads": int, "pid": int, "baseline_rss": int},
+    HELLO: {"name": str, "model": str, "budget": int, "threads": int, "pid": int, "baseline_rss": int,
+            "resident_room": int, "jit_slots": int},
     WELCOME: {"worker_id": int, "pub": str, "heartbeat_s": (int, float)},
     REJECT: {"reason": str},
-    COMPUTE: {"req": int, "layer": int, "expert": int, "dtype": str, "shape": list},
-    RESULT: {"req": int, "layer": int, "expert": int, "dtype": str, "shape": list,
-             "load_s": (int, float), "wait_s": (int, float), "compute_s": (int, float), "hit": bool, "rss": int},
+    COMPUTE: {"req": int, "layer": int, "experts": list, "rows": list, "dtype": str, "shape": list},
+    RESULT: {"req": int, "layer": int, "experts": list, "rows": list, "dtype": str, "shape": list,
+             "load_s": (int, float), "wait_s": (int, float), "compute_s": (int, float), "hits": int},
+    RESIDENT: {"plan": int, "experts": list},
     FAIL: {"req": int, "reason": str},
     PREFETCH: {"step": int, "loads": list},
     HEARTBEAT: {"rss": int, "peak_rss": int},
@@ -150,15 +155,45 @@ def _validate(header: Any) -> None:
         value = header[name]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ProtocolError(f"{t}.{name} has type {type(value).__name__}")
-    for name in ("tokens", "experts"):
-        if name in schema and not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in header[name]):
+    for name in ("tokens", "experts", "rows"):
+        if name in schema and t != RESIDENT and not all(_uint(x) for x in header[name]):
             raise ProtocolError(f"{t}.{name} must be a list of non-negative integers")
+    if t in (COMPUTE, RESULT):
+        _validate_rows(t, header)
+    if t == RESIDENT:
+        experts = header["experts"]
+        if len(experts) > MAX_RESIDENT:
+            raise ProtocolError(f"resident names {len(experts)} experts, at most {MAX_RESIDENT}")
+        if not all(isinstance(x, list) and len(x) == 2 and _uint(x[0]) and _uint(x[1]) for x in experts):
+            raise ProtocolError("resident experts must be [layer, expert] pairs of non-negative integers")
+        if len({tuple(x) for x in experts}) != len(experts):
+            raise ProtocolError("resident names an expert twice")
     if t == JOB and not header["tokens"]:
         raise ProtocolError("a job needs at least one token")
     if t == PREFETCH:
         for item in header["loads"]:
             if not (isinstance(item, list) and len(item) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
                 raise ProtocolError("prefetch loads must be [worker_id, layer, expert] integer triples")
+
+
+def _uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _validate_rows(t: str, header: dict) -> None:
+    """experts[i] runs on the next rows[i] rows of the tensor: one entry each, no expert twice,
+    every row covered (the shape itself is checked with the tensor frame)."""
+    experts, rows, shape = header["experts"], header["rows"], header["shape"]
+    if not 1 <= len(experts) <= MAX_EXPERTS_PER_COMPUTE:
+        raise ProtocolError(f"{t} carries {len(experts)} experts, 1 to {MAX_EXPERTS_PER_COMPUTE} allowed")
+    if len(rows) != len(experts):
+        raise ProtocolError(f"{t} has {len(experts)} experts but {len(rows)} row counts")
+    if len(set(experts)) != len(experts):
+        raise ProtocolError(f"{t} names an expert twice")
+    if not all(n > 0 for n in rows):
+        raise ProtocolError(f"{t}.rows must be positive")
+    if shape and isinstance(shape[0], int) and sum(rows) != shape[0]:
+        raise ProtocolError(f"{t}.rows add up to {sum(rows)}, the tensor has {shape[0]} rows")
 
 
 def _bytes(frame: Any) -> bytes:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,12 +31,30 @@ class ClusterOptions:
     memory_budget: str | None = None
     worker_threads: int = 1
     shadow_node: str | None = None  # the shadow on its own node: "local" (spawned on loopback) or tcp://HOST:PORT to bind
+    residency: str = "auto"  # "auto": workers keep residents under one placement; "off": the paper's cacheless mode
     join_timeout_s: float = 120.0
     request_timeout_s: float = 30.0
 
     @property
     def enabled(self) -> bool:
         return self.workers > 0 or self.bind is not None
+
+
+def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[tuple[int, int], float]:
+    """Per-expert routing counts from the importance matrix the model's shadow was weighted by, when
+    it lies next to the converted directory (NAME.imatrix.gguf with the manifest's sha256); else
+    none (the placement then spreads residents evenly and learns the counts online)."""
+    from edgemoe.cluster.placement import counts_from_imatrix
+    from edgemoe.format.imatrix import read_imatrix
+    from edgemoe.format.manifest import load_manifest, sha256_file
+
+    want = (load_manifest(model).shadow or {}).get("imatrix_sha256")
+    if not want:
+        return {}
+    for path in sorted(Path(model).resolve().parent.glob("*.imatrix.gguf")):
+        if sha256_file(path) == want:
+            return counts_from_imatrix(read_imatrix(path).counts, moe_layers)
+    return {}
 
 
 @contextlib.contextmanager
@@ -53,6 +73,9 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     remote_shadow = opts.shadow_node is not None
     if remote_shadow and parse_predictor(opts.predictor)[0] != "shadow":
         raise UserError(f"--shadow-node runs the shadow predictor elsewhere; it needs --predictor shadow, not {opts.predictor}")
+    # workers spawned here talk over Unix sockets (ZeroMQ ipc://), the fastest transport it has on one host
+    ipc_dir = tempfile.mkdtemp(prefix="edgemoe-ipc-") if opts.bind is None else None
+    worker_bind = opts.bind or f"ipc://{ipc_dir}/workers"
 
     def make_backend(engine: Engine) -> ClusterExperts:
         nonlocal cluster
@@ -69,8 +92,9 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
                                        main=engine, options=popts)
         try:
             cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
-                                     moe_layers=engine.moe_layers, bind=opts.bind or "tcp://127.0.0.1:0", predictor=predictor,
-                                     timeout_s=opts.request_timeout_s)
+                                     moe_layers=engine.moe_layers, bind=worker_bind, predictor=predictor,
+                                     timeout_s=opts.request_timeout_s, residency=opts.residency,
+                                     routing_counts=routing_counts(model, engine.moe_layers))
         except BaseException:
             predictor.close()
             raise
@@ -95,10 +119,13 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
             if failed:
                 raise UserError("; ".join(failed))
 
+        if local is not None:
+            cluster.exited = local.exited
         cluster.wait_for_workers(opts.workers + opts.wait_workers, opts.join_timeout_s, check)
         if remote_shadow:
             cluster.predictor.wait_for_shadow(opts.join_timeout_s, check)
         engine.local_workers = local  # type: ignore[attr-defined]
+        engine.local_shadow = local_shadow  # type: ignore[attr-defined]
         yield engine
     finally:
         if local is not None:
@@ -108,3 +135,5 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         if cluster is not None and cluster.predictor is not None:
             cluster.predictor.close()  # a shadow predictor's thread and engine
         engine.close()
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)

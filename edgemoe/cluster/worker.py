@@ -1,10 +1,15 @@
-"""The worker daemon: loads expert shards just in time, computes them, drops them (OD-MoE).
+"""The worker daemon: keeps its resident experts mapped, loads the others just in time, computes them.
 
 One process per board. Threads:
 - main: the ZeroMQ loop (DEALER to the coordinator's ROUTER, SUB to its PUB), heartbeats, and
   the expert computes (ggml, on its own thread pool);
 - loader: maps shards (sha256 check on first use, mmap + MAP_POPULATE) one at a time, in order,
   within the memory budget; it wakes the main loop through a pipe when a shard is ready.
+
+The budget holds the baseline, a reserve for activations, `jit_slots` just-in-time slots (OD-MoE:
+an expert loaded on the predictor's word, computed, dropped) and the resident room, which the
+coordinator's placement fills (`resident` messages): those experts stay mapped. Nothing on the
+per-request path reads /proc or logs above DEBUG; the heartbeat carries the memory figures.
 
 What to load, keep and drop is decided by `budget.Admission` (a pure state machine, under one
 lock); this module only carries the decisions out. The network carries activations, never weights.
@@ -55,10 +60,15 @@ DEFAULT_HEARTBEAT_S = 1.0
 HELLO_INTERVAL_S = 2.0  # re-send HELLO this often while not welcomed
 HELLO_RETRY_S = 0.1  # ... and this often while the link is not up yet (sends would be refused)
 _CONNECT_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_IPC_RE = re.compile(r"^ipc://(/[A-Za-z0-9._/-]{1,100})$")  # a local cluster: Unix sockets, no TCP stack
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 
 
 def parse_endpoint(endpoint: str, what: str = "--connect") -> tuple[str, int]:
+    """(host, port) of tcp://HOST:PORT; (path, 0) of ipc:///PATH (a coordinator on this host)."""
+    m = _IPC_RE.match(endpoint)
+    if m is not None:
+        return m.group(1), 0
     m = _CONNECT_RE.match(endpoint)
     if m is None or not 0 < int(m.group(2)) < 65536:
         raise UserError(f"{what}: {endpoint!r} is not an endpoint of the form tcp://HOST:PORT")
@@ -77,13 +87,16 @@ def _label(key: Key) -> str:
 
 @dataclass
 class _Pending:
-    """A COMPUTE waiting for its shard (or about to be computed)."""
+    """A COMPUTE waiting for its shards (or about to be computed): experts of one layer, each on
+    its own consecutive rows of x."""
 
     req: int
-    key: Key
+    layer: int
+    keys: list[Key]
+    rows: list[int]
     x: np.ndarray  # a view of the received frame
     t0: float
-    hit: bool
+    hits: list[bool]
 
 
 class _WarmupShard:
@@ -196,17 +209,27 @@ class Worker:
                 f"(interpreter, numpy, ggml, sockets, before any expert); raise --memory-budget"
             )
         self.baseline = baseline
-        self.adm = Admission(self.budget, baseline, self.reserve, slack=RUNTIME_SLACK, horizon=self.horizon)
         biggest = max(page_round(e.size) for rel, e in self.manifest.files.items() if rel.startswith("experts/"))
+        smallest = self.reserve + baseline + biggest
+        if self.budget < smallest:
+            raise UserError(
+                f"memory budget {format_size(self.budget)} cannot hold this worker's baseline {format_size(baseline)} "
+                f"plus its reserve {format_size(self.reserve)} plus one expert ({format_size(biggest)}): the smallest "
+                f"budget that works is {_mib_up(smallest)}")
+        capacity = self.budget - baseline - self.reserve
+        # a compute of one layer's experts on this worker needs them all mapped at once: up to top-k
+        # just-in-time slots, plus one so a prefetch can load while they compute
+        self.jit_slots = max(1, min(self.manifest.n_experts_used + 1, capacity // biggest))
+        self.adm = Admission(self.budget, baseline, self.reserve, slack=RUNTIME_SLACK, horizon=self.horizon,
+                             jit_room=self.jit_slots * biggest)
+        self._biggest = biggest
         self.log.info(
             "started: model %s (%s), budget %s, baseline %s, reserve %s (%d tokens), room for experts %s "
-            "(largest %s), %d threads, pid %d",
+            "(largest %s): %d just-in-time slots, %s for residents; %d threads, pid %d",
             self.manifest.name, self.model_hash[:12], format_size(self.budget), format_size(baseline),
             format_size(self.reserve), self.max_tokens, format_size(self.adm.capacity), format_size(biggest),
-            self.threads, os.getpid(),
+            self.jit_slots, format_size(self.adm.resident_room), self.threads, os.getpid(),
         )
-        if self.adm.never_fits(biggest):
-            self.log.warning("the largest expert does not fit: %s", self.adm.never_fits(biggest))
         self._loader = threading.Thread(target=self._loader_main, name="loader", daemon=True)
         self._loader.start()
         if threading.current_thread() is threading.main_thread():
@@ -270,8 +293,14 @@ class Worker:
         if not self._welcomed and now >= self._next_hello:
             self._hello()
         elif self._welcomed and now >= self._next_heartbeat:
-            self._send(P.HEARTBEAT, rss=rss_bytes(), peak_rss=peak_rss_bytes())
+            rss = rss_bytes()
+            self._send(P.HEARTBEAT, rss=rss, peak_rss=peak_rss_bytes())
             self._next_heartbeat = now + self._heartbeat_s
+            with self._cond:  # the baseline's growth, re-observed off the request path
+                before = self.adm.baseline
+                if self.adm.observe_rss(rss) and abs(self.adm.baseline - before) >= 1 << 20:
+                    self.log.info("baseline RSS now %s (was %s): room for experts %s", format_size(self.adm.baseline),
+                                  format_size(before), format_size(self.adm.capacity))
 
     def _send(self, msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> bool:
         try:
@@ -284,7 +313,8 @@ class Worker:
 
     def _hello(self) -> None:
         sent = self._send(P.HELLO, name=self.name, model=self.model_hash, budget=self.budget, threads=self.threads,
-                          pid=os.getpid(), baseline_rss=self.baseline)
+                          pid=os.getpid(), baseline_rss=self.baseline, resident_room=self.adm.resident_room,
+                          jit_slots=self.jit_slots)
         now = time.monotonic()
         self._next_hello = now + (self.hello_interval if sent else HELLO_RETRY_S)
         if sent:
@@ -327,6 +357,8 @@ class Worker:
         t = msg.type
         if t == P.COMPUTE:
             self._on_compute(msg)
+        elif t == P.RESIDENT:
+            self._on_resident(msg)
         elif t == P.HEARTBEAT:
             pass
         elif t == P.WELCOME:
@@ -352,7 +384,7 @@ class Worker:
         except UserError as e:
             self.log.warning("dropped a welcome: %s", e)
             return
-        if host in ("*", "0.0.0.0", "[::]"):
+        if not pub.startswith("ipc://") and host in ("*", "0.0.0.0", "[::]"):
             pub = f"tcp://{self.host}:{port}"  # the coordinator told us where it bound, not where it is
         if pub != self._pub:
             if self._pub is not None:
@@ -386,27 +418,72 @@ class Worker:
             drops = self.adm.prefetch(msg["step"], items)
             shards = self._unmap_locked(drops)
             self._cond.notify_all()
-        if items:
-            self.log.info("prefetch step %d: %s", msg["step"], " ".join(_label(k) for k, _ in items))
+        if items and self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("prefetch step %d: %s", msg["step"], " ".join(_label(k) for k, _ in items))
         for k, s in shards:
             self._drop(k, s, "prefetch expired")
 
+    def _on_resident(self, msg: P.Message) -> None:
+        """The coordinator's placement for this worker: keep these experts mapped (the whole set)."""
+        items, unknown = [], []
+        for layer, expert in msg["experts"]:
+            entry = self.manifest.files.get(expert_file_name(layer, expert))
+            if entry is None:
+                unknown.append(_label((layer, expert)))
+            else:
+                items.append(((layer, expert), page_round(entry.size)))
+        if unknown:
+            self.log.warning("resident plan %d: no such expert in this model: %s", msg["plan"], ", ".join(unknown))
+        with self._cond:
+            drops, refused = self.adm.set_resident(items)
+            shards = self._unmap_locked(drops)
+            self._cond.notify_all()
+        if refused:
+            self.log.warning("resident plan %d: %d experts do not fit the resident room %s (%s); they load just in time",
+                             msg["plan"], len(refused), format_size(self.adm.resident_room), " ".join(map(_label, refused)))
+        self.log.info("resident plan %d: %d experts (%s)", msg["plan"], len(items) - len(refused),
+                      format_size(sum(size for k, size in items if k not in set(refused))))
+        for k, s in shards:
+            self._drop(k, s, "no longer resident")
+
     def _on_compute(self, msg: P.Message) -> None:
-        req, layer, expert, x = msg["req"], msg["layer"], msg["expert"], msg.tensor
-        key = (layer, expert)
-        entry = self.manifest.files.get(expert_file_name(layer, expert))
-        if entry is None:
-            return self._fail(req, f"no expert {_label(key)} in model {self.manifest.name}")
+        req, layer, x = msg["req"], msg["layer"], msg.tensor
+        keys = [(layer, e) for e in msg["experts"]]
+        entries = [self.manifest.files.get(expert_file_name(*k)) for k in keys]
+        missing = [_label(k) for k, entry in zip(keys, entries) if entry is None]
+        if missing:
+            return self._fail(req, f"no expert {', '.join(missing)} in model {self.manifest.name}")
         if x.ndim != 2 or x.shape[1] != self.n_embd:
             return self._fail(req, f"hidden states of shape {list(x.shape)}, this model needs [n, {self.n_embd}]")
         act = activation_bytes(x.shape[0], self.n_embd, self.n_ff)
+        hits: list[bool] = []
         with self._cond:
             why = self.adm.check_activations(act, x.shape[0])
-            r = self.adm.request(key, page_round(entry.size)) if why is None else None
+            if why is None and len(keys) > 1:
+                cold = [k for k in keys if self.adm.state(k) is None or self.adm.state(k) == "queued"]
+                if len(cold) > self.jit_slots:
+                    why = (f"{len(cold)} experts to load at once, this worker has {self.jit_slots} just-in-time slots; "
+                           "send fewer experts per request")
+            if why is None:
+                for k, entry in zip(keys, entries):
+                    r = self.adm.request(k, page_round(entry.size))
+                    if r.refused is not None:
+                        why = r.refused
+                        break
+                    hits.append(r.hit)
+                if why is not None:  # unpin what this request already pinned
+                    drops = [k for k in keys[:len(hits)] if self.adm.release(k)]
+                    shards = self._unmap_locked(drops)
+                else:
+                    shards = []
+            else:
+                shards = []
             self._cond.notify_all()
-        if why is not None or r.refused is not None:
-            return self._fail(req, why or r.refused)
-        self._pending.append(_Pending(req, key, x, time.perf_counter(), r.hit))
+        for k, s in shards:
+            self._drop(k, s, "request refused")
+        if why is not None:
+            return self._fail(req, why)
+        self._pending.append(_Pending(req, layer, keys, list(msg["rows"]), x, time.perf_counter(), hits))
 
     def _fail(self, req: int, reason: str) -> None:
         self.log.warning("fail req %d: %s", req, reason)
@@ -414,55 +491,79 @@ class Worker:
 
     # -- computing -------------------------------------------------------------------------------
     def _serve_ready(self) -> None:
+        """Compute (in arrival order among the ready ones) every pending request whose shards are all
+        mapped; fail those one of whose shards could not be loaded."""
         while self._pending:
             with self._cond:
                 for i, p in enumerate(self._pending):
-                    err = self._errors.get(p.key)
-                    if err is not None or p.key in self._shards:
+                    failed = [k for k in p.keys if k in self._errors]
+                    if failed or all(k in self._shards for k in p.keys):
                         break
                 else:
                     return
                 del self._pending[i]
-                if err is not None:
-                    err[1] -= 1
-                    if err[1] <= 0:
-                        del self._errors[p.key]
+                reason, shards, drops = None, [], []
+                if failed:
+                    reason = self._errors[failed[0]][0]
+                    for k in p.keys:
+                        err = self._errors.get(k)
+                        if err is not None:
+                            err[1] -= 1
+                            if err[1] <= 0:
+                                del self._errors[k]
+                        elif self.adm.release(k):
+                            drops.append(k)
+                    dropped = self._unmap_locked(drops)
                 else:
-                    shard, ready = self._shards[p.key], self._loaded_at[p.key]
-            if err is not None:
-                self._fail(p.req, err[0])
+                    shards = [self._shards[k] for k in p.keys]
+                    ready = max(self._loaded_at[k] for k in p.keys)
+            if reason is not None:
+                for k, sh in dropped:
+                    self._drop(k, sh, "request failed")
+                self._fail(p.req, reason)
                 continue
-            self._compute(p, shard, max(0.0, ready - p.t0))
+            self._compute(p, shards, max(0.0, ready - p.t0))
 
-    def _compute(self, p: _Pending, shard: MappedShard, waited: float) -> None:
+    def _compute(self, p: _Pending, shards: list[MappedShard], waited: float) -> None:
+        y: np.ndarray | None = None
         try:
-            layout = shard.layout
-            if layout.tensors["down"].ne[1] != p.x.shape[1]:
-                raise ValueError(f"hidden states have {p.x.shape[1]} columns, expert {_label(p.key)} takes {layout.tensors['down'].ne[1]}")
             t = time.perf_counter()
-            y = self.ffn.run(shard, p.x)
+            y = self._run_experts(p, shards)
             compute_s = time.perf_counter() - t
         except Exception as e:  # GGMLComputeError, a bad shape: fail this request, keep serving
-            self._fail(p.req, f"compute of {_label(p.key)} failed: {e}")
+            self._fail(p.req, f"compute of {' '.join(map(_label, p.keys))} failed: {e}")
             y = None
         finally:
             with self._cond:
-                drop = self.adm.computed(p.key)
-                dropped = self._unmap_locked([p.key])[0][1] if drop else None
+                drops = [k for k in p.keys if self.adm.computed(k)]
+                dropped = self._unmap_locked(drops)
                 self._cond.notify_all()
         if y is not None:
-            load_s, wait_s = (0.0, waited) if p.hit else (waited, 0.0)
-            self._send(P.RESULT, y, req=p.req, layer=p.key[0], expert=p.key[1], load_s=load_s, wait_s=wait_s,
-                       compute_s=compute_s, hit=p.hit, rss=rss_bytes())
-            self.log.info("compute req %d %s: %d tokens, %.2f ms (%s %.1f ms)", p.req, _label(p.key), p.x.shape[0],
-                          compute_s * 1e3, "hit, waited" if p.hit else "miss, loaded in", waited * 1e3)
-        if dropped is not None:
-            self._drop(p.key, dropped, "computed")
-            with self._cond:
-                before = self.adm.baseline
-                if self.adm.observe_rss(rss_bytes()) and abs(self.adm.baseline - before) >= 1 << 20:
-                    self.log.info("baseline RSS now %s (was %s): room for experts %s", format_size(self.adm.baseline),
-                                  format_size(before), format_size(self.adm.capacity))
+            missed = not all(p.hits)
+            load_s, wait_s = (waited, 0.0) if missed else (0.0, waited)
+            self._send(P.RESULT, y, req=p.req, layer=p.layer, experts=[k[1] for k in p.keys], rows=p.rows,
+                       load_s=load_s, wait_s=wait_s, compute_s=compute_s, hits=sum(p.hits))
+            if self.log.isEnabledFor(logging.DEBUG):
+                self.log.debug("compute req %d %s: %d rows, %.2f ms (%d/%d hits, waited %.1f ms)", p.req,
+                               " ".join(map(_label, p.keys)), p.x.shape[0], compute_s * 1e3, sum(p.hits), len(p.hits),
+                               waited * 1e3)
+        for k, sh in dropped:
+            self._drop(k, sh, "computed")
+
+    def _run_experts(self, p: _Pending, shards: list[MappedShard]) -> np.ndarray:
+        """Every expert of the request on its rows; outputs in the same row order."""
+        for shard, key in zip(shards, p.keys):
+            if shard.layout.tensors["down"].ne[1] != p.x.shape[1]:
+                raise ValueError(f"hidden states have {p.x.shape[1]} columns, expert {_label(key)} takes "
+                                 f"{shard.layout.tensors['down'].ne[1]}")
+        if len(shards) == 1:
+            return self.ffn.run(shards[0], p.x)
+        out = np.empty(p.x.shape, dtype=np.float32)
+        lo = 0
+        for shard, n in zip(shards, p.rows):
+            out[lo:lo + n] = self.ffn.run(shard, p.x[lo:lo + n])
+            lo += n
+        return out
 
     # -- loading and dropping (loader thread, except drops) --------------------------------------
     def _loader_main(self) -> None:
@@ -504,7 +605,7 @@ class Worker:
                     self._shards[d.key] = shard
                     self._loaded_at[d.key] = time.perf_counter()
                 self._cond.notify_all()
-            self.log.info("load %s: %.2f ms, %d bytes", _label(d.key), dt * 1e3, shard.layout.size)
+            self.log.debug("load %s: %.2f ms, %d bytes", _label(d.key), dt * 1e3, shard.layout.size)
             if keep:
                 self._wake.wake()
             else:
@@ -552,7 +653,7 @@ class Worker:
     def _drop(self, key: Key, shard: MappedShard, why: str) -> None:
         shard.close()
         drop_page_cache(shard.layout.path)
-        self.log.info("drop %s (%s)", _label(key), why)
+        self.log.debug("drop %s (%s)", _label(key), why)
 
     # -- shutdown --------------------------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -577,6 +678,11 @@ class Worker:
         self._wake.close()
         self.compute.close()
         self.log.info("shutdown complete: peak RSS %s of budget %s", format_size(peak_rss_bytes()), format_size(self.budget))
+
+
+def _mib_up(n: int) -> str:
+    """n bytes as a --memory-budget value, rounded up to whole MiB."""
+    return f"{-(-n // (1 << 20))}MiB"
 
 
 def _tame_malloc() -> None:

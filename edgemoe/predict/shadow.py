@@ -47,6 +47,7 @@ from edgemoe.model.trunk import KVCache
 from edgemoe.model.weights import GGUFTensors
 from edgemoe.predict.base import Predictor, PredictorOptions
 from edgemoe.predict.baselines import upcoming
+from edgemoe.util.proc import lower_thread_priority
 
 log = logging.getLogger("edgemoe.shadow")
 
@@ -325,6 +326,8 @@ class ShadowPredictor(Predictor):
 
     # shadow thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
+        if not self.opts.sync:  # its predictions are worth less than the trunk's time: never delay it
+            lower_thread_priority()
         while True:
             job = self._queue.get()
             if job is None:

@@ -34,4 +34,27 @@ def storage_read_bytes(pid: int | None = None) -> int:
     raise RuntimeError(f"{path} has no read_bytes line")
 
 
-__all__ = ["peak_rss_bytes", "rss_bytes", "storage_read_bytes"]
+def reset_peak_rss() -> None:
+    """Start this process's VmHWM afresh from its current RSS (Linux >= 4.0: clear_refs 5), so a later
+    peak_rss_bytes() covers only what came after."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def lower_thread_priority(nice: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread is a task of its own, setpriority on
+    its id changes only it), so that on a busy host it runs on what the others leave over."""
+    import os
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the usual priority
+        pass
+
+
+__all__ = ["lower_thread_priority", "peak_rss_bytes", "reset_peak_rss", "rss_bytes", "storage_read_bytes"]
