@@ -132,6 +132,8 @@ class ClusterExperts(ExpertBackend):
         # them), so that a worker the kernel killed is noticed at once rather than after a timeout
         self.exited: Callable[[], list[tuple[str, int, str]]] | None = None
         self._next_watch = 0.0
+        self._groups: tuple[tuple[int, ...], list[list[WorkerInfo]]] | None = None  # (live ids, groups of them)
+        self._layer_index = {l: i for i, l in enumerate(moe_layers)}
         self.recall = RecallMeter(k)
         self.workers: dict[bytes, WorkerInfo] = {}
         self._next_id = 0
@@ -233,6 +235,9 @@ class ClusterExperts(ExpertBackend):
     def groups(self) -> list[list[WorkerInfo]]:
         """Workers in groups of group_size (the last group takes any remainder)."""
         live = self.live_workers()
+        ids = tuple(w.worker_id for w in live)
+        if self._groups is not None and self._groups[0] == ids:
+            return self._groups[1]
         if not live:
             raise RuntimeError("no live workers")
         size = min(self.group_size, len(live))
@@ -240,11 +245,12 @@ class ClusterExperts(ExpertBackend):
         groups = [live[i * size:(i + 1) * size] for i in range(n_groups)]
         for i, w in enumerate(live[n_groups * size:]):
             groups[i % n_groups].append(w)
+        self._groups = (ids, groups)
         return groups
 
     def group_of(self, layer: int) -> list[WorkerInfo]:
         groups = self.groups()
-        return groups[self.moe_layers.index(layer) % len(groups)]
+        return groups[self._layer_index[layer] % len(groups)]
 
     # the ExpertBackend interface -----------------------------------------------------------------
     def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:

@@ -478,7 +478,8 @@ class Worker:
                     shards = []
             else:
                 shards = []
-            self._cond.notify_all()
+            if self.adm.queue or shards:  # the loader has work (a demand) or room; a hit wakes nobody
+                self._cond.notify_all()
         for k, s in shards:
             self._drop(k, s, "request refused")
         if why is not None:
@@ -537,7 +538,8 @@ class Worker:
             with self._cond:
                 drops = [k for k in p.keys if self.adm.computed(k)]
                 dropped = self._unmap_locked(drops)
-                self._cond.notify_all()
+                if self.adm.queue:  # memory freed or shards unpinned: a waiting load may go now
+                    self._cond.notify_all()
         if y is not None:
             missed = not all(p.hits)
             load_s, wait_s = (waited, 0.0) if missed else (0.0, waited)
