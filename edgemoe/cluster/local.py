@@ -82,6 +82,8 @@ class LocalProcesses:
     def exited(self) -> list[tuple[str, int, str]]:
         """(name, pid, why) of each daemon that has exited."""
         out = []
+        if all(p.poll() is None for p in self.procs):
+            return out  # the common case, without reading the cgroups
         killed = set(self.oom_killed())
         for name, p in zip(self.names, self.procs):
             if p.poll() is not None:

@@ -8,6 +8,7 @@ any compute code: it only encodes, decodes and validates.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +119,7 @@ def decode(frames: list[bytes | memoryview | Any]) -> Message:
         if dtype is None:
             raise ProtocolError(f"unsupported dtype {header['dtype']!r}")
         payload = _buffer(frames[1])
-        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * np.dtype(dtype).itemsize  # (np.prod costs ~5 us a message)
         if expected > MAX_TENSOR_BYTES:
             raise ProtocolError(f"tensor of {expected} bytes exceeds {MAX_TENSOR_BYTES}")
         if len(payload) != expected:
