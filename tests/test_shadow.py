@@ -158,7 +158,8 @@ def test_tokens_identical_on_a_cluster_under_every_predictor(models: dict[str, P
     with Engine(model, n_ctx=256, n_threads=1) as engine:
         want_tokens, want_logits = greedy(engine)
     specs = ["shadow", *(p for p in PREDICTORS if p != "shadow"), "shadow@T0KV0", "shadow@T1KV0", "shadow@T0KV1", "shadow@T2KV3", "reanchor@T0KV0@d2", "reanchor@d3"]
-    with open_engine(model, ClusterOptions(workers=2, predictor="shadow"), n_ctx=256, n_threads=1) as engine:
+    # residency off: with every expert resident nothing would be predicted (see the next test)
+    with open_engine(model, ClusterOptions(workers=2, predictor="shadow", residency="off"), n_ctx=256, n_threads=1) as engine:
         cluster = engine.experts
         for spec in specs:
             if spec != "shadow":  # one cluster, predictors swapped in as open_engine builds them
@@ -175,6 +176,25 @@ def test_tokens_identical_on_a_cluster_under_every_predictor(models: dict[str, P
                 assert stats["late_start_ms"]["n"] == stats["tokens"]
                 assert cluster.recall.correct > before, spec  # some predictions arrived in time
         assert len(engine.eval_listeners) == 1  # swapped-out shadows unhooked themselves
+
+
+def test_shadow_rests_while_every_expert_is_resident(models: dict[str, Path]) -> None:
+    """No prediction can change a load when the placement holds every expert: the shadow skips its
+    decode work (and the answer is the same); it resumes once a worker is lost."""
+    model = models["f32"]
+    with Engine(model, n_ctx=256, n_threads=1) as engine:
+        want_tokens, want_logits = greedy(engine)
+    with open_engine(model, ClusterOptions(workers=2, predictor="shadow"), n_ctx=256, n_threads=1) as engine:
+        cluster = engine.experts
+        assert len(cluster.placement) == len(cluster._sizes) and cluster.predictor.idle
+        tokens, logits = greedy(engine)
+        stats = cluster.predictor.stats()
+        assert stats["tokens"] == 0 and stats["skipped"] == N_PREDICT - 1, stats
+        assert tokens == want_tokens and np.array_equal(logits, want_logits)
+        survivor = cluster.live_workers()[1]
+        cluster._lost(cluster.live_workers()[0], "left (test)")  # re-planned: the survivor's budget holds them all
+        assert set(cluster.placement.values()) == {survivor} and len(cluster.placement) == len(cluster._sizes)
+        assert cluster.predictor.idle
 
 
 def test_shadow_trunk_on_a_cluster_and_missing_shadow_files(models: dict[str, Path]) -> None:

@@ -201,6 +201,8 @@ class ClusterExperts(ExpertBackend):
         new = {k: by_id[i] for k, i in plan_placement(rooms, rest, self._counts).items()}
         self.placement = {**keep, **new}
         self._plan_id += 1
+        if self.predictor is not None:  # every expert resident: nothing to predict, the shadow may rest
+            self.predictor.idle = len(self.placement) == len(self._sizes)
         sets = worker_sets({k: w.worker_id for k, w in self.placement.items()})
         for w in live:
             mine = sets.get(w.worker_id, [])
@@ -229,6 +231,8 @@ class ClusterExperts(ExpertBackend):
         for key in [k for k, x in self._assigned.items() if x is w]:
             del self._assigned[key]
         self.placement = {k: x for k, x in self.placement.items() if x is not w}
+        if self.predictor is not None:
+            self.predictor.idle = False
         if self.live_workers():
             self._replan()
 

@@ -30,6 +30,9 @@ class Predictor(ABC):
     """
 
     name = "base"
+    # set by the cluster when no prediction can change a load (every expert resident somewhere):
+    # a predictor working in the background may then skip its work
+    idle: bool = False
 
     def reset(self) -> None:
         """A new sequence begins."""

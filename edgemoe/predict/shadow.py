@@ -333,7 +333,7 @@ class ShadowPredictor(Predictor):
             if job is None:
                 return
             with self._cv:
-                stale = job.gen < self._gen and not self.opts.sync
+                stale = (job.gen < self._gen or self.idle) and not self.opts.sync
             try:
                 if stale:
                     self._skip(job)
