@@ -34,6 +34,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.slots import SlotArena, SlotFFN, SlotShard, same_layout
 from edgemoe.cluster.sockets import WakePipe, dealer_socket
 from edgemoe.cluster.budget import (
     Admission,
@@ -51,7 +52,7 @@ from edgemoe.errors import UserError
 from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_hash
 from edgemoe.ggml import Compute, GGMLType
 from edgemoe.ggml.context import aligned_empty
-from edgemoe.model.expert_ffn import ExpertFFN, MappedShard, ShardLayout, ShardTensor
+from edgemoe.model.expert_ffn import ExpertFFN, ShardLayout, ShardTensor
 from edgemoe.util.files import drop_page_cache
 from edgemoe.util.proc import peak_rss_bytes, rss_bytes
 
@@ -157,7 +158,7 @@ class Worker:
 
         self._layouts: dict[Key, ShardLayout] = {}  # loader thread only
         self._cond = threading.Condition()
-        self._shards: dict[Key, MappedShard] = {}  # loaded, under _cond
+        self._shards: dict[Key, SlotShard] = {}  # loaded, under _cond
         self._loaded_at: dict[Key, float] = {}
         self._errors: dict[Key, list[Any]] = {}  # load failures: [reason, requests still to fail]
         self._pending: list[_Pending] = []
@@ -223,6 +224,10 @@ class Worker:
         self.adm = Admission(self.budget, baseline, self.reserve, slack=RUNTIME_SLACK, horizon=self.horizon,
                              jit_room=self.jit_slots * biggest)
         self._biggest = biggest
+        # every shard is mapped into a slot of one range, so one request's experts run in one mul_mat_id
+        smallest_shard = min(page_round(e.size) for rel, e in self.manifest.files.items() if rel.startswith("experts/"))
+        self.arena = SlotArena(capacity // smallest_shard + 2, biggest)
+        self.slot_ffn = SlotFFN(self.compute, self.arena)
         self.log.info(
             "started: model %s (%s), budget %s, baseline %s, reserve %s (%d tokens), room for experts %s "
             "(largest %s): %d just-in-time slots, %s for residents; %d threads, pid %d",
@@ -525,7 +530,7 @@ class Worker:
                 continue
             self._compute(p, shards, max(0.0, ready - p.t0))
 
-    def _compute(self, p: _Pending, shards: list[MappedShard], waited: float) -> None:
+    def _compute(self, p: _Pending, shards: list[SlotShard], waited: float) -> None:
         y: np.ndarray | None = None
         try:
             t = time.perf_counter()
@@ -552,7 +557,7 @@ class Worker:
         for k, sh in dropped:
             self._drop(k, sh, "computed")
 
-    def _run_experts(self, p: _Pending, shards: list[MappedShard]) -> np.ndarray:
+    def _run_experts(self, p: _Pending, shards: list[SlotShard]) -> np.ndarray:
         """Every expert of the request on its rows; outputs in the same row order."""
         for shard, key in zip(shards, p.keys):
             if shard.layout.tensors["down"].ne[1] != p.x.shape[1]:
@@ -560,6 +565,8 @@ class Worker:
                                  f"{shard.layout.tensors['down'].ne[1]}")
         if len(shards) == 1:
             return self.ffn.run(shards[0], p.x)
+        if all(isinstance(s, SlotShard) for s in shards) and same_layout(shards):
+            return self.slot_ffn.run(shards, p.rows, p.x)  # one graph, as llama.cpp computes a layer's experts
         out = np.empty(p.x.shape, dtype=np.float32)
         lo = 0
         for shard, n in zip(shards, p.rows):
@@ -625,12 +632,12 @@ class Worker:
                 raise UserError(f"{self.model_dir}: {rel} has {layout.size} bytes, the manifest says {self.manifest.files[rel].size}")
         return layout
 
-    def _map(self, key: Key) -> MappedShard:
+    def _map(self, key: Key) -> SlotShard:
         """Map a shard (one sequential read, MAP_POPULATE). On its first use in this process the mapped
         bytes are hashed against the manifest: the file is read once, no read buffer is needed, and the
         bytes checked are the bytes computed on."""
         layout = self._layout(key)
-        shard = MappedShard(layout)
+        shard = self.arena.map(layout)
         if key not in self._layouts:
             entry = self.manifest.files[expert_file_name(*key)]
             digest = hashlib.sha256((ctypes.c_char * layout.size).from_address(shard.address)).hexdigest()
@@ -642,7 +649,7 @@ class Worker:
             self._layouts[key] = layout
         return shard
 
-    def _unmap_locked(self, keys: list[Key]) -> list[tuple[Key, MappedShard]]:
+    def _unmap_locked(self, keys: list[Key]) -> list[tuple[Key, SlotShard]]:
         """Unmap shards the admission just released, before the lock is let go: the loader may use
         their memory the moment it sees it free. (Page cache and logging follow in _drop.)"""
         out = []
@@ -652,7 +659,7 @@ class Worker:
             out.append((k, shard))
         return out
 
-    def _drop(self, key: Key, shard: MappedShard, why: str) -> None:
+    def _drop(self, key: Key, shard: SlotShard, why: str) -> None:
         shard.close()
         drop_page_cache(shard.layout.path)
         self.log.debug("drop %s (%s)", _label(key), why)
@@ -678,6 +685,8 @@ class Worker:
         self.dealer.close(linger=200)  # long enough for the BYE to leave, short enough not to hang
         self.ctx.term()
         self._wake.close()
+        self.slot_ffn.close()
+        self.arena.close()
         self.compute.close()
         self.log.info("shutdown complete: peak RSS %s of budget %s", format_size(peak_rss_bytes()), format_size(self.budget))
 
