@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgemoe.cli.run import (add_engine_args, add_sampling_args, check_engine_args, cluster_options, cluster_stats,
+from edgemoe.cli.run import (add_engine_args, add_sampling_args, check_engine_args, check_text, cluster_options, cluster_stats,
                              sampling_from_args)
 from edgemoe.errors import UserError
 
@@ -34,6 +34,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     check_engine_args(args)
+    if args.system:
+        check_text(args.system, "--system")
     if args.n_predict < 1:
         raise UserError("--n-predict must be at least 1")
     sampling = sampling_from_args(args)
@@ -62,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
                 line = input("> " if interactive else "")
             except EOFError:
                 break
+            except UnicodeDecodeError:
+                print("error: a line of input is not valid UTF-8; skipped", file=sys.stderr)
+                continue
             line = line.strip()
             if not line:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from tqdm import tqdm
@@ -78,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {rel:<40} {_fmt_size(size):>10}")
         print(f"  {'manifest.json':<40}")
         return 0
-    manifest = write_model(plan, args.out_dir, force=args.force, progress=not args.quiet)
+    try:
+        manifest = write_model(plan, args.out_dir, force=args.force, progress=not args.quiet)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # the free-space check passed, but the disk filled meanwhile (another writer): the partial output is gone
+        raise UserError(f"writing {args.out_dir} failed: {e.strerror or e} (the disk filled during the conversion)") from None
     if not args.quiet:
         total = sum(f.size for f in manifest.files.values())
         shadow = "".join(f", {rel} {_fmt_size(manifest.files[rel].size)}" for rel, _ in shadow_files)

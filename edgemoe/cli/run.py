@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -57,7 +58,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): the workers keep what their budgets hold beyond the just-in-time slots "
                    "resident, under one placement; off: drop every expert after use (the paper's cacheless mode)")
     g.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds before a worker's request is retried elsewhere (default 30)")
+                   help="seconds before a worker's request is retried elsewhere (default 30); a silent worker "
+                   "is noticed sooner, from its heartbeats")
+    g = p.add_argument_group("authentication (docs/SECURITY.md; local daemons get ephemeral keys by themselves)")
+    g.add_argument("--key", metavar="FILE.key_secret", help="the coordinator's secret key (edgemoe keygen)")
+    g.add_argument("--allow", metavar="FILE|DIR",
+                   help="public keys of the workers and shadow node allowed to join: a file with one KEY [comment] "
+                   "per line, or a folder of .key files")
+    g.add_argument("--insecure", action="store_true",
+                   help="bind a non-loopback --bind/--shadow-node without keys (anyone can join; logs a warning)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,8 +108,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise UserError("--align-token and --align-kv must be 0 (never) or more")
     if args.reanchor_depth < 1:
         raise UserError("--reanchor-depth must be at least 1")
-    if args.request_timeout <= 0:
-        raise UserError("--request-timeout must be positive")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise UserError(f"--request-timeout {args.request_timeout}: must be a finite number of seconds above 0")
 
 
 def cluster_options(args: argparse.Namespace):
@@ -110,7 +119,7 @@ def cluster_options(args: argparse.Namespace):
                           memory_budget=args.memory_budget, worker_threads=args.worker_threads,
                           request_timeout_s=args.request_timeout, align_token=args.align_token, align_kv=args.align_kv,
                           shadow_trunk=args.shadow_trunk, reanchor_depth=args.reanchor_depth, shadow_node=args.shadow_node,
-                          residency=args.residency)
+                          residency=args.residency, key=args.key, allow=args.allow, insecure=args.insecure)
 
 
 def cluster_stats(engine) -> dict:
@@ -139,12 +148,24 @@ def sampling_from_args(args: argparse.Namespace):
 
     if args.top_k < 0 or not 0.0 <= args.top_p <= 1.0 or not 0.0 <= args.min_p <= 1.0:
         raise UserError("--top-k must be >= 0, --top-p and --min-p within [0, 1]")
+    if not (math.isfinite(args.temp) and args.temp >= 0):
+        raise UserError(f"--temp {args.temp}: must be a finite number, 0 (greedy) or more")
     return SamplingParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           seed=None if args.seed < 0 else args.seed)
 
 
+def check_text(text: str, what: str) -> str:
+    """Text from the command line is UTF-8 (Python keeps undecodable argv bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 (byte {e.start} of it)") from None
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     check_engine_args(args)
+    check_text(args.prompt, "--prompt")
     if args.n_predict < 1:
         raise UserError("--n-predict must be at least 1")
     sampling = sampling_from_args(args)

@@ -7,6 +7,8 @@ import logging
 import socket
 import sys
 
+from edgemoe.cli.keygen import add_client_key_args
+
 HELP = "run the shadow predictor (SEP) on this node for a coordinator started with --shadow-node tcp://HOST:PORT"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -33,18 +35,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="overwrite the shadow's K/V with the main model's every N steps (0 = never; default 1)")
     p.add_argument("--shadow-trunk", action="store_true", help="run the requantized trunk (--shadow-trunk-type at conversion)")
     p.add_argument("--name", metavar="ID", help="node name (default: HOSTNAME-shadow)")
+    add_client_key_args(p)
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="default: INFO")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgemoe.cluster.keys import client_keys
+    from edgemoe.cluster.local import die_with_parent
     from edgemoe.predict import PredictorOptions
+
+    die_with_parent()
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
     from edgemoe.cluster.shadow_node import ShadowNode
+    from edgemoe.cluster.worker import parse_endpoint
+
+    parse_endpoint(args.connect)
+    keys = client_keys(args.key, args.coordinator_key, args.connect, args.insecure)
 
     name = args.name or f"{socket.gethostname().split('.')[0]}-shadow"
     options = PredictorOptions(align_token=args.align_token, align_kv=args.align_kv, shadow_trunk=args.shadow_trunk,
                                shadow_threads=args.threads)
-    return ShadowNode(args.connect, args.model, name, options).run()
+    return ShadowNode(args.connect, args.model, name, options, keys=keys).run()

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from edgemoe.cli.keygen import add_client_key_args
 from edgemoe.errors import UserError
 
 HELP = "run a worker: load, compute and drop expert shards for a coordinator, within a memory budget"
@@ -36,13 +37,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", metavar="FILE.toml", help="device profile (devices/profiles/); explicit flags override it")
     p.add_argument("--max-tokens", type=int, default=64, metavar="N",
                    help="rows per compute request the activation reserve is sized for (default: 64)")
+    add_client_key_args(p)
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="default: INFO")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from edgemoe.cluster.budget import parse_size
+    from edgemoe.cluster.keys import client_keys
+    from edgemoe.cluster.local import die_with_parent
     from edgemoe.cluster.profile import load_profile
+
+    die_with_parent()
 
     profile = load_profile(args.profile) if args.profile else None
     if args.memory_budget is not None:
@@ -58,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
-    from edgemoe.cluster.worker import Worker
+    from edgemoe.cluster.worker import Worker, parse_endpoint
 
-    worker = Worker(args.connect, args.model, budget, threads, name, max_tokens=args.max_tokens)
+    parse_endpoint(args.connect)
+    keys = client_keys(args.key, args.coordinator_key, args.connect, args.insecure)
+    worker = Worker(args.connect, args.model, budget, threads, name, max_tokens=args.max_tokens, keys=keys)
     if profile is not None:
         worker.log.info("profile %s (%s)", profile.name, profile.path)
     return worker.run()

@@ -12,11 +12,18 @@ slots is filled with resident experts under one placement (edgemoe.cluster.place
 expert goes to the worker holding it, only the others are predicted and loaded just in time. A
 worker that leaves takes its residents with it: the placement is re-planned over the others. In
 decode each worker gets one compute message per layer carrying all of its experts.
+
+Peers are known by their CURVE public key (the ZAP User-Id ZeroMQ attaches to what they send), not by
+a name they chose; without keys (loopback, or --insecure) by their connection. A worker silent for
+LOST_AFTER heartbeat intervals is lost at once and its requests go elsewhere; a request that fails
+goes elsewhere without condemning its worker (STRIKES failures in a row do); a lost worker that
+comes back is admitted again after a fresh hello.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,7 @@ import zmq
 
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.budget import page_round
+from edgemoe.cluster.keys import Authenticator, ServerKeys, peer_key
 from edgemoe.cluster.placement import Key, Room, plan_placement, worker_sets
 from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
@@ -37,11 +45,16 @@ from edgemoe.util.proc import peak_rss_bytes
 
 log = logging.getLogger("edgemoe.coordinator")
 
+LOST_AFTER = 3  # heartbeat intervals of silence after which a worker is lost
+STRIKES = 3  # failed or timed-out requests in a row after which a worker is lost
+UNKNOWN_EVERY_S = 1.0  # at most this often an `unknown` to the same connection
+
 
 @dataclass
 class WorkerInfo:
     worker_id: int
-    identity: bytes
+    identity: bytes  # the ROUTER's id of its current connection
+    key: bytes  # who it is: its public key (without keys: its first connection's id)
     name: str
     budget: int
     threads: int
@@ -56,6 +69,8 @@ class WorkerInfo:
     requests: int = 0
     hits: int = 0
     resident: int = 0  # experts the placement keeps on it
+    strikes: int = 0  # failed requests in a row
+    lost: int = 0  # times it was lost
 
 
 RESIDENCY_MODES = ("auto", "off")
@@ -92,6 +107,7 @@ class _Request:
     slots: np.ndarray  # top-k slot of each row
     hidden: np.ndarray
     worker: WorkerInfo
+    tried: set[int] = field(default_factory=set)  # workers it failed on (or returned NaN/inf)
     sent_at: float = 0.0
     work_s: float = 0.0  # worker-reported load + wait + compute
     stall_s: float = 0.0  # worker-reported load + wait
@@ -103,13 +119,20 @@ class ClusterExperts(ExpertBackend):
     def __init__(self, model_dir: str | Path, *, n_embd: int, n_expert: int, k: int, moe_layers: list[int],
                  bind: str = "tcp://127.0.0.1:0", predictor: Predictor | None = None, group_size: int | None = None,
                  timeout_s: float = 30.0, prefill_batch: int = 64, heartbeat_s: float = 1.0,
-                 residency: str = "auto", routing_counts: dict[Key, float] | None = None) -> None:
+                 residency: str = "auto", routing_counts: dict[Key, float] | None = None,
+                 keys: ServerKeys | None = None) -> None:
         """residency: "auto" fills the workers' spare budget with resident experts, "off" is the
         paper's cacheless mode. routing_counts: how often each (layer, expert) is routed (an
         importance matrix's counts); the placement keeps the most used first, and adds what it
-        sees routed."""
+        sees routed. keys: CurveZMQ (the coordinator's key pair and the allowed peers); None: no
+        authentication (the caller checked that the endpoint allows it)."""
         if residency not in RESIDENCY_MODES:
             raise UserError(f"--residency {residency!r}: choose one of {', '.join(RESIDENCY_MODES)}")
+        for what, v in (("request timeout", timeout_s), ("heartbeat interval", heartbeat_s)):
+            if not (math.isfinite(v) and v > 0):
+                raise UserError(f"{what} {v!r}: must be a finite number of seconds above 0")
+        if not 1 <= prefill_batch <= P.MAX_ROWS:
+            raise UserError(f"prefill batch {prefill_batch}: must be within 1..{P.MAX_ROWS} rows (a message's limit)")
         self.model_dir = Path(model_dir)
         self.model_hash = manifest_hash(model_dir)
         self.n_embd, self.n_expert, self.k = n_embd, n_expert, k
@@ -141,12 +164,20 @@ class ClusterExperts(ExpertBackend):
         self._step = -1
         self._assigned: dict[tuple[int, int], WorkerInfo] = {}  # prefetched (layer, expert) -> worker
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for this token
+        self._by_route: dict[bytes, WorkerInfo] = {}  # connection id -> worker
+        self._unknown_sent: dict[bytes, float] = {}
         self._zctx = zmq.Context()
+        self.auth = Authenticator(self._zctx, keys) if keys is not None else None
         self.router = self._zctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same name takes over
+        # no ROUTER_HANDOVER and no peer-chosen routing ids: a connection cannot take over another's
+        self.router.setsockopt(zmq.MAXMSGSIZE, P.frame_limit(P.rows_bytes(n_embd)))  # the largest legal result
         self.pub = self._zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # subscriptions only
+        if self.auth is not None:
+            self.auth.arm(self.router)
+            self.auth.arm(self.pub)  # predictions reach authenticated workers only
         try:
             self.endpoint = bind_endpoint(self.router, bind)
             if bind.startswith("ipc://"):  # a local cluster: Unix sockets next to each other
@@ -159,7 +190,8 @@ class ClusterExperts(ExpertBackend):
             raise UserError(f"cannot bind {bind}: {e}") from None
         self._poller = zmq.Poller()
         self._poller.register(self.router, zmq.POLLIN)
-        log.info("listening on %s (predictions on %s)", self.endpoint, self.pub_endpoint)
+        log.info("listening on %s (predictions on %s), %s", self.endpoint, self.pub_endpoint,
+                 f"CurveZMQ, {len(keys.allowed)} listed keys" if keys else "no keys: unauthenticated, unencrypted")
 
     # workers ------------------------------------------------------------------------------------
     def live_workers(self) -> list[WorkerInfo]:
@@ -228,6 +260,7 @@ class ClusterExperts(ExpertBackend):
             return
         log.warning("worker %s %s; its %d resident experts are re-planned over the others", w.name, why, w.resident)
         w.alive = False
+        w.lost += 1
         for key in [k for k, x in self._assigned.items() if x is w]:
             del self._assigned[key]
         self.placement = {k: x for k, x in self.placement.items() if x is not w}
@@ -236,14 +269,39 @@ class ClusterExperts(ExpertBackend):
         if self.live_workers():
             self._replan()
 
+    def _strike(self, w: WorkerInfo, why: str) -> None:
+        """One failed request; STRIKES in a row and the worker is lost (until its next hello)."""
+        w.strikes += 1
+        if w.strikes >= STRIKES:
+            self._lost(w, f"failed {w.strikes} requests in a row (last: {why})")
+
+    def _check_liveness(self) -> None:
+        """Lose every worker silent for LOST_AFTER heartbeat intervals (called after the socket is drained,
+        so that heartbeats which waited in the queue while this process was busy count)."""
+        limit = LOST_AFTER * self.heartbeat_s
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.alive and now - w.last_seen > limit:
+                self._lost(w, f"was silent for {now - w.last_seen:.1f} s (heartbeat every {self.heartbeat_s:g} s)")
+
+    def _live_or_wait(self, why: str) -> list[WorkerInfo]:
+        """Live workers; with none, wait up to the request timeout for one to (re)join."""
+        live = self.live_workers()
+        deadline = time.monotonic() + self.timeout_s
+        while not live:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(f"every worker is gone ({why}); none came back within {self.timeout_s:g} s")
+            self._poll(min(left, 0.2))
+            live = self.live_workers()
+        return live
+
     def groups(self) -> list[list[WorkerInfo]]:
         """Workers in groups of group_size (the last group takes any remainder)."""
-        live = self.live_workers()
+        live = self._live_or_wait("no live workers")
         ids = tuple(w.worker_id for w in live)
         if self._groups is not None and self._groups[0] == ids:
             return self._groups[1]
-        if not live:
-            raise RuntimeError("no live workers")
         size = min(self.group_size, len(live))
         n_groups = max(1, len(live) // size)
         groups = [live[i * size:(i + 1) * size] for i in range(n_groups)]
@@ -374,9 +432,7 @@ class ClusterExperts(ExpertBackend):
                              np.array([slot for slot, _ in items]), np.repeat(hidden[:1], n, axis=0), w)
 
     def _plan_prefill(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
-        live = self.live_workers()
-        if not live:
-            raise RuntimeError("no live workers")
+        live = self._live_or_wait("no live workers")
         requests = []
         for e in np.unique(selected):
             rows, slots = np.nonzero(selected == e)
@@ -420,8 +476,13 @@ class ClusterExperts(ExpertBackend):
                 self._next_watch = now + 0.25
                 self._watch()
             for r in list(pending.values()):
-                if not r.worker.alive or now - r.sent_at > self.timeout_s:
-                    self._retry(r, pending, "timed out" if r.worker.alive else "is gone")
+                if r.req not in pending:
+                    continue
+                if not r.worker.alive:
+                    self._retry(r, pending, "is lost")
+                elif now - r.sent_at > self.timeout_s:
+                    self._strike(r.worker, f"request {r.req} timed out")
+                    self._retry(r, pending, f"timed out after {self.timeout_s:g} s")
         wall = time.monotonic() - t0
         slowest_work = max(r.work_s for r in requests)
         slowest_stall = max(r.stall_s for r in requests)
@@ -432,19 +493,25 @@ class ClusterExperts(ExpertBackend):
         s.decode_layers += int(decode)
 
     def _retry(self, r: _Request, pending: dict[int, _Request], why: str) -> None:
-        """Recompute a lost request on live workers (one request per expert, each to its holder after
-        the re-plan, else spread by expert id) so the answer is still correct."""
-        log.warning("worker %s %s on request %d (layer %d, experts %s); recomputing elsewhere",
-                    r.worker.name, why, r.req, r.layer, r.experts)
-        self._lost(r.worker, why)
-        live = self.live_workers()
-        if not live:
-            raise RuntimeError("every worker is gone; cannot finish the request")
+        """Recompute a request on live workers it has not failed on (one request per expert, each to its
+        holder if that one may, else spread by expert id) so the answer is still correct. It does not
+        condemn the worker (the callers count strikes). A request every live worker has failed ends
+        the run with the reason."""
         del pending[r.req]
+        tried = r.tried | {r.worker.worker_id}
+        last = f"worker {r.worker.name} {why}"
+        live = self._live_or_wait(last)
+        fresh = [w for w in live if w.worker_id not in tried]
+        experts = " ".join(f"L{r.layer}.E{e}" for e in r.experts)
+        if not fresh:
+            raise UserError(f"{experts} could not be computed by any of the {len(live)} live worker(s); last: {last}")
+        log.warning("%s on request %d (%s); computing it elsewhere", last, r.req, experts)
         lo = 0
         for e, n in zip(r.experts, r.counts):
-            w = self.holder(r.layer, e) or live[e % len(live)]
+            holder = self.holder(r.layer, e)
+            w = holder if holder is not None and holder.worker_id not in tried else fresh[e % len(fresh)]
             part = self._request(r.layer, [e], [n], r.rows[lo:lo + n], r.slots[lo:lo + n], r.hidden[lo:lo + n], w)
+            part.tried = set(tried)
             lo += n
             pending[part.req] = part
             self.stats.retries += 1
@@ -453,29 +520,50 @@ class ClusterExperts(ExpertBackend):
     def _poll(self, timeout_s: float, pending: dict[int, _Request] | None = None, out: np.ndarray | None = None) -> None:
         events = dict(self._poller.poll(int(timeout_s * 1000)))
         if self.router not in events:
+            self._check_liveness()
             return
         while True:
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             self.stats.bytes_received += sum(len(f.buffer) for f in frames[1:])
-            self._handle(frames[0].bytes, frames[1:], pending, out)
+            identity = frames[0].bytes
+            key = peer_key(frames[-1]) if self.auth is not None else identity
+            if key is None:  # cannot happen on a CURVE socket (ZAP set it); never guess
+                log.warning("dropped a message without an authenticated key from connection %r", identity)
+                continue
+            try:
+                self._handle(identity, key, frames[1:], pending, out)
+            except UserError:
+                raise  # the run cannot go on (no worker can compute a request): said once, by the CLI
+            except Exception:  # a bug in handling one message must not end the run
+                log.exception("error handling a message from %r; dropped", identity)
+        self._check_liveness()
 
-    def _handle(self, identity: bytes, frames: list, pending: dict[int, _Request] | None, out: np.ndarray | None) -> None:
+    def _peer(self, key: bytes) -> str:
+        return f"key {key.decode(errors='replace')}" if self.auth is not None else f"connection {key!r}"
+
+    def _handle(self, identity: bytes, key: bytes, frames: list, pending: dict[int, _Request] | None,
+                out: np.ndarray | None) -> None:
         try:
             msg = P.decode(frames)
         except P.ProtocolError as e:
-            log.warning("dropped a malformed message from %r: %s", identity, e)
+            known = self._by_route.get(identity)
+            log.warning("dropped a malformed message from %s: %s", known.name if known else self._peer(key), e)
             if P.is_foreign_hello(frames):  # a worker of another edgemoe version: tell it, so it stops trying
                 self._send(identity, P.encode(P.REJECT, reason=f"protocol mismatch: the coordinator speaks version {P.PROTOCOL_VERSION}"))
             return
-        w = self.workers.get(identity)
         if msg.type == P.HELLO:
-            self._hello(identity, msg)
+            self._hello(identity, key, msg)
             return
-        if w is None:
-            self._send(identity, P.encode(P.UNKNOWN_PEER))
+        w = self._by_route.get(identity)
+        if w is None or not w.alive or w.identity != identity:
+            # a stranger, a lost worker, or a second connection of a key: say hello (again), at most once a second
+            now = time.monotonic()
+            if now - self._unknown_sent.get(identity, -1e9) >= UNKNOWN_EVERY_S:
+                self._unknown_sent[identity] = now
+                self._send(identity, P.encode(P.UNKNOWN_PEER))
             return
         w.last_seen = time.monotonic()
         if msg.type == P.HEARTBEAT:
@@ -491,6 +579,15 @@ class ClusterExperts(ExpertBackend):
             if msg.tensor.shape != (len(r.rows), self.n_embd) or msg["experts"] != r.experts or msg["rows"] != r.counts:
                 log.warning("dropped a result of shape %s for experts %s from %s", msg.tensor.shape, msg["experts"], w.name)
                 return
+            if not P.all_finite(msg.tensor) and P.all_finite(r.hidden):
+                # finite inputs give finite outputs on a sound worker: recompute it elsewhere, unless every
+                # live worker said the same (then it is what the model computes)
+                if any(x.worker_id not in r.tried | {w.worker_id} for x in self.live_workers()):
+                    self._strike(w, "a result with NaN or infinity")
+                    self._retry(r, pending, "returned NaN or infinity")
+                    return
+                log.warning("every live worker returns NaN or infinity for L%d %s: using it", r.layer, r.experts)
+            w.strikes = 0
             out[r.rows, r.slots] = msg.tensor
             del pending[r.req]
             s = self.stats
@@ -507,31 +604,45 @@ class ClusterExperts(ExpertBackend):
         elif msg.type == P.FAIL:
             r = pending.get(msg["req"]) if pending is not None else None
             log.warning("worker %s failed request %d: %s", w.name, msg["req"], msg["reason"])
-            if r is not None:
-                self._retry(r, pending, f"failed ({msg['reason']})")
+            if r is not None and r.worker is w:
+                self._strike(w, msg["reason"])
+                self._retry(r, pending, f"failed it ({msg['reason']})")
         else:
             log.warning("dropped an unexpected %s message from %s", msg.type, w.name)
 
-    def _hello(self, identity: bytes, msg: P.Message) -> None:
+    def _hello(self, identity: bytes, key: bytes, msg: P.Message) -> None:
         if msg["model"] != self.model_hash:
-            reason = model_mismatch("worker", msg["name"], msg["model"], self.model_hash)
-            log.warning("refused worker %s: %s", msg["name"], reason)
+            # the manifest hash is what admission checks: only an authenticated peer may learn it
+            reason = model_mismatch("worker", msg["name"], msg["model"], self.model_hash if self.auth else None)
+            log.warning("refused worker %s (%s): %s", msg["name"], self._peer(key), reason)
             self._send(identity, P.encode(P.REJECT, reason=reason))
             return
-        w = self.workers.get(identity)
+        now = time.monotonic()
+        w = self.workers.get(key)
         if w is None:
-            w = WorkerInfo(self._next_id, identity, msg["name"], msg["budget"], msg["threads"], msg["pid"],
-                           msg["baseline_rss"], time.monotonic(), resident_room=msg["resident_room"],
+            w = WorkerInfo(self._next_id, identity, key, msg["name"], msg["budget"], msg["threads"], msg["pid"],
+                           msg["baseline_rss"], now, resident_room=msg["resident_room"],
                            jit_slots=max(1, msg["jit_slots"]))
             self._next_id += 1
-            self.workers[identity] = w
-            log.info("worker %s joined (id %d, budget %d MiB, baseline %d MiB)", w.name, w.worker_id,
-                     w.budget >> 20, w.baseline_rss >> 20)
+            self.workers[key] = w
+            log.info("worker %s joined (id %d, %s, budget %d MiB, baseline %d MiB)", w.name, w.worker_id,
+                     self._peer(key), w.budget >> 20, w.baseline_rss >> 20)
         else:
-            w.alive, w.last_seen = True, time.monotonic()
+            if w.identity != identity and w.alive and now - w.last_seen <= LOST_AFTER * self.heartbeat_s:
+                # the same key on a second connection while the first still answers: the first stays
+                if now - self._unknown_sent.get(identity, -1e9) >= UNKNOWN_EVERY_S:
+                    self._unknown_sent[identity] = now
+                    log.warning("ignored a hello from a second connection of worker %s (%s) while the first answers",
+                                w.name, self._peer(key))
+                return
+            if w.identity != identity:
+                self._by_route.pop(w.identity, None)
+                w.identity, w.name, w.pid = identity, msg["name"], msg["pid"]
+            w.alive, w.last_seen, w.strikes = True, now, 0
             w.resident_room, w.jit_slots = msg["resident_room"], max(1, msg["jit_slots"])
             self.placement = {k: x for k, x in self.placement.items() if x is not w}  # it forgot them
             log.info("worker %s rejoined (id %d)", w.name, w.worker_id)
+        self._by_route[identity] = w
         self._send(identity, P.encode(P.WELCOME, worker_id=w.worker_id, pub=self.pub_endpoint, heartbeat_s=self.heartbeat_s))
         self._replan()
 
@@ -539,7 +650,8 @@ class ClusterExperts(ExpertBackend):
         s = self.stats
         return {
             "workers": [{"name": w.name, "id": w.worker_id, "pid": w.pid, "budget": w.budget, "peak_rss": w.peak_rss,
-                         "requests": w.requests, "hits": w.hits, "resident": w.resident, "alive": w.alive}
+                         "requests": w.requests, "hits": w.hits, "resident": w.resident, "alive": w.alive,
+                         "lost": w.lost}
                         for w in self.workers.values()],
             "residency": self.residency,
             "resident_experts": len(self.placement),
@@ -556,4 +668,6 @@ class ClusterExperts(ExpertBackend):
         for sock in (getattr(self, "router", None), getattr(self, "pub", None)):
             if sock is not None:
                 sock.close(0)
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         self._zctx.term()

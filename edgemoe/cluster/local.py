@@ -7,6 +7,7 @@ the daemon keeps to its budget by its own accounting.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -17,9 +18,30 @@ from pathlib import Path
 
 from edgemoe.cluster.budget import parse_size
 from edgemoe.cluster.cgroup import CgroupUnavailable, MemoryCgroup
+from edgemoe.cluster.keys import Authenticator, KeyPair, write_keypair
 from edgemoe.util.proc import peak_rss_bytes, storage_read_bytes
 
 log = logging.getLogger("edgemoe.local")
+
+
+PARENT_ENV = "EDGEMOE_PARENT_PID"  # set for spawned daemons: they end when this process dies
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a daemon spawned by LocalProcesses: receive SIGTERM (a clean shutdown) when the spawning
+    process dies, however it dies (SIGKILL included). Linux prctl(PR_SET_PDEATHSIG) through ctypes;
+    if the parent is already gone by the time this runs, end now. No-op for a daemon started by hand."""
+    want = os.environ.get(PARENT_ENV)
+    if not want or not want.isdigit():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the ZMTP heartbeats still end the link
+        return
+    if os.getppid() != int(want):  # the parent died before prctl: the signal will never come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LocalProcesses:
@@ -49,7 +71,7 @@ class LocalProcesses:
                                 "own accounting", e)
                     self._warned = True
         out = open(self.log_dir / f"{name}.log", "ab")
-        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1", PARENT_ENV: str(os.getpid())}
         try:
             self.procs.append(subprocess.Popen([sys.executable, "-m", "edgemoe", *args], stdin=subprocess.DEVNULL,
                                                stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -91,6 +113,22 @@ class LocalProcesses:
                        else f"exited with status {p.returncode}")
                 out.append((name, p.pid, why))
         return out
+
+    def key_args(self, name: str, auths: "list[Authenticator]") -> list[str]:
+        """An ephemeral key pair for daemon NAME, allowed by the coordinator's authenticators: the flags
+        that hand it over (its secret in a 0600 file of this 0700 folder, the coordinator's public key).
+        No authenticators (a coordinator without keys): no flags."""
+        if not auths:
+            return []
+        keys = self.log_dir / "keys"
+        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(keys, 0o700)
+        pair = KeyPair.generate()
+        _, secret = write_keypair(keys, name, pair)
+        for auth in auths:
+            auth.allow(pair.public)
+        # (KEY=VALUE: a Z85 key may begin with '-', which argparse would take for an option)
+        return [f"--key={secret}", f"--coordinator-key={auths[0].keys.pair.public.decode()}"]
 
     def sample_rss(self) -> None:
         """Record each process's peak RSS (VmHWM), read from outside it."""
@@ -152,9 +190,12 @@ class LocalWorkers(LocalProcesses):
     """N `edgemoe worker` processes named local-0 ... local-(N-1)."""
 
     def __init__(self, model_dir: str | Path, n: int, connect: str, *, memory_budget: str | None = None,
-                 threads: int = 1, log_dir: str | Path | None = None, cgroup: bool = True) -> None:
-        """cgroup: each worker with a budget runs in a memory cgroup of that size where one can be made."""
+                 threads: int = 1, log_dir: str | Path | None = None, cgroup: bool = True,
+                 auth: Authenticator | None = None) -> None:
+        """cgroup: each worker with a budget runs in a memory cgroup of that size where one can be made.
+        auth: the coordinator's authenticator (each worker gets an ephemeral key it admits)."""
         super().__init__(log_dir)
+        self.auth = auth
         self.model_dir, self.n, self.connect = Path(model_dir), n, connect
         self.memory_budget, self.threads, self.cgroup = memory_budget, threads, cgroup
 
@@ -166,6 +207,7 @@ class LocalWorkers(LocalProcesses):
             if self.memory_budget:
                 args += ["--memory-budget", self.memory_budget]
                 limit = parse_size(self.memory_budget, "--memory-budget")
+            args += self.key_args(f"local-{i}", [self.auth] if self.auth else [])
             self.spawn(f"local-{i}", args, memory_limit=limit if self.cgroup else None)
         return self
 

@@ -17,7 +17,15 @@ import numpy as np
 
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 << 10
-MAX_TENSOR_BYTES = 256 << 20  # a prefill mini-batch of a large model stays far below this
+MAX_TENSOR_BYTES = 256 << 20  # the decoder's absolute cap; sockets are capped lower, from the model (frame_limit)
+MAX_DIM = 1 << 24  # per tensor dimension: no legal shape comes near it, and products stay far from int64
+MAX_ROWS = 64  # token rows per compute/result message (the coordinator's prefill mini-batch)
+KV_CHUNK_BYTES = 32 << 20  # K/V rows per kv_rows message (one row of every layer may exceed it)
+MAX_NAME = 64  # names of workers and shadow nodes
+MAX_TEXT = 4096  # reasons, endpoints, hashes
+MAX_LIST = 1 << 16  # prefetch loads, job tokens, routed experts
+MAX_INT = (1 << 63) - 1  # every integer field fits int64
+MAX_SECONDS = 1e9  # timings and intervals: finite, non-negative, below this
 MAX_EXPERTS_PER_COMPUTE = 256  # experts one COMPUTE may carry (a layer's routed experts on one worker)
 MAX_RESIDENT = 1 << 16  # experts one RESIDENT may name
 
@@ -40,29 +48,49 @@ KV_ROWS = "kv_rows"  # coordinator -> shadow node: the main model's K/V rows [lo
 JOB = "job"  # coordinator -> shadow node: the main model started evaluating these tokens at pos
 ROUTES = "routes"  # shadow node -> coordinator: the shadow's router choice for one layer of job gen
 
-# fields each message type must carry, with their Python types
-_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    HELLO: {"name": str, "model": str, "budget": int, "threads": int, "pid": int, "baseline_rss": int,
-            "resident_room": int, "jit_slots": int},
-    WELCOME: {"worker_id": int, "pub": str, "heartbeat_s": (int, float)},
-    REJECT: {"reason": str},
-    COMPUTE: {"req": int, "layer": int, "experts": list, "rows": list, "dtype": str, "shape": list},
-    RESULT: {"req": int, "layer": int, "experts": list, "rows": list, "dtype": str, "shape": list,
-             "load_s": (int, float), "wait_s": (int, float), "compute_s": (int, float), "hits": int},
-    RESIDENT: {"plan": int, "experts": list},
-    FAIL: {"req": int, "reason": str},
-    PREFETCH: {"step": int, "loads": list},
-    HEARTBEAT: {"rss": int, "peak_rss": int},
+# field kinds: each checks type and range (ints are never bools, floats are finite)
+_INT, _NUM, _BOOL, _NAME, _TEXT, _INTS, _LOADS, _PAIRS, _SHAPE, _DTYPE = (
+    "int", "num", "bool", "name", "text", "ints", "loads", "pairs", "shape", "dtype")
+
+# fields each message type must carry, with their kinds
+_SCHEMA: dict[str, dict[str, str]] = {
+    HELLO: {"name": _NAME, "model": _TEXT, "budget": _INT, "threads": _INT, "pid": _INT, "baseline_rss": _INT,
+            "resident_room": _INT, "jit_slots": _INT},
+    WELCOME: {"worker_id": _INT, "pub": _TEXT, "heartbeat_s": _NUM},
+    REJECT: {"reason": _TEXT},
+    COMPUTE: {"req": _INT, "layer": _INT, "experts": _INTS, "rows": _INTS, "dtype": _DTYPE, "shape": _SHAPE},
+    RESULT: {"req": _INT, "layer": _INT, "experts": _INTS, "rows": _INTS, "dtype": _DTYPE, "shape": _SHAPE,
+             "load_s": _NUM, "wait_s": _NUM, "compute_s": _NUM, "hits": _INT},
+    RESIDENT: {"plan": _INT, "experts": _PAIRS},
+    FAIL: {"req": _INT, "reason": _TEXT},
+    PREFETCH: {"step": _INT, "loads": _LOADS},
+    HEARTBEAT: {"rss": _INT, "peak_rss": _INT},
     BYE: {},
     UNKNOWN_PEER: {},
-    SHADOW_HELLO: {"name": str, "model": str, "pid": int, "shadow_type": str},
-    SHADOW_WELCOME: {"heartbeat_s": (int, float), "n_ctx": int},
-    KV_ROWS: {"lo": int, "dtype": str, "shape": list},
-    JOB: {"gen": int, "pos": int, "tokens": list},
-    ROUTES: {"gen": int, "layer": int, "experts": list},
+    SHADOW_HELLO: {"name": _NAME, "model": _TEXT, "pid": _INT, "shadow_type": _TEXT},
+    SHADOW_WELCOME: {"heartbeat_s": _NUM, "n_ctx": _INT},
+    KV_ROWS: {"lo": _INT, "dtype": _DTYPE, "shape": _SHAPE},
+    JOB: {"gen": _INT, "pos": _INT, "tokens": _INTS},
+    ROUTES: {"gen": _INT, "layer": _INT, "experts": _INTS},
 }
 _TENSOR_TYPES = {COMPUTE, RESULT, KV_ROWS}
-_DTYPES = {"f32": np.float32}
+_DTYPES = {"f32": np.float32}  # the allow-list
+
+
+def frame_limit(tensor_bytes: int = 0) -> int:
+    """zmq.MAXMSGSIZE for a socket whose largest legal frame is a tensor of tensor_bytes (or a header):
+    a peer that sends a bigger frame is disconnected by ZeroMQ before the bytes are buffered."""
+    return max(MAX_HEADER_BYTES, min(int(tensor_bytes), MAX_TENSOR_BYTES))
+
+
+def rows_bytes(n_embd: int, rows: int = MAX_ROWS) -> int:
+    """The largest compute/result tensor frame of a model with this embedding width."""
+    return rows * n_embd * np.dtype(np.float32).itemsize
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity (results are checked before they are used)."""
+    return bool(np.isfinite(a).all())
 
 
 class ProtocolError(ValueError):
@@ -83,6 +111,8 @@ def encode(msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> li
     """Frames for one message. The tensor frame is the array's own buffer (no copy)."""
     if msg_type not in _SCHEMA:
         raise ProtocolError(f"unknown message type {msg_type!r}")
+    if isinstance(fields.get("reason"), str) and len(fields["reason"]) > MAX_TEXT:
+        fields["reason"] = fields["reason"][:MAX_TEXT - 3] + "..."  # a long error must not stop its report
     header = {"v": PROTOCOL_VERSION, "t": msg_type, **fields}
     frames: list[bytes | memoryview] = []
     if msg_type in _TENSOR_TYPES:
@@ -96,9 +126,21 @@ def encode(msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> li
 
 
 def decode(frames: list[bytes | memoryview | Any]) -> Message:
-    """Parse and validate a received message (frames after any ROUTER identity). Raises ProtocolError."""
+    """Parse and validate a received message (frames after any ROUTER identity). Raises ProtocolError
+    and nothing else, whatever the bytes: every field is checked for type and range before use."""
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # a case the checks above missed must still only drop the message
+        raise ProtocolError(f"undecodable message ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _decode(frames: list[Any]) -> Message:
     if not frames:
         raise ProtocolError("empty message")
+    if len(frames) > 2:
+        raise ProtocolError(f"{len(frames)} frames; a message has a header and at most one tensor")
     raw = _bytes(frames[0])
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
@@ -113,21 +155,17 @@ def decode(frames: list[bytes | memoryview | Any]) -> Message:
         if len(frames) != 2:
             raise ProtocolError(f"{t} must have exactly one tensor frame, got {len(frames) - 1}")
         shape = header["shape"]
-        if not (1 <= len(shape) <= 4) or not all(isinstance(n, int) and n > 0 for n in shape):
-            raise ProtocolError(f"bad tensor shape {shape!r}")
-        dtype = _DTYPES.get(header["dtype"])
-        if dtype is None:
-            raise ProtocolError(f"unsupported dtype {header['dtype']!r}")
-        payload = _buffer(frames[1])
-        expected = math.prod(shape) * np.dtype(dtype).itemsize  # (np.prod costs ~5 us a message)
+        dtype = np.dtype(_DTYPES[header["dtype"]])
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow (dims are capped anyway)
         if expected > MAX_TENSOR_BYTES:
             raise ProtocolError(f"tensor of {expected} bytes exceeds {MAX_TENSOR_BYTES}")
-        if len(payload) != expected:
-            raise ProtocolError(f"tensor frame has {len(payload)} bytes, shape {shape} needs {expected}")
+        payload = _buffer(frames[1])
+        if payload.nbytes != expected:
+            raise ProtocolError(f"tensor frame has {payload.nbytes} bytes, shape {shape} needs {expected}")
         tensor = np.frombuffer(payload, dtype=dtype).reshape(shape)
     elif len(frames) != 1:
         raise ProtocolError(f"{t} takes no tensor frames, got {len(frames) - 1}")
-    fields = {k: v for k, v in header.items() if k not in ("v", "t")}
+    fields = {k: header[k] for k in _SCHEMA[t]}  # only the schema's fields reach the handlers
     return Message(t, fields, tensor)
 
 
@@ -135,55 +173,75 @@ def is_foreign_hello(frames: list[Any]) -> bool:
     """A hello of another protocol version (answered with a reject rather than silence)."""
     try:
         header = msgpack.unpackb(_bytes(frames[0])[:MAX_HEADER_BYTES], raw=False)
+        return isinstance(header, dict) and header.get("t") == HELLO and not _is_version(header.get("v"))
     except Exception:
         return False
-    return isinstance(header, dict) and header.get("t") == HELLO and header.get("v") != PROTOCOL_VERSION
+
+
+def _is_version(v: Any) -> bool:
+    return type(v) is int and v == PROTOCOL_VERSION  # exact: True and 1.0 are not 1
+
+
+def _is_int(x: Any, lo: int = 0, hi: int = MAX_INT) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _check(t: str, name: str, kind: str, value: Any) -> None:
+    ok: bool
+    if kind == _INT:
+        ok = _is_int(value)
+    elif kind == _NUM:
+        ok = type(value) in (int, float) and math.isfinite(value) and 0 <= value <= MAX_SECONDS
+    elif kind == _BOOL:
+        ok = type(value) is bool
+    elif kind == _NAME:
+        ok = type(value) is str and 0 < len(value) <= MAX_NAME
+    elif kind == _TEXT:
+        ok = type(value) is str and len(value) <= MAX_TEXT
+    elif kind == _INTS:
+        ok = type(value) is list and len(value) <= MAX_LIST and all(_is_int(x) for x in value)
+    elif kind == _LOADS:
+        ok = type(value) is list and len(value) <= MAX_LIST and all(
+            type(item) is list and len(item) == 3 and all(_is_int(x) for x in item) for item in value)
+    elif kind == _PAIRS:
+        ok = type(value) is list and len(value) <= MAX_RESIDENT and all(
+            type(item) is list and len(item) == 2 and all(_is_int(x) for x in item) for item in value)
+    elif kind == _SHAPE:
+        ok = type(value) is list and 1 <= len(value) <= 4 and all(_is_int(n, 1, MAX_DIM) for n in value)
+    elif kind == _DTYPE:
+        ok = type(value) is str and value in _DTYPES
+    else:  # pragma: no cover - a schema typo
+        raise AssertionError(kind)
+    if not ok:
+        shown = repr(value)
+        raise ProtocolError(f"{t}.{name} is not a valid {kind}: {shown[:80]}{'...' if len(shown) > 80 else ''}")
 
 
 def _validate(header: Any) -> None:
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
     v = header.get("v")
-    if v != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {v!r}, this side speaks {PROTOCOL_VERSION}")
+    if not _is_version(v):
+        raise ProtocolError(f"protocol version {v!r:.40}, this side speaks {PROTOCOL_VERSION}")
     t = header.get("t")
-    schema = _SCHEMA.get(t) if isinstance(t, str) else None
+    schema = _SCHEMA.get(t) if type(t) is str else None
     if schema is None:
-        raise ProtocolError(f"unknown message type {t!r}")
-    for name, typ in schema.items():
+        raise ProtocolError(f"unknown message type {t!r:.40}")
+    for name, kind in schema.items():
         if name not in header:
             raise ProtocolError(f"{t} lacks field {name!r}")
-        value = header[name]
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ProtocolError(f"{t}.{name} has type {type(value).__name__}")
-    for name in ("tokens", "experts", "rows"):
-        if name in schema and t != RESIDENT and not all(_uint(x) for x in header[name]):
-            raise ProtocolError(f"{t}.{name} must be a list of non-negative integers")
+        _check(t, name, kind, header[name])
     if t in (COMPUTE, RESULT):
         _validate_rows(t, header)
-    if t == RESIDENT:
-        experts = header["experts"]
-        if len(experts) > MAX_RESIDENT:
-            raise ProtocolError(f"resident names {len(experts)} experts, at most {MAX_RESIDENT}")
-        if not all(isinstance(x, list) and len(x) == 2 and _uint(x[0]) and _uint(x[1]) for x in experts):
-            raise ProtocolError("resident experts must be [layer, expert] pairs of non-negative integers")
-        if len({tuple(x) for x in experts}) != len(experts):
-            raise ProtocolError("resident names an expert twice")
+    if t == RESIDENT and len({tuple(x) for x in header["experts"]}) != len(header["experts"]):
+        raise ProtocolError("resident names an expert twice")
     if t == JOB and not header["tokens"]:
         raise ProtocolError("a job needs at least one token")
-    if t == PREFETCH:
-        for item in header["loads"]:
-            if not (isinstance(item, list) and len(item) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
-                raise ProtocolError("prefetch loads must be [worker_id, layer, expert] integer triples")
-
-
-def _uint(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _validate_rows(t: str, header: dict) -> None:
     """experts[i] runs on the next rows[i] rows of the tensor: one entry each, no expert twice,
-    every row covered (the shape itself is checked with the tensor frame)."""
+    every row covered (the shape itself was checked above; its byte size with the tensor frame)."""
     experts, rows, shape = header["experts"], header["rows"], header["shape"]
     if not 1 <= len(experts) <= MAX_EXPERTS_PER_COMPUTE:
         raise ProtocolError(f"{t} carries {len(experts)} experts, 1 to {MAX_EXPERTS_PER_COMPUTE} allowed")
@@ -193,7 +251,7 @@ def _validate_rows(t: str, header: dict) -> None:
         raise ProtocolError(f"{t} names an expert twice")
     if not all(n > 0 for n in rows):
         raise ProtocolError(f"{t}.rows must be positive")
-    if shape and isinstance(shape[0], int) and sum(rows) != shape[0]:
+    if sum(rows) != shape[0]:
         raise ProtocolError(f"{t}.rows add up to {sum(rows)}, the tensor has {shape[0]} rows")
 
 
@@ -202,4 +260,5 @@ def _bytes(frame: Any) -> bytes:
 
 
 def _buffer(frame: Any) -> memoryview:
-    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    view = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view

@@ -18,6 +18,7 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.keys import Authenticator, ServerKeys, peer_key
 from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import manifest_hash
@@ -26,30 +27,32 @@ from edgemoe.predict.baselines import upcoming
 
 log = logging.getLogger("edgemoe.coordinator.shadow")
 
-KV_CHUNK_BYTES = 32 << 20  # K/V rows per message, well under the protocol's tensor limit
-
-
 class RemoteShadowPredictor(Predictor):
     """Predictions from a shadow node; construct, then wait_for_shadow()."""
 
     name = "shadow"
 
-    def __init__(self, main, depth: int, bind: str = "tcp://127.0.0.1:0", heartbeat_s: float = 1.0) -> None:
+    def __init__(self, main, depth: int, bind: str = "tcp://127.0.0.1:0", heartbeat_s: float = 1.0,
+                 keys: ServerKeys | None = None) -> None:
         self.main = main
         self.depth = depth
         self.moe_layers: list[int] = list(main.moe_layers)
         self.model_hash = manifest_hash(main.model_dir)
         self.heartbeat_s = heartbeat_s
         self._zctx = zmq.Context()
+        self.auth = Authenticator(self._zctx, keys) if keys is not None else None
         self.sock = self._zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted node with the same name takes over
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # a node sends headers only
+        if self.auth is not None:
+            self.auth.arm(self.sock)
         try:
             self.endpoint = bind_endpoint(self.sock, bind)
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind the shadow endpoint {bind}: {e}") from None
-        self._peer: bytes | None = None
+        self._peer: bytes | None = None  # the node's connection
+        self._peer_key: bytes | None = None  # ... and who it is (its public key)
         self._node_ready = False  # the node has built its shadow (its first heartbeat after the welcome)
         self._peer_name = ""
         self._last_seen = 0.0
@@ -79,15 +82,22 @@ class RemoteShadowPredictor(Predictor):
                                 f"(start one: edgemoe shadow --connect {self.endpoint} --model DIR)")
             self._drain(min(left, 0.2))
 
-    def _hello(self, identity: bytes, msg: P.Message) -> None:
+    def _silent(self) -> bool:
+        return time.monotonic() - self._last_seen > 5 * self.heartbeat_s + 5
+
+    def _hello(self, identity: bytes, key: bytes, msg: P.Message) -> None:
         if msg["model"] != self.model_hash:
-            reason = model_mismatch("shadow node", msg["name"], msg["model"], self.model_hash)
+            reason = model_mismatch("shadow node", msg["name"], msg["model"], self.model_hash if self.auth else None)
             log.warning("refused shadow node %s: %s", msg["name"], reason)
             self._send(identity, P.encode(P.REJECT, reason=reason))
             return
         if self._peer is not None and self._peer != identity:
+            if not self._silent():  # another connection while the node still answers: the node stays
+                log.warning("ignored a hello from shadow node %s on a second connection while %s answers",
+                            msg["name"], self._peer_name)
+                return
             log.info("shadow node %s replaces %s", msg["name"], self._peer_name)
-        self._peer, self._peer_name, self._last_seen = identity, msg["name"], time.monotonic()
+        self._peer, self._peer_key, self._peer_name, self._last_seen = identity, key, msg["name"], time.monotonic()
         self._node_ready = False
         self._sent_to = 0  # a (re)joined node holds none of the main model's rows
         log.info("shadow node %s joined (%s shadow, pid %d)", msg["name"], msg["shadow_type"], msg["pid"])
@@ -103,7 +113,7 @@ class RemoteShadowPredictor(Predictor):
             return
         self._sent_to = min(self._sent_to, pos)  # the main model went back: those rows are new
         kv = engine.kv
-        rows_per_message = max(1, KV_CHUNK_BYTES // (2 * len(kv.k) * kv.k[0].shape[1] * 4))
+        rows_per_message = max(1, P.KV_CHUNK_BYTES // (2 * len(kv.k) * kv.k[0].shape[1] * 4))
         for lo in range(self._sent_to, pos, rows_per_message):
             hi = min(pos, lo + rows_per_message)
             rows = np.stack([np.stack([kv.k[il][lo:hi], kv.v[il][lo:hi]]) for il in range(len(kv.k))])
@@ -141,21 +151,29 @@ class RemoteShadowPredictor(Predictor):
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._handle(frames[0].bytes, frames[1:])
-        if self._peer is not None and time.monotonic() - self._last_seen > 5 * self.heartbeat_s + 5:
+            identity = frames[0].bytes
+            key = peer_key(frames[-1]) if self.auth is not None else identity
+            if key is None:
+                log.warning("dropped a message without an authenticated key on the shadow socket")
+                continue
+            try:
+                self._handle(identity, key, frames[1:])
+            except Exception:  # a bug in handling one message must not end the run; predictions are optional
+                log.exception("error handling a message on the shadow socket; dropped")
+        if self._peer is not None and self._silent():
             log.warning("shadow node %s went silent; predicting nothing until it is back", self._peer_name)
             self._peer = None
 
-    def _handle(self, identity: bytes, frames: list) -> None:
+    def _handle(self, identity: bytes, key: bytes, frames: list) -> None:
         try:
             msg = P.decode(frames)
         except P.ProtocolError as e:
             log.warning("dropped a malformed message on the shadow socket: %s", e)
             return
         if msg.type == P.SHADOW_HELLO:
-            self._hello(identity, msg)
+            self._hello(identity, key, msg)
             return
-        if identity != self._peer:
+        if identity != self._peer or key != self._peer_key:
             self._send(identity, P.encode(P.UNKNOWN_PEER))
             return
         self._last_seen = time.monotonic()
@@ -196,4 +214,6 @@ class RemoteShadowPredictor(Predictor):
         sock = getattr(self, "sock", None)
         if sock is not None:
             sock.close(0)
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         self._zctx.term()

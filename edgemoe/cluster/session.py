@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemoe.cluster.coordinator import ClusterExperts
+from edgemoe.cluster.keys import KeyPair, ServerKeys, require_keys_or_insecure, server_keys
 from edgemoe.cluster.local import LocalProcesses, LocalWorkers
 from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
 from edgemoe.errors import UserError
@@ -34,6 +35,9 @@ class ClusterOptions:
     residency: str = "auto"  # "auto": workers keep residents under one placement; "off": the paper's cacheless mode
     join_timeout_s: float = 120.0
     request_timeout_s: float = 30.0
+    key: str | None = None  # the coordinator's secret key file (edgemoe keygen)
+    allow: str | None = None  # the allow-list of worker and shadow node public keys (a file or folder)
+    insecure: bool = False  # allow binding a non-loopback address without keys
 
     @property
     def enabled(self) -> bool:
@@ -76,6 +80,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     # workers spawned here talk over Unix sockets (ZeroMQ ipc://), the fastest transport it has on one host
     ipc_dir = tempfile.mkdtemp(prefix="edgemoe-ipc-") if opts.bind is None else None
     worker_bind = opts.bind or f"ipc://{ipc_dir}/workers"
+    keys = cluster_keys(opts)
 
     def make_backend(engine: Engine) -> ClusterExperts:
         nonlocal cluster
@@ -86,7 +91,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
                                  reanchor_depth=opts.reanchor_depth, shadow_threads=opts.shadow_threads)
         if remote_shadow:
             bind = "tcp://127.0.0.1:0" if opts.shadow_node == "local" else opts.shadow_node
-            predictor = RemoteShadowPredictor(engine, max(1, n_groups - 1), bind=bind)
+            predictor = RemoteShadowPredictor(engine, max(1, n_groups - 1), bind=bind, keys=keys)
         else:
             predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1),
                                        main=engine, options=popts)
@@ -94,7 +99,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
             cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,
                                      moe_layers=engine.moe_layers, bind=worker_bind, predictor=predictor,
                                      timeout_s=opts.request_timeout_s, residency=opts.residency,
-                                     routing_counts=routing_counts(model, engine.moe_layers))
+                                     routing_counts=routing_counts(model, engine.moe_layers), keys=keys)
         except BaseException:
             predictor.close()
             raise
@@ -105,14 +110,15 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         assert cluster is not None
         if opts.workers:
             local = LocalWorkers(model, opts.workers, cluster.endpoint, memory_budget=opts.memory_budget,
-                                 threads=opts.worker_threads).start()
+                                 threads=opts.worker_threads, auth=cluster.auth).start()
         if opts.shadow_node == "local":
             _, popts = parse_predictor(opts.predictor, PredictorOptions(align_token=opts.align_token, align_kv=opts.align_kv))
             local_shadow = LocalProcesses()
             local_shadow.spawn("local-shadow", [
                 "shadow", "--connect", cluster.predictor.endpoint, "--model", str(model), "--name", "local-shadow",
                 "--threads", str(opts.shadow_threads), "--align-token", str(popts.align_token),
-                "--align-kv", str(popts.align_kv), *(["--shadow-trunk"] if opts.shadow_trunk else [])])
+                "--align-kv", str(popts.align_kv), *(["--shadow-trunk"] if opts.shadow_trunk else []),
+                *local_shadow.key_args("local-shadow", [cluster.predictor.auth] if cluster.predictor.auth else [])])
 
         def check() -> None:
             failed = (local.failed() if local is not None else []) + (local_shadow.failed() if local_shadow else [])
@@ -137,3 +143,22 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
         engine.close()
         if ipc_dir is not None:
             shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def cluster_keys(opts: ClusterOptions) -> ServerKeys | None:
+    """The coordinator's keys: --key/--allow when given; else, for a cluster of local daemons only,
+    an ephemeral pair (each daemon gets one too: authenticated with no set-up); else none, which off
+    loopback needs --insecure."""
+    keys = server_keys(opts.key, opts.allow)
+    if keys is not None:
+        if not keys.allowed and (opts.wait_workers or (opts.shadow_node not in (None, "local"))):
+            raise UserError("--key without --allow: no worker or shadow node started elsewhere could join "
+                            "(give their public keys: --allow FILE|DIR)")
+        return keys
+    remote = [(what, e) for what, e in (("--bind", opts.bind), ("--shadow-node", opts.shadow_node))
+              if e is not None and e != "local"]
+    if not remote:
+        return ServerKeys(KeyPair.generate())
+    for what, endpoint in remote:
+        require_keys_or_insecure(endpoint, False, opts.insecure, what)
+    return None

@@ -25,7 +25,8 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
-from edgemoe.cluster.sockets import WakePipe, dealer_socket
+from edgemoe.cluster.keys import ClientKeys
+from edgemoe.cluster.sockets import WakePipe, dealer_socket, handshake_failure, monitor_events
 from edgemoe.cluster.worker import HELLO_INTERVAL_S, check_name, parse_endpoint
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import load_manifest, manifest_hash
@@ -35,6 +36,19 @@ from edgemoe.predict.base import PredictorOptions
 from edgemoe.util.proc import peak_rss_bytes, rss_bytes
 
 DEPTH = 1 << 20  # the node sends every layer's routing; the coordinator decides how far ahead to use it
+
+
+def _kv_row_bytes(model_dir: Path) -> int:
+    """Bytes of one K/V row of every layer: a kv_rows message carries at least one (its frame limit)."""
+    from gguf import GGUFReader
+
+    from edgemoe.format.gguf_io import metadata
+    from edgemoe.format.manifest import TRUNK_NAME
+    from edgemoe.model.config import ModelConfig
+
+    trunk = model_dir / TRUNK_NAME
+    cfg = ModelConfig.from_metadata(metadata(GGUFReader(trunk)), str(trunk))
+    return cfg.n_layer * 2 * cfg.n_embd_kv * 4
 
 
 class _NoExperts(ExpertBackend):
@@ -51,8 +65,9 @@ class ShadowNode:
     """Serve one coordinator's shadow predictions until SIGTERM/SIGINT (exit 0) or a REJECT (UserError)."""
 
     def __init__(self, connect: str, model_dir: str | os.PathLike[str], name: str, options: PredictorOptions,
-                 *, hello_interval: float = HELLO_INTERVAL_S) -> None:
+                 *, hello_interval: float = HELLO_INTERVAL_S, keys: ClientKeys | None = None) -> None:
         self.host, _ = parse_endpoint(connect)
+        self.keys = keys
         self.connect = connect
         self.name = check_name(name)
         if options.shadow_threads < 1:
@@ -64,6 +79,7 @@ class ShadowNode:
         if self.manifest.shadow is None:
             raise UserError(f"{self.model_dir}: no shadow experts; convert with `edgemoe convert SRC OUT --shadow-type TYPE`")
         self.model_hash = manifest_hash(self.model_dir)
+        self.max_frame = P.frame_limit(max(P.KV_CHUNK_BYTES, _kv_row_bytes(self.model_dir)))
         self.options = options
         self.hello_interval = hello_interval
         self.log = logging.getLogger(f"edgemoe.shadow.{name}")
@@ -108,9 +124,12 @@ class ShadowNode:
     # -- the loop --------------------------------------------------------------------------------
     def _setup(self) -> None:
         self.ctx = zmq.Context(io_threads=1)
-        self.dealer = dealer_socket(self.ctx, self.name)
+        self.dealer = dealer_socket(self.ctx, self.max_frame, self.keys)
+        self.monitor = self.dealer.get_monitor_socket(monitor_events())
+        self._handshake_warned = False
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(self._wake.r, zmq.POLLIN)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
@@ -131,6 +150,8 @@ class ShadowNode:
                 events = dict(self.poller.poll(max(0, min(1000, int((due - now) * 1000) + 1))))
                 if self._wake.r in events:
                     self._wake.clear()
+                if self.monitor in events:
+                    self._on_monitor()
                 if self.dealer in events:
                     self._drain()
                 self._send_routes()
@@ -140,6 +161,22 @@ class ShadowNode:
         if self._reject is not None:
             raise UserError(f"the coordinator rejected this shadow node: {self._reject}")
         return 0
+
+    def _on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            failure = handshake_failure(ev["event"], self.connect)
+            if failure is not None and not self._handshake_warned:
+                self.log.warning("%s; retrying", failure)
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_warned = False
+            elif failure is not None:
+                self._handshake_warned = True
 
     def _send(self, msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> bool:
         try:
@@ -240,6 +277,8 @@ class ShadowNode:
             self.log.info("shutdown: saying bye")
             self._send(P.BYE)
         self._stop_shadow()
+        self.dealer.disable_monitor()
+        self.monitor.close(linger=0)
         self.dealer.close(linger=200)
         self.ctx.term()
         self._wake.close()

@@ -7,6 +7,7 @@ import os
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.keys import ClientKeys, arm_client
 
 
 def bind_endpoint(sock: zmq.Socket, endpoint: str) -> str:
@@ -18,17 +19,20 @@ def bind_endpoint(sock: zmq.Socket, endpoint: str) -> str:
     return endpoint
 
 
-def dealer_socket(ctx: zmq.Context, name: str) -> zmq.Socket:
-    """A daemon's DEALER to a coordinator: routing id = its name, no backlog while the link is down
-    (IMMEDIATE), quick reconnects, the protocol's size limit, and ZMTP pings so that a coordinator
-    that vanished without closing its connections (power loss, a cable) is noticed within seconds."""
+def dealer_socket(ctx: zmq.Context, max_frame: int, keys: ClientKeys | None) -> zmq.Socket:
+    """A daemon's DEALER to a coordinator: a CURVE client of it (with keys), no backlog while the link
+    is down (IMMEDIATE), quick reconnects, frames bounded by max_frame (protocol.frame_limit: a bigger
+    one disconnects the sender before it is buffered), and ZMTP pings so that a coordinator that
+    vanished without closing its connections (power loss, a cable) is noticed within seconds.
+    No routing id is set: the coordinator's ROUTER numbers connections itself, and knows a peer
+    by its public key, never by a name the peer chose."""
     s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.ROUTING_ID, name.encode())
+    arm_client(s, keys)
     s.setsockopt(zmq.IMMEDIATE, 1)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RECONNECT_IVL, 100)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    s.setsockopt(zmq.MAXMSGSIZE, P.MAX_TENSOR_BYTES + P.MAX_HEADER_BYTES)
+    s.setsockopt(zmq.MAXMSGSIZE, max_frame)
     s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
     s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
     return s
@@ -59,6 +63,24 @@ class WakePipe:
         os.close(self.w)
 
 
-def model_mismatch(role: str, name: str, theirs: str, ours: str) -> str:
-    """The reason a peer with another model is refused, naming both manifest hashes."""
-    return f"model mismatch: {role} {name} has model {theirs}, the coordinator serves {ours}"
+def model_mismatch(role: str, name: str, theirs: str, ours: str | None) -> str:
+    """The reason a peer with another model is refused. The coordinator's manifest hash is named only
+    to an authenticated peer (ours=None otherwise): it is what a stranger would need to join."""
+    served = f"the coordinator serves {ours}" if ours else "not the coordinator's model"
+    return f"model mismatch: {role} {name} has model {theirs}, {served}"
+
+
+def monitor_events() -> int:
+    """Link events a daemon logs: up, down, and handshakes that failed (keys that do not match)."""
+    return (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_failure(event: int, endpoint: str) -> str | None:
+    """The log line for a monitor event that is a failed handshake (None for other events)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the coordinator at {endpoint} refused this node's key (is its public key in the coordinator's --allow list?)"
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return (f"handshake with {endpoint} failed: it is not the coordinator whose public key this node holds "
+                "(--coordinator-key), or one side runs without keys")
+    return None

@@ -3,8 +3,10 @@
 One process per board. Threads:
 - main: the ZeroMQ loop (DEALER to the coordinator's ROUTER, SUB to its PUB), heartbeats, and
   the expert computes (ggml, on its own thread pool);
-- loader: maps shards (sha256 check on first use, mmap + MAP_POPULATE) one at a time, in order,
-  within the memory budget; it wakes the main loop through a pipe when a shard is ready.
+- loader: maps shards (mmap + MAP_POPULATE) one at a time, in order, within the memory budget; it
+  wakes the main loop through a pipe when a shard is ready. A shard's bytes are hashed against the
+  manifest on first use; every later map, and every compute, checks that the file is still the one
+  verified (inode, size, mtime, ctime), so bytes changed on disk are refused before compute.
 
 The budget holds the baseline, a reserve for activations, `jit_slots` just-in-time slots (OD-MoE:
 an expert loaded on the predictor's word, computed, dropped) and the resident room, which the
@@ -34,8 +36,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.keys import ClientKeys, arm_client
 from edgemoe.cluster.slots import SlotArena, SlotFFN, SlotShard, same_layout
-from edgemoe.cluster.sockets import WakePipe, dealer_socket
+from edgemoe.cluster.sockets import WakePipe, dealer_socket, handshake_failure, monitor_events
 from edgemoe.cluster.budget import (
     Admission,
     Key,
@@ -86,6 +89,14 @@ def _label(key: Key) -> str:
     return f"L{key[0]}.E{key[1]}"
 
 
+def _file_identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file's bytes are changed or the file is replaced: inode, size, mtime, ctime.
+    (A write within the file system's timestamp granularity after the first hash, or one that also
+    forges both timestamps, is not seen: docs/SECURITY.md.)"""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass
 class _Pending:
     """A COMPUTE waiting for its shards (or about to be computed): experts of one layer, each on
@@ -130,8 +141,10 @@ class Worker:
         max_tokens: int = 64,
         horizon: int = 2,
         hello_interval: float = HELLO_INTERVAL_S,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.host, _ = parse_endpoint(connect)
+        self.keys = keys
         self.connect = connect
         self.name = check_name(name)
         if threads < 1:
@@ -157,6 +170,7 @@ class Worker:
         self.ffn.run(_WarmupShard(), np.ones((1, 64), dtype=np.float32))  # ggml tables, thread pool
 
         self._layouts: dict[Key, ShardLayout] = {}  # loader thread only
+        self._verified: dict[Key, tuple[int, ...]] = {}  # the file identity whose bytes matched the manifest
         self._cond = threading.Condition()
         self._shards: dict[Key, SlotShard] = {}  # loaded, under _cond
         self._loaded_at: dict[Key, float] = {}
@@ -187,15 +201,19 @@ class Worker:
 
     def _setup(self) -> None:
         self.ctx = zmq.Context(io_threads=1)
-        self.dealer = dealer_socket(self.ctx, self.name)
+        # the largest legal compute: MAX_ROWS rows (the coordinator's batches), or more if --max-tokens asks
+        self.dealer = dealer_socket(self.ctx, P.frame_limit(P.rows_bytes(self.n_embd, max(self.max_tokens, P.MAX_ROWS))),
+                                    self.keys)
         self.sub = self.ctx.socket(zmq.SUB)
+        arm_client(self.sub, self.keys)  # predictions come from the authenticated coordinator only
         # ZMTP-level pings on the predictions too: ZeroMQ reconnects (then we say hello again)
         self.sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_HEADER_BYTES)
-        self.monitor = self.dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.sub.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # predictions carry no tensors
+        self.monitor = self.dealer.get_monitor_socket(monitor_events())
+        self._handshake_warned = False
         self._wake = WakePipe()
         self.poller = zmq.Poller()
         for s in (self.dealer, self.sub, self.monitor):
@@ -241,7 +259,8 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self.dealer.connect(self.connect)
-        self.log.info("connecting to %s as %r", self.connect, self.name)
+        self.log.info("connecting to %s as %r (%s)", self.connect, self.name,
+                      f"key {self.keys.pair.public.decode()}" if self.keys else "no keys: unauthenticated, unencrypted")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stopping = True
@@ -331,7 +350,14 @@ class Worker:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            failure = handshake_failure(ev["event"], self.connect)
+            if failure is not None:
+                if not self._handshake_warned:  # once until a handshake succeeds: ZeroMQ retries by itself
+                    self.log.warning("%s; retrying", failure)
+                    self._handshake_warned = True
+                continue
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_warned = False
                 if self._disconnected:
                     self.log.info("reconnect: link to %s is back; saying hello again", self.connect)
                     self._unwelcome()
@@ -389,8 +415,16 @@ class Worker:
         except UserError as e:
             self.log.warning("dropped a welcome: %s", e)
             return
-        if not pub.startswith("ipc://") and host in ("*", "0.0.0.0", "[::]"):
+        # the coordinator publishes where it listens (its host; its socket's folder): never follow it elsewhere
+        if pub.startswith("ipc://"):
+            if not self.connect.startswith("ipc://") or os.path.dirname(host) != os.path.dirname(self.host):
+                self.log.warning("dropped a welcome whose predictions endpoint %s is not next to %s", pub, self.connect)
+                return
+        elif host in ("*", "0.0.0.0", "[::]"):
             pub = f"tcp://{self.host}:{port}"  # the coordinator told us where it bound, not where it is
+        elif host != self.host:
+            self.log.warning("dropped a welcome whose predictions endpoint %s is not on %s", pub, self.host)
+            return
         if pub != self._pub:
             if self._pub is not None:
                 self.sub.disconnect(self._pub)
@@ -500,6 +534,7 @@ class Worker:
         """Compute (in arrival order among the ready ones) every pending request whose shards are all
         mapped; fail those one of whose shards could not be loaded."""
         while self._pending:
+            self._timers()  # a long queue of computes must not silence the heartbeats (liveness)
             with self._cond:
                 for i, p in enumerate(self._pending):
                     failed = [k for k in p.keys if k in self._errors]
@@ -532,15 +567,24 @@ class Worker:
 
     def _compute(self, p: _Pending, shards: list[SlotShard], waited: float) -> None:
         y: np.ndarray | None = None
+        changed = False
         try:
+            changed = not self._all_unchanged(p.keys, shards)  # before: never compute on bytes not verified
+            if changed:
+                raise ValueError("a shard file changed on disk since its bytes were verified")
             t = time.perf_counter()
             y = self._run_experts(p, shards)
             compute_s = time.perf_counter() - t
-        except Exception as e:  # GGMLComputeError, a bad shape: fail this request, keep serving
-            self._fail(p.req, f"compute of {' '.join(map(_label, p.keys))} failed: {e}")
+            changed = not self._all_unchanged(p.keys, shards)  # after: the mapping shows writes made meanwhile
+            if changed:
+                raise ValueError("a shard file changed on disk during the compute")
+        except Exception as e:  # GGMLComputeError, a bad shape, changed bytes: fail this request, keep serving
+            self._fail(p.req, f"compute of {' '.join(map(_label, p.keys))} {'refused' if changed else 'failed'}: {e}")
             y = None
         finally:
             with self._cond:
+                # (a changed shard still pinned by other requests stays mapped: each of them is refused
+                # the same way, since it is no longer verified, and the last one drops it)
                 drops = [k for k in p.keys if self.adm.computed(k)]
                 dropped = self._unmap_locked(drops)
                 if self.adm.queue:  # memory freed or shards unpinned: a waiting load may go now
@@ -632,21 +676,47 @@ class Worker:
                 raise UserError(f"{self.model_dir}: {rel} has {layout.size} bytes, the manifest says {self.manifest.files[rel].size}")
         return layout
 
+    def _all_unchanged(self, keys: list[Key], shards: list[SlotShard]) -> bool:
+        return all([self._unchanged(k, sh.layout.path) for k, sh in zip(keys, shards)])  # (each logs its own)
+
+    def _unchanged(self, key: Key, path: Path) -> bool:
+        """The shard's file is still the one whose bytes were verified (one stat)."""
+        try:
+            same = _file_identity(path) == self._verified.get(key)
+        except OSError:
+            same = False
+        if not same:
+            self._verified.pop(key, None)  # hash it again before any further use
+            self.log.warning("%s: %s changed on disk since it was verified; refusing it until its bytes match "
+                             "the manifest again", _label(key), path)
+        return same
+
     def _map(self, key: Key) -> SlotShard:
-        """Map a shard (one sequential read, MAP_POPULATE). On its first use in this process the mapped
-        bytes are hashed against the manifest: the file is read once, no read buffer is needed, and the
-        bytes checked are the bytes computed on."""
-        layout = self._layout(key)
+        """Map a shard (one sequential read, MAP_POPULATE). The first time, and whenever the file is no
+        longer the one verified, the mapped bytes are hashed against the manifest: no read buffer is
+        needed, and the bytes checked are the bytes computed on. Otherwise one stat before and one
+        after the map show that the file was not changed."""
+        rel = expert_file_name(*key)
+        path = self.model_dir / rel
+        layout = self._layout(key)  # (a missing file is reported by name here)
+        before = _file_identity(path)
         shard = self.arena.map(layout)
-        if key not in self._layouts:
-            entry = self.manifest.files[expert_file_name(*key)]
+        if self._verified.get(key) != before:
+            entry = self.manifest.files[rel]
             digest = hashlib.sha256((ctypes.c_char * layout.size).from_address(shard.address)).hexdigest()
             if digest != entry.sha256:
                 shard.close()
                 drop_page_cache(layout.path)
-                raise UserError(f"{self.model_dir}: {expert_file_name(*key)} does not match the manifest "
-                                f"(sha256 {digest[:16]}..., expected {entry.sha256[:16]}...)")
+                raise UserError(f"{self.model_dir}: {rel} does not match the manifest "
+                                f"(sha256 {digest[:16]}..., expected {entry.sha256[:16]}...); refused")
+            if key in self._layouts:
+                self.log.info("%s: %s changed on disk but its bytes match the manifest: verified again", _label(key), rel)
             self._layouts[key] = layout
+            self._verified[key] = before
+        if _file_identity(path) != before:
+            shard.close()
+            self._verified.pop(key, None)
+            raise UserError(f"{self.model_dir}: {rel} changed on disk while it was mapped; refused")
         return shard
 
     def _unmap_locked(self, keys: list[Key]) -> list[tuple[Key, SlotShard]]:
