@@ -1,0 +1,491 @@
+"""Trust nothing on the wire (issue 13), with real processes on loopback, bounded in time.
+
+Authentication: an unlisted key cannot join, cannot take over a worker, and learns nothing; a fake
+coordinator gets nothing from a worker; a relay on the link sees no activation bytes. Liveness: a
+SIGKILLed or SIGSTOPped worker costs at most about 3 heartbeat intervals and no token; SIGCONT brings
+it back. Integrity: a shard changed on disk after its first use is refused before compute.
+Every spawned process is stopped by its pid in a finally block.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from edgemoe.cluster import keys as K
+from edgemoe.cluster import protocol as P
+from edgemoe.cluster.coordinator import ClusterExperts
+from edgemoe.cluster.session import ClusterOptions, open_engine
+from edgemoe.format.manifest import expert_file_name, manifest_hash
+from edgemoe.ggml import Compute
+from edgemoe.model.engine import Engine
+from edgemoe.model.experts import LocalExperts
+from edgemoe.model.generate import greedy_tokens
+from tests.cli import edgemoe as run_cli
+
+pytestmark = pytest.mark.timeout(180)
+
+PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
+Q8 = "llama-moe-q8_0"  # n_embd 256, 8 experts, top-2, MoE layers 0-3
+
+
+@pytest.fixture(scope="module")
+def q8(converted_models: dict[str, Path]) -> Path:
+    return converted_models[Q8]
+
+
+@pytest.fixture(scope="module")
+def reference(q8: Path) -> tuple[list[int], np.ndarray]:
+    with Engine(q8, n_ctx=128, n_threads=1) as engine:
+        return greedy_tokens(engine, PROMPT, 16)
+
+
+def spawn_worker(endpoint: str, model: Path, log: Path, *extra: str, name: str = "w") -> subprocess.Popen:
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "edgemoe", "worker", "--connect", endpoint, "--model", str(model),
+                                 "--threads", "1", "--memory-budget", "256MiB", "--name", name, *extra],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def keyfile(tmp: Path, name: str, pair: K.KeyPair | None = None) -> tuple[K.KeyPair, Path]:
+    pair = pair or K.KeyPair.generate()
+    _, secret = K.write_keypair(tmp, name, pair)
+    return pair, secret
+
+
+def key_flags(secret: Path, server: K.KeyPair) -> list[str]:
+    return [f"--key={secret}", f"--coordinator-key={server.public.decode()}"]
+
+
+def wait_until(cond, timeout: float, what: str, poll=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        poll() if poll else time.sleep(0.05)
+
+
+def hidden(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 256), dtype=np.float32)
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_keygen_writes_a_private_secret_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    r = run_cli("keygen", str(tmp_path / "k"), "--name", "pi-01")
+    assert r.returncode == 0, r.stderr
+    public, secret = tmp_path / "k" / "pi-01.key", tmp_path / "k" / "pi-01.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    pair = K.load_secret(secret)
+    assert K.load_public(str(public)) == pair.public and pair.public.decode() in r.stdout
+    assert b"secret-key" not in public.read_bytes()
+    again = run_cli("keygen", str(tmp_path / "k"), "--name", "pi-01")
+    assert again.returncode == 2 and again.stderr.startswith("error:") and "exists" in again.stderr
+    os.chmod(secret, 0o644)
+    with pytest.raises(Exception, match="chmod 600"):
+        K.load_secret(secret)
+
+
+def test_allow_lists_file_and_folder(tmp_path: Path) -> None:
+    a, b = K.KeyPair.generate(), K.KeyPair.generate()
+    (tmp_path / "list").write_text(f"# workers\n{a.public.decode()} pi-01\n\n{b.public.decode()}\n")
+    assert set(K.load_allow_list(tmp_path / "list")) == {a.public, b.public}
+    K.write_keypair(tmp_path / "dir", "x", a)
+    assert set(K.load_allow_list(tmp_path / "dir")) == {a.public}
+    (tmp_path / "bad").write_text("not-a-key\n")
+    with pytest.raises(Exception, match="bad:1"):
+        K.load_allow_list(tmp_path / "bad")
+
+
+def test_off_loopback_without_keys_needs_insecure(q8: Path) -> None:
+    r = run_cli("run", str(q8), "-p", "hi", "-n", "1", "--bind", "tcp://0.0.0.0:0", "--wait-workers", "1")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--insecure" in r.stderr, r.stderr
+    r = run_cli("worker", "--connect", "tcp://10.255.255.1:5555", "--model", str(q8))
+    assert r.returncode == 2 and "--insecure" in r.stderr, r.stderr
+    r = run_cli("worker", "--connect", "tcp://127.0.0.1:5555", "--model", str(q8), "--key", "/nonexistent")
+    assert r.returncode == 2 and "--coordinator-key" in r.stderr, r.stderr
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def secured(q8: Path, tmp_path: Path) -> Iterator[tuple[ClusterExperts, K.KeyPair, K.KeyPair, Path]]:
+    """A coordinator with keys and one listed worker (its key pair and secret file)."""
+    server = K.KeyPair.generate()
+    listed, secret = keyfile(tmp_path, "listed")
+    cluster = ClusterExperts(q8, n_embd=256, n_expert=8, k=2, moe_layers=[0, 1, 2, 3],
+                             keys=K.ServerKeys(server, {listed.public: "listed"}))
+    try:
+        yield cluster, server, listed, secret
+    finally:
+        cluster.close()
+
+
+def test_unlisted_key_cannot_join_and_learns_nothing(secured, q8: Path, tmp_path: Path) -> None:
+    cluster, server, _, _ = secured
+    stranger, secret = keyfile(tmp_path, "stranger")
+    log = tmp_path / "stranger.log"
+    proc = spawn_worker(cluster.endpoint, q8, log, *key_flags(secret, server), name="stranger")
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)  # a hand-made client with an unlisted key, and one without keys at all
+    raw.linger = 0
+    K.arm_client(raw, K.ClientKeys(K.KeyPair.generate(), server.public))
+    null = ctx.socket(zmq.DEALER)
+    null.linger = 0
+    try:
+        for s in (raw, null):
+            s.connect(cluster.endpoint)
+            s.send_multipart(P.encode(P.HELLO, name="local-0", model="0" * 64, budget=1, threads=1, pid=1, baseline_rss=1))
+        wait_until(lambda: "refused this node's key" in log.read_text(), 30, "the worker did not log its refusal",
+                   lambda: cluster._poll(0.1))
+        t = time.monotonic() + 1.0
+        while time.monotonic() < t:
+            cluster._poll(0.1)
+        assert not cluster.workers and not cluster.live_workers()
+        assert not raw.poll(200) and not null.poll(200), "an unauthenticated peer got an answer"
+        assert manifest_hash(q8) not in log.read_text()
+    finally:
+        stop(proc)
+        raw.close(0)
+        null.close(0)
+        ctx.term()
+
+
+def test_listed_worker_with_another_model_learns_both_hashes(secured, converted_models, tmp_path: Path) -> None:
+    cluster, server, _, secret = secured
+    other = converted_models["qwen3moe-q8_0"]
+    log = tmp_path / "w.log"
+    proc = spawn_worker(cluster.endpoint, other, log, *key_flags(secret, server))
+    try:
+        wait_until(lambda: proc.poll() is not None, 60, "the worker was not rejected", lambda: cluster._poll(0.1))
+        assert proc.returncode == 2
+        assert manifest_hash(other) in log.read_text() and manifest_hash(cluster.model_dir) in log.read_text()
+    finally:
+        stop(proc)
+
+
+def test_no_takeover_of_a_live_worker(secured, q8: Path, tmp_path: Path) -> None:
+    """A second connection with the worker's own key (and name) is ignored while the worker answers."""
+    cluster, server, listed, secret = secured
+    proc = spawn_worker(cluster.endpoint, q8, tmp_path / "w.log", *key_flags(secret, server), name="local-0")
+    ctx = zmq.Context()
+    twin = ctx.socket(zmq.DEALER)
+    twin.linger = 0
+    K.arm_client(twin, K.ClientKeys(listed, server.public))
+    try:
+        cluster.wait_for_workers(1, 60)
+        (w,) = cluster.live_workers()
+        identity = w.identity
+        twin.connect(cluster.endpoint)
+        for _ in range(3):
+            twin.send_multipart(P.encode(P.HELLO, name="local-0", model=manifest_hash(q8), budget=1 << 28, threads=1,
+                                         pid=1, baseline_rss=1))
+            twin.send_multipart(P.encode(P.HEARTBEAT, rss=1, peak_rss=1))
+            cluster._poll(0.2)
+        assert w.identity == identity and len(cluster.workers) == 1
+        local = LocalExperts(q8, Compute(1))
+        x = hidden(3, 1)
+        selected = np.array([[1, 5]] * 3, dtype=np.int32)
+        got = cluster.compute_layer(0, x, selected)
+        assert np.array_equal(got[:, 0], local.compute(0, 1, x)) and np.array_equal(got[:, 1], local.compute(0, 5, x))
+        while twin.poll(100):  # the twin got `unknown` at most, never a welcome or a compute
+            assert P.decode(twin.recv_multipart()).type == P.UNKNOWN_PEER
+    finally:
+        stop(proc)
+        twin.close(0)
+        ctx.term()
+
+
+def test_fake_coordinator_gets_nothing_from_a_worker(q8: Path, tmp_path: Path) -> None:
+    real = K.KeyPair.generate()
+    _, secret = keyfile(tmp_path, "w")
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)  # a CURVE server with its own key pair, admitting anyone
+    fake.linger = 0
+    impostor = K.KeyPair.generate()
+    fake.curve_server, fake.curve_secretkey, fake.curve_publickey = True, impostor.secret, impostor.public
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    log = tmp_path / "w.log"
+    proc = spawn_worker(f"tcp://127.0.0.1:{port}", q8, log, *key_flags(secret, real))
+    try:
+        wait_until(lambda: "handshake with" in log.read_text(), 30, "the worker did not log the failed handshake")
+        assert not fake.poll(2000), "the fake coordinator received a message"
+        assert proc.poll() is None  # it keeps trying: the real coordinator may come
+    finally:
+        stop(proc)
+        fake.close(0)
+        ctx.term()
+
+
+class Relay:
+    """A loopback TCP relay that forwards both ways and keeps every byte it saw."""
+
+    def __init__(self, target_port: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target = target_port
+        self.seen = bytearray()
+        self._lock = threading.Lock()
+        self._stop = False
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.2)
+        while not self._stop:
+            try:
+                a, _ = self.server.accept()
+            except (TimeoutError, OSError):
+                continue
+            b = socket.create_connection(("127.0.0.1", self.target))
+            self._socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    self.seen += data
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop = True
+        for s in [self.server, *self._socks]:
+            s.close()
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_relay_sees_no_activation_bytes(q8: Path, tmp_path: Path, secure: bool) -> None:
+    """With keys, none of the hidden states' or results' bytes cross the wire in clear; without keys
+    (the control, proving the check can fail) they do."""
+    server = K.KeyPair.generate()
+    pair, secret = keyfile(tmp_path, "w")
+    cluster = ClusterExperts(q8, n_embd=256, n_expert=8, k=2, moe_layers=[0, 1, 2, 3],
+                             keys=K.ServerKeys(server, {pair.public: "w"}) if secure else None)
+    relay = Relay(int(cluster.endpoint.rsplit(":", 1)[1]))
+    flags = key_flags(secret, server) if secure else []
+    proc = spawn_worker(f"tcp://127.0.0.1:{relay.port}", q8, tmp_path / "w.log", *flags)
+    try:
+        cluster.wait_for_workers(1, 60)
+        x = hidden(4, 2)
+        got = cluster.compute_layer(1, x, np.array([[2, 6]] * 4, dtype=np.int32))
+        local = LocalExperts(q8, Compute(1))
+        assert np.array_equal(got[:, 0], local.compute(1, 2, x))
+        seen = bytes(relay.seen)
+        chunks = [x.tobytes()[i:i + 32] for i in range(0, x.nbytes, 256)] + \
+                 [got[:, 0].tobytes()[i:i + 32] for i in range(0, got[:, 0].nbytes, 256)]
+        found = sum(c in seen for c in chunks)
+        assert len(seen) > x.nbytes  # the traffic did go through the relay
+        assert found == (0 if secure else len(chunks)), (found, len(chunks))
+    finally:
+        stop(proc)
+        relay.close()
+        cluster.close()
+
+
+# -- liveness ------------------------------------------------------------------------------------
+
+
+def _generate_with(engine: Engine, n: int, at: int, action) -> tuple[list[int], list[float]]:
+    """Greedy tokens, calling action() before token `at`; per-token wall times."""
+    engine.reset()
+    logits = engine.eval(PROMPT)[0]
+    tokens, times = [], []
+    for i in range(n):
+        tok = int(np.argmax(logits))
+        tokens.append(tok)
+        if i + 1 < n:
+            if i == at:
+                action()
+            t = time.monotonic()
+            logits = engine.eval([tok])[0]
+            times.append(time.monotonic() - t)
+    return tokens, times
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_lost_worker_costs_at_most_three_heartbeats(q8: Path, reference, sig: str) -> None:
+    want, _ = reference
+    with open_engine(q8, ClusterOptions(workers=3, predictor="reactive"), n_ctx=128, n_threads=1) as engine:
+        cluster: ClusterExperts = engine.experts
+        victim = engine.local_workers.procs[0]
+        w = next(x for x in cluster.workers.values() if x.pid == victim.pid)
+        try:
+            tokens, times = _generate_with(engine, 16, 4, lambda: victim.send_signal(getattr(signal, sig)))
+            assert tokens == want
+            assert not w.alive and w.lost == 1
+            limit = 3 * cluster.heartbeat_s
+            assert max(times) <= limit + 1.5, f"stall of {max(times):.2f} s, limit about {limit:g} s"
+            assert max(times) < cluster.timeout_s / 5  # not the request timeout
+            if sig == "SIGSTOP":
+                victim.send_signal(signal.SIGCONT)
+                wait_until(lambda: w.alive, 15, "the worker was not admitted again", lambda: cluster._poll(0.1))
+                before = w.requests
+                tokens, _ = _generate_with(engine, 16, -1, lambda: None)
+                assert tokens == want and w.requests > before, "the returning worker was not used again"
+        finally:
+            victim.send_signal(signal.SIGCONT)
+
+
+def test_local_workers_end_with_their_coordinator(q8: Path, tmp_path: Path) -> None:
+    """SIGKILL the coordinator process: its spawned workers end too (parent-death signal)."""
+    script = ("import sys, time\n"
+              "from edgemoe.cluster.session import ClusterOptions, open_engine\n"
+              f"with open_engine({str(q8)!r}, ClusterOptions(workers=2), n_ctx=64, n_threads=1) as e:\n"
+              "    print(' '.join(str(p.pid) for p in e.local_workers.procs), flush=True)\n"
+              "    time.sleep(120)\n")
+    coord = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in coord.stdout.readline().split()]
+        assert len(pids) == 2
+        coord.kill()
+        coord.wait(10)
+        deadline = time.monotonic() + 15
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+        assert not alive, f"workers {alive} outlived their coordinator"
+    finally:
+        if coord.poll() is None:
+            coord.kill()
+            coord.wait(10)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_one_failing_worker_is_a_clear_error(q8: Path, tmp_path: Path) -> None:
+    """The only worker cannot serve layer 0 (its shards are missing there): one error line, exit 2."""
+    model = tmp_path / "model"
+    shutil.copytree(q8, model)
+    for e in range(8):
+        (model / expert_file_name(0, e)).unlink()
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    coord = subprocess.Popen([sys.executable, "-m", "edgemoe", "run", str(q8), "-p", "Once upon a time", "-n", "4",
+                              "--temp", "0", "--bind", f"tcp://127.0.0.1:{port}", "--wait-workers", "1",
+                              "--request-timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_worker(f"tcp://127.0.0.1:{port}", model, tmp_path / "w.log")
+    try:
+        _, err = coord.communicate(timeout=120)
+        assert coord.returncode == 2 and "Traceback" not in err, err
+        errors = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(errors) == 1 and "L0.E" in errors[0] and "missing" in errors[0], err
+    finally:
+        if coord.poll() is None:
+            coord.kill()
+            coord.communicate()
+        stop(proc)
+
+
+# -- integrity -----------------------------------------------------------------------------------
+
+
+def test_shard_changed_on_disk_is_refused_and_the_text_stays_exact(q8: Path, reference, tmp_path: Path) -> None:
+    """Worker A has its own copy of the model; after A has used its shards, a byte of each of them is
+    flipped: A refuses them before compute, B computes them, the tokens stay exact."""
+    want, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(q8, copy)
+    logs = tmp_path / "a.log"
+    cluster: ClusterExperts | None = None
+    procs: list[subprocess.Popen] = []
+
+    def backend(engine: Engine) -> ClusterExperts:
+        nonlocal cluster
+        cluster = ClusterExperts(q8, n_embd=engine.cfg.n_embd, n_expert=engine.cfg.n_expert, k=engine.cfg.n_expert_used,
+                                 moe_layers=engine.moe_layers)
+        return cluster
+
+    with Engine(q8, n_ctx=128, n_threads=1, experts=backend) as engine:
+        try:
+            procs.append(spawn_worker(cluster.endpoint, copy, logs, name="a"))
+            procs.append(spawn_worker(cluster.endpoint, q8, tmp_path / "b.log", name="b"))
+            cluster.wait_for_workers(2, 60)
+            assert greedy_tokens(engine, PROMPT, 16)[0] == want
+            a = next(w for w in cluster.workers.values() if w.name == "a")
+            assert a.requests > 0
+            for f in sorted((copy / "experts").iterdir()):
+                with open(f, "r+b") as fh:  # in place: same inode and size, new bytes
+                    fh.seek(-1, os.SEEK_END)
+                    last = fh.read(1)
+                    fh.seek(-1, os.SEEK_END)
+                    fh.write(bytes([last[0] ^ 0xFF]))
+            retries = cluster.stats.retries
+            assert greedy_tokens(engine, PROMPT, 16)[0] == want
+            assert cluster.stats.retries > retries
+            text = logs.read_text()
+            assert "changed on disk" in text or "does not match the manifest" in text
+            assert all(p.poll() is None for p in procs)
+        finally:
+            for p in procs:
+                stop(p)
+
+
+# -- small cases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temp", "nan"], "--temp"),
+    (["--request-timeout", "nan", "--workers", "1"], "--request-timeout"),
+    (["--request-timeout", "inf", "--workers", "1"], "--request-timeout"),
+])
+def test_non_finite_numbers_are_refused(q8: Path, args: list[str], needle: str) -> None:
+    r = run_cli("run", str(q8), "-p", "hi", "-n", "1", *args)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and needle in r.stderr, r.stderr
+
+
+def test_non_utf8_prompt_is_refused(q8: Path) -> None:
+    env = {**os.environ, "PYTHONUTF8": "1"}
+    r = subprocess.run([sys.executable.encode(), b"-m", b"edgemoe", b"run", str(q8).encode(), b"-p", b"caf\xe9", b"-n", b"1"],
+                       capture_output=True, env=env)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 2 and err.startswith("error:") and "UTF-8" in err and "Traceback" not in err, err
+
+
+def test_disk_full_during_convert_is_one_error_line(fixtures_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    import tools.convert
+    from edgemoe.cli.main import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tools.convert, "write_model", full)
+    assert main(["convert", str(fixtures_dir / f"{Q8}.gguf"), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "No space left" in err and err.count("\n") == 1, err
