@@ -3,8 +3,6 @@ ProtocolError (property-based, with hypothesis), and the attacks that worked bef
 
 from __future__ import annotations
 
-import math
-
 import msgpack
 import numpy as np
 import pytest
@@ -15,42 +13,7 @@ from edgemoe.cluster import protocol as P
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# any msgpack value: what an attacker can put in a field
-leaf = (st.none() | st.booleans() | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-        | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=80) | st.binary(max_size=80))
-values = st.recursive(leaf, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                      max_leaves=20)
-
-
-def valid_fields(t: str) -> dict:
-    """One legal header per message type (tensors get a matching frame below)."""
-    return {
-        P.HELLO: dict(name="w1", model="ab" * 32, budget=1 << 29, threads=1, pid=4, baseline_rss=1 << 20),
-        P.WELCOME: dict(worker_id=0, pub="tcp://127.0.0.1:5", heartbeat_s=1.0),
-        P.REJECT: dict(reason="no"),
-        P.COMPUTE: dict(req=1, layer=0, expert=3),
-        P.RESULT: dict(req=1, layer=0, expert=3, load_s=0.0, wait_s=0.0, compute_s=0.001, hit=True, rss=1),
-        P.FAIL: dict(req=1, reason="x"),
-        P.PREFETCH: dict(step=0, loads=[[0, 1, 2]]),
-        P.HEARTBEAT: dict(rss=1, peak_rss=2),
-        P.BYE: {},
-        P.UNKNOWN_PEER: {},
-        P.SHADOW_HELLO: dict(name="s", model="ab" * 32, pid=3, shadow_type="q4_k"),
-        P.SHADOW_WELCOME: dict(heartbeat_s=1.0, n_ctx=64),
-        P.KV_ROWS: dict(lo=0),
-        P.JOB: dict(gen=1, pos=0, tokens=[1, 2]),
-        P.ROUTES: dict(gen=1, layer=0, experts=[1, 2]),
-    }[t]
-
-
-TYPES = sorted(P._SCHEMA)
-TENSOR_SHAPE = {P.COMPUTE: (2, 8), P.RESULT: (2, 8), P.KV_ROWS: (2, 2, 3, 4)}
-
-
-def legal(t: str) -> list:
-    shape = TENSOR_SHAPE.get(t)
-    tensor = np.arange(math.prod(shape), dtype=np.float32).reshape(shape) if shape else None
-    return P.encode(t, tensor, **valid_fields(t))
+from tests.fuzzing import TENSOR_SHAPE, TYPES, legal, valid_fields, values
 
 
 def decode_or_refuse(frames: list) -> P.Message | None:

@@ -26,7 +26,7 @@ import zmq
 
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.keys import ClientKeys
-from edgemoe.cluster.sockets import WakePipe, dealer_socket, handshake_failure, monitor_events
+from edgemoe.cluster.sockets import Relinker, WakePipe, dealer_socket, handshake_failure, monitor_events
 from edgemoe.cluster.worker import HELLO_INTERVAL_S, check_name, parse_endpoint
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import load_manifest, manifest_hash
@@ -127,6 +127,8 @@ class ShadowNode:
         self.dealer = dealer_socket(self.ctx, self.max_frame, self.keys)
         self.monitor = self.dealer.get_monitor_socket(monitor_events())
         self._handshake_warned = False
+        self._link_down = False
+        self._link = Relinker(self.dealer)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -134,7 +136,7 @@ class ShadowNode:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        self.dealer.connect(self.connect)
+        self._link.connect(self.connect)
         self.log.info("connecting to %s as %r (model %s)", self.connect, self.name, self.model_hash[:12])
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -170,11 +172,18 @@ class ShadowNode:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._link.event(ev["event"])
             failure = handshake_failure(ev["event"], self.connect)
             if failure is not None and not self._handshake_warned:
                 self.log.warning("%s; retrying", failure)
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_warned = False
+                if self._link_down:  # a new connection: the coordinator knows this node by it, say hello again
+                    self.log.info("reconnect: link to %s is back; saying hello again", self.connect)
+                    self._welcomed, self._next_hello = False, 0.0
+                self._link_down = False
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._link_down = True
             elif failure is not None:
                 self._handshake_warned = True
 
@@ -186,6 +195,8 @@ class ShadowNode:
             return False
 
     def _timers(self) -> None:
+        if self._link.check():
+            self.log.warning("the link to the coordinator was dropped (a malformed or oversized frame?); reconnecting")
         now = time.monotonic()
         if not self._welcomed and now >= self._next_hello:
             sent = self._send(P.SHADOW_HELLO, name=self.name, model=self.model_hash, pid=os.getpid(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import zmq
 
@@ -36,6 +37,42 @@ def dealer_socket(ctx: zmq.Context, max_frame: int, keys: ClientKeys | None) -> 
     s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
     s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
     return s
+
+
+class Relinker:
+    """Keeps a connecting socket's link up. ZeroMQ reconnects a link that broke, but not one it dropped
+    for a protocol error (a frame over MAXMSGSIZE, a malformed ZMTP frame): that link would stay down
+    for good. Feed it the socket's monitor events; check() reconnects a link down for AFTER_S."""
+
+    AFTER_S = 3.0
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.endpoint: str | None = None
+        self.down_since: float | None = None
+
+    def connect(self, endpoint: str) -> None:
+        if self.endpoint is not None:
+            try:
+                self.sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass  # ZeroMQ already gave the link up
+        self.endpoint, self.down_since = endpoint, None
+        self.sock.connect(endpoint)
+
+    def event(self, event: int) -> None:
+        if event == zmq.EVENT_DISCONNECTED:
+            self.down_since = self.down_since or time.monotonic()
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.down_since = None
+
+    def check(self) -> bool:
+        """Reconnect if the link has been down too long (True: it did)."""
+        if self.endpoint is None or self.down_since is None or time.monotonic() - self.down_since < self.AFTER_S:
+            return False
+        self.connect(self.endpoint)
+        self.down_since = time.monotonic()  # until the handshake succeeds, try again every AFTER_S
+        return True
 
 
 class WakePipe:

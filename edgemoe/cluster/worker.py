@@ -38,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.keys import ClientKeys, arm_client
 from edgemoe.cluster.slots import SlotArena, SlotFFN, SlotShard, same_layout
-from edgemoe.cluster.sockets import WakePipe, dealer_socket, handshake_failure, monitor_events
+from edgemoe.cluster.sockets import Relinker, WakePipe, dealer_socket, handshake_failure, monitor_events
 from edgemoe.cluster.budget import (
     Admission,
     Key,
@@ -213,10 +213,12 @@ class Worker:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # predictions carry no tensors
         self.monitor = self.dealer.get_monitor_socket(monitor_events())
+        self.sub_monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._link, self._sub_link = Relinker(self.dealer), Relinker(self.sub)
         self._handshake_warned = False
         self._wake = WakePipe()
         self.poller = zmq.Poller()
-        for s in (self.dealer, self.sub, self.monitor):
+        for s in (self.dealer, self.sub, self.monitor, self.sub_monitor):
             self.poller.register(s, zmq.POLLIN)
         self.poller.register(self._wake.r, zmq.POLLIN)
 
@@ -258,7 +260,7 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-        self.dealer.connect(self.connect)
+        self._link.connect(self.connect)
         self.log.info("connecting to %s as %r (%s)", self.connect, self.name,
                       f"key {self.keys.pair.public.decode()}" if self.keys else "no keys: unauthenticated, unencrypted")
 
@@ -281,6 +283,9 @@ class Worker:
                     self._wake.clear()
                 if self.monitor in events:
                     self._on_monitor()
+                if self.sub_monitor in events:
+                    while self.sub_monitor.poll(0):
+                        self._sub_link.event(recv_monitor_message(self.sub_monitor)["event"])
                 if self.dealer in events:
                     self._drain(self.dealer, self._on_coordinator)
                 if self.sub in events:
@@ -313,6 +318,9 @@ class Worker:
                     self._fail(msg["req"], "internal error in the worker (see its log)")
 
     def _timers(self) -> None:
+        for link, what in ((self._link, "the coordinator"), (self._sub_link, "the predictions")):
+            if link.check():
+                self.log.warning("the link to %s was dropped (a malformed or oversized frame?); reconnecting", what)
         now = time.monotonic()
         if not self._welcomed and now >= self._next_hello:
             self._hello()
@@ -350,6 +358,7 @@ class Worker:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._link.event(ev["event"])
             failure = handshake_failure(ev["event"], self.connect)
             if failure is not None:
                 if not self._handshake_warned:  # once until a handshake succeeds: ZeroMQ retries by itself
@@ -426,9 +435,7 @@ class Worker:
             self.log.warning("dropped a welcome whose predictions endpoint %s is not on %s", pub, self.host)
             return
         if pub != self._pub:
-            if self._pub is not None:
-                self.sub.disconnect(self._pub)
-            self.sub.connect(pub)
+            self._sub_link.connect(pub)
             self._pub = pub
         self._worker_id = msg["worker_id"]
         self._heartbeat_s = hb
@@ -751,6 +758,8 @@ class Worker:
             drop_page_cache(s.layout.path)
         self.dealer.disable_monitor()
         self.monitor.close(linger=0)
+        self.sub.disable_monitor()
+        self.sub_monitor.close(linger=0)
         self.sub.close(linger=0)
         self.dealer.close(linger=200)  # long enough for the BYE to leave, short enough not to hang
         self.ctx.term()
