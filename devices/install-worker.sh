@@ -4,7 +4,8 @@
 #   sudo devices/install-worker.sh                         # venv + unit + profiles, starts nothing
 #   sudo devices/install-worker.sh --name pi-01 \
 #        --connect tcp://10.0.0.1:5555 --model /srv/edgemoe/models/mixtral-q4_k_m \
-#        --profile raspberry-pi-4-1gb                      # + /etc/edgemoe/worker-pi-01.env
+#        --profile raspberry-pi-4-1gb \
+#        --coordinator-key coordinator.key                # + /etc/edgemoe/worker-pi-01.env, keys
 #   sudo devices/install-worker.sh --name pi-01 --enable   # + enable at boot
 #   sudo devices/install-worker.sh --name pi-01 --start    # + enable and start now
 #
@@ -15,6 +16,10 @@
 #   - installs devices/systemd/edgemoe-worker@.service into /etc/systemd/system/;
 #   - with --name: writes /etc/edgemoe/worker-NAME.env (never overwrites an existing one unless
 #     --force) and a MemoryMax drop-in sized from the profile's budget;
+#   - with --name: the worker's key pair /etc/edgemoe/keys/worker-NAME.key{,_secret} (edgemoe keygen,
+#     secret 0600 in a 0700 folder; never replaced) and prints its public key for the coordinator's
+#     --allow list; with --coordinator-key FILE: installs the coordinator's public key as
+#     /etc/edgemoe/coordinator.key (docs/SECURITY.md);
 #   - with --enable / --start: systemctl enable [--now] edgemoe-worker@NAME.
 # It downloads no scripts and runs nothing it fetched; pip is the only network client (avoid it
 # with --wheels, or skip it with --no-pip when the venv is already up to date). It deletes nothing
@@ -29,7 +34,7 @@ UNIT_DIR=/etc/systemd/system
 MODELS=/srv/edgemoe/models
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-NAME="" CONNECT="" MODEL="" PROFILE="" WHEELS="" ENABLE=0 START=0 FORCE=0 PIP=1
+NAME="" CONNECT="" MODEL="" PROFILE="" WHEELS="" COORD_KEY="" ENABLE=0 START=0 FORCE=0 PIP=1
 
 die() { echo "install-worker: error: $*" >&2; exit 2; }
 say() { echo "install-worker: $*"; }
@@ -42,6 +47,7 @@ while [ $# -gt 0 ]; do
         --model) MODEL="${2:?--model needs a value}"; shift 2 ;;
         --profile) PROFILE="${2:?--profile needs a value}"; shift 2 ;;
         --wheels) WHEELS="${2:?--wheels needs a directory}"; shift 2 ;;
+        --coordinator-key) COORD_KEY="${2:?--coordinator-key needs a file}"; shift 2 ;;
         --enable) ENABLE=1; shift ;;
         --start) ENABLE=1; START=1; shift ;;
         --force) FORCE=1; shift ;;
@@ -140,6 +146,28 @@ print(b + max(32 << 20, b // 10))' "$ROOT$PROFILE_PATH")"
     else
         say "warning: profile ${PROFILE_PATH:-?} not found: the unit's default MemoryMax applies"
     fi
+fi
+
+# 4. keys ----------------------------------------------------------------------------------------
+if [ -n "$COORD_KEY" ]; then
+    [ -f "$COORD_KEY" ] || die "--coordinator-key $COORD_KEY: not a file"
+    "$VENV/bin/python" -c 'import sys; from edgemoe.cluster.keys import load_public; load_public(sys.argv[1])' "$COORD_KEY" \
+        2>/dev/null || die "--coordinator-key $COORD_KEY: not a public key (edgemoe keygen's NAME.key)"
+    install -m 0644 "$COORD_KEY" "$R_ETC/coordinator.key"
+    say "installed the coordinator's public key as $ETC/coordinator.key"
+fi
+if [ -n "$NAME" ]; then
+    install -d -m 0700 "$R_ETC/keys"
+    if [ -f "$R_ETC/keys/worker-$NAME.key_secret" ]; then
+        say "keeping the key pair $ETC/keys/worker-$NAME.key_secret"
+    else
+        (umask 077; "$VENV/bin/edgemoe" keygen "$R_ETC/keys" --name "worker-$NAME" >/dev/null)
+        say "wrote the key pair $ETC/keys/worker-$NAME.key_secret"
+    fi
+    pub="$("$VENV/bin/python" -c 'import sys; from edgemoe.cluster.keys import load_public; print(load_public(sys.argv[1]).decode())' \
+        "$R_ETC/keys/worker-$NAME.key")"
+    say "add this line to the coordinator's --allow file: $pub $NAME"
+    [ -f "$R_ETC/coordinator.key" ] || say "warning: $ETC/coordinator.key is missing: give --coordinator-key FILE before starting"
 fi
 
 systemctl_ daemon-reload

@@ -132,9 +132,9 @@ def _keys_in_file(p: Path, what: str) -> dict[bytes, str]:
     keys: dict[bytes, str] = {}
     for n, line in enumerate(data.splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith(b"#"):
-            continue
         key, _, comment = line.partition(b" ")
+        if not line or (line.startswith(b"#") and not _Z85_KEY.match(key)):  # ('#' is also a Z85 character)
+            continue
         _check_key(key, f"{what} {p}:{n}")
         keys[key] = comment.strip().decode(errors="replace") or f"{p.name}:{n}"
     return keys
