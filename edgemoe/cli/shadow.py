@@ -22,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(exit 0); exits 2 on a user error or when the coordinator rejects it (e.g. another model).",
         epilog="example:\n"
         "  coordinator$ edgemoe chat models/model --bind tcp://0.0.0.0:5555 --wait-workers 8 --predictor shadow "
-        "--shadow-node tcp://0.0.0.0:5556\n"
-        "  shadow$      edgemoe shadow --connect tcp://10.0.0.1:5556 --model models/model",
+        "--shadow-node tcp://0.0.0.0:5556 --key keys/coordinator.key_secret --allow allowed-keys/\n"
+        "  shadow$      edgemoe shadow --connect tcp://10.0.0.1:5556 --model models/model --key keys/shadow.key_secret "
+        "--coordinator-key coordinator.key",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the coordinator's shadow endpoint")

@@ -23,9 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=HELP + ". Runs until SIGTERM/SIGINT (exit 0); exits 2 on a user error or when the "
         "coordinator rejects it (e.g. another model).",
         epilog="examples:\n"
-        "  edgemoe worker --connect tcp://10.0.0.1:5555 --model /srv/edgemoe/model --memory-budget 400MiB\n"
+        "  edgemoe worker --connect tcp://10.0.0.1:5555 --model /srv/edgemoe/model --memory-budget 400MiB \\\n"
+        "      --key keys/pi-01.key_secret --coordinator-key coordinator.key\n"
         "  edgemoe worker --connect tcp://10.0.0.1:5555 --model /srv/edgemoe/model "
-        "--profile devices/profiles/raspberry-pi-4-1gb.toml --name pi-01",
+        "--profile devices/profiles/raspberry-pi-4-1gb.toml --name pi-01 --key ... --coordinator-key ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the coordinator's worker endpoint")
