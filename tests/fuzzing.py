@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from edgemoe.cluster import protocol as P
 
 TYPES = sorted(P._SCHEMA)
+V = P.PROTOCOL_VERSION
 TENSOR_SHAPE = {P.COMPUTE: (2, 8), P.RESULT: (2, 8), P.KV_ROWS: (2, 2, 3, 4)}
 
 leaf = (st.none() | st.booleans() | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
@@ -24,11 +25,13 @@ values = st.recursive(leaf, lambda inner: st.lists(inner, max_size=5) | st.dicti
 def valid_fields(t: str) -> dict:
     """One legal header per type; the model hash is no model's, so a hello is refused, never admitted."""
     return {
-        P.HELLO: dict(name="fuzz", model="ab" * 32, budget=1 << 29, threads=1, pid=4, baseline_rss=1 << 20),
+        P.HELLO: dict(name="fuzz", model="ab" * 32, budget=1 << 29, threads=1, pid=4, baseline_rss=1 << 20,
+                      resident_room=1 << 20, jit_slots=1),
         P.WELCOME: dict(worker_id=0, pub="tcp://127.0.0.1:5", heartbeat_s=1.0),
         P.REJECT: dict(reason="no"),
-        P.COMPUTE: dict(req=1, layer=0, expert=3),
-        P.RESULT: dict(req=1, layer=0, expert=3, load_s=0.0, wait_s=0.0, compute_s=0.001, hit=True, rss=1),
+        P.COMPUTE: dict(req=1, layer=0, experts=[3, 5], rows=[1, 1]),
+        P.RESULT: dict(req=1, layer=0, experts=[3, 5], rows=[1, 1], load_s=0.0, wait_s=0.0, compute_s=0.001, hits=1),
+        P.RESIDENT: dict(plan=1, experts=[[0, 1], [2, 3]]),
         P.FAIL: dict(req=1, reason="x"),
         P.PREFETCH: dict(step=0, loads=[[0, 1, 2]]),
         P.HEARTBEAT: dict(rss=1, peak_rss=2),
@@ -50,18 +53,18 @@ def legal(t: str) -> list[bytes]:
 
 def special_cases(oversized: int) -> list[list[bytes]]:
     """The attacks of issue 13 (oversized: a frame just over the receiving socket's limit)."""
-    compute = {"v": 1, "t": "compute", "req": 1, "layer": 0, "expert": 0, "dtype": "f32"}
+    compute = {"v": V, "t": "compute", "req": 1, "layer": 0, "experts": [0], "rows": [1], "dtype": "f32"}
     return [
         [msgpack.packb({**compute, "shape": [1 << 32, 1 << 32, 2, 1]}), b"x" * 60],  # np.prod wraps to 0
         [msgpack.packb({**compute, "shape": [1 << 62, 4]}), b""],
         [msgpack.packb({"v": True, "t": "heartbeat", "rss": 1, "peak_rss": 1})],
-        [msgpack.packb({"v": 1.0, "t": "heartbeat", "rss": 1, "peak_rss": 1})],
-        [msgpack.packb({"v": 1, "t": "welcome", "worker_id": 0, "pub": "tcp://127.0.0.1:5", "heartbeat_s": float("nan")})],
-        [msgpack.packb({"v": 1, "t": "result", "req": 1, "layer": 0, "expert": 0, "dtype": "f32", "shape": [1, 2],
-                        "load_s": float("nan"), "wait_s": 0, "compute_s": 0, "hit": 1, "rss": True}), b"\0" * 8],
+        [msgpack.packb({"v": float(V), "t": "heartbeat", "rss": 1, "peak_rss": 1})],
+        [msgpack.packb({"v": V, "t": "welcome", "worker_id": 0, "pub": "tcp://127.0.0.1:5", "heartbeat_s": float("nan")})],
+        [msgpack.packb({"v": V, "t": "result", "req": 1, "layer": 0, "experts": [0], "rows": [1], "dtype": "f32",
+                        "shape": [1, 2], "load_s": float("nan"), "wait_s": 0, "compute_s": 0, "hits": True}), b"\0" * 8],
         [*legal(P.HEARTBEAT), b"extra"],
         [b"\0" * oversized],  # over MAXMSGSIZE: ZeroMQ drops the link, nothing is buffered
-        [msgpack.packb({"v": 1, "t": "heartbeat", "rss": 1, "peak_rss": 1, "pad": "x" * (oversized + 16)})],
+        [msgpack.packb({"v": V, "t": "heartbeat", "rss": 1, "peak_rss": 1, "pad": "x" * (oversized + 16)})],
     ]
 
 
@@ -75,7 +78,7 @@ def message(draw: st.DrawFn, oversized: int) -> list[bytes]:
     t = draw(st.sampled_from(TYPES))
     if kind == "legal":
         return legal(t)
-    header = {"v": 1, "t": t, **valid_fields(t)}
+    header = {"v": V, "t": t, **valid_fields(t)}
     if t in TENSOR_SHAPE:
         header |= {"dtype": "f32", "shape": list(TENSOR_SHAPE[t])}
     name = draw(st.sampled_from(sorted(header)))

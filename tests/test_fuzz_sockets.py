@@ -142,7 +142,8 @@ class SecureFakeCoordinator:
         return out
 
     def compute(self, req: int, layer: int, expert: int, x: np.ndarray) -> P.Message:
-        self.router.send_multipart([self.ident, *P.encode(P.COMPUTE, x, req=req, layer=layer, expert=expert)])
+        self.router.send_multipart([self.ident, *P.encode(P.COMPUTE, x, req=req, layer=layer, experts=[expert],
+                                                                   rows=[len(x)])])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             for m in self.serve(0.5):

@@ -49,7 +49,7 @@ def test_random_bytes_never_crash(frames: list[bytes]) -> None:
 @SETTINGS
 @given(st.sampled_from(TYPES), st.data())
 def test_every_field_of_every_type_replaced_by_anything(t: str, data: st.DataObject) -> None:
-    header = {"v": 1, "t": t, **valid_fields(t)}
+    header = {"v": P.PROTOCOL_VERSION, "t": t, **valid_fields(t)}
     if t in TENSOR_SHAPE:
         header |= {"dtype": "f32", "shape": list(TENSOR_SHAPE[t])}
     name = data.draw(st.sampled_from(sorted(header)), label="field")
@@ -71,15 +71,17 @@ def test_arbitrary_maps_never_crash(header: dict) -> None:
 def test_the_overflowing_shape_is_refused() -> None:
     """The 129-byte message that killed every process: a shape whose np.prod overflows int64 to a small number."""
     shape = [1 << 32, 1 << 32, 2, 1]  # np.prod(...) * 4 wraps to 0 in int64
-    header = msgpack.packb({"v": 1, "t": "compute", "req": 1, "layer": 0, "expert": 0, "dtype": "f32", "shape": shape})
+    header = msgpack.packb({"v": P.PROTOCOL_VERSION, "t": "compute", "req": 1, "layer": 0, "experts": [0], "rows": [1 << 32],
+                            "dtype": "f32", "shape": shape})
     with pytest.raises(P.ProtocolError, match="shape"):
         P.decode([header, b""])
     with pytest.raises(P.ProtocolError):  # under the per-dimension cap, still over the size cap
-        P.decode([msgpack.packb({"v": 1, "t": "compute", "req": 1, "layer": 0, "expert": 0, "dtype": "f32",
-                                 "shape": [P.MAX_DIM, P.MAX_DIM]}), b""])
+        P.decode([msgpack.packb({"v": P.PROTOCOL_VERSION, "t": "compute", "req": 1, "layer": 0, "experts": [0],
+                                 "rows": [P.MAX_DIM], "dtype": "f32", "shape": [P.MAX_DIM, P.MAX_DIM]}), b""])
 
 
-@pytest.mark.parametrize("v", [True, 1.0, "1", 2, 0, None, [1]])
+@pytest.mark.parametrize("v", [True, float(P.PROTOCOL_VERSION), str(P.PROTOCOL_VERSION), P.PROTOCOL_VERSION + 1, 0,
+                               None, [P.PROTOCOL_VERSION]])
 def test_versions_are_exact_integers(v: object) -> None:
     with pytest.raises(P.ProtocolError, match="version"):
         P.decode([msgpack.packb({"v": v, "t": "bye"})])
@@ -91,13 +93,14 @@ def test_versions_are_exact_integers(v: object) -> None:
     ("heartbeat_s", float("nan")), ("heartbeat_s", float("inf")), ("heartbeat_s", -1.0), ("heartbeat_s", True),
     ("worker_id", True), ("worker_id", -1), ("worker_id", 1.0), ("pub", "x" * (P.MAX_TEXT + 1)), ("pub", b"bytes")])
 def test_welcome_fields_are_checked_for_type_and_range(field: str, value: object) -> None:
-    header = {"v": 1, "t": "welcome", **valid_fields(P.WELCOME), field: value}
+    header = {"v": P.PROTOCOL_VERSION, "t": "welcome", **valid_fields(P.WELCOME), field: value}
     with pytest.raises(P.ProtocolError, match=field):
         P.decode([msgpack.packb(header, use_bin_type=True)])
 
 
 def test_dtype_allow_list_and_extra_frames() -> None:
-    header = {"v": 1, "t": "compute", "req": 1, "layer": 0, "expert": 0, "dtype": "f64", "shape": [1, 2]}
+    header = {"v": P.PROTOCOL_VERSION, "t": "compute", "req": 1, "layer": 0, "experts": [0], "rows": [1], "dtype": "f64",
+              "shape": [1, 2]}
     with pytest.raises(P.ProtocolError, match="dtype"):
         P.decode([msgpack.packb(header), b"\0" * 16])
     frames = legal(P.COMPUTE)
@@ -108,7 +111,7 @@ def test_dtype_allow_list_and_extra_frames() -> None:
 
 
 def test_only_schema_fields_reach_handlers() -> None:
-    header = {"v": 1, "t": "heartbeat", "rss": 1, "peak_rss": 2, "__class__": "x", "extra": [1]}
+    header = {"v": P.PROTOCOL_VERSION, "t": "heartbeat", "rss": 1, "peak_rss": 2, "__class__": "x", "extra": [1]}
     assert P.decode([msgpack.packb(header)]).fields == {"rss": 1, "peak_rss": 2}
 
 

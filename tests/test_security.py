@@ -161,7 +161,8 @@ def test_unlisted_key_cannot_join_and_learns_nothing(secured, q8: Path, tmp_path
     try:
         for s in (raw, null):
             s.connect(cluster.endpoint)
-            s.send_multipart(P.encode(P.HELLO, name="local-0", model="0" * 64, budget=1, threads=1, pid=1, baseline_rss=1))
+            s.send_multipart(P.encode(P.HELLO, name="local-0", model="0" * 64, budget=1, threads=1, pid=1, baseline_rss=1,
+                                      resident_room=0, jit_slots=1))
         wait_until(lambda: "refused this node's key" in log.read_text(), 30, "the worker did not log its refusal",
                    lambda: cluster._poll(0.1))
         t = time.monotonic() + 1.0
@@ -205,7 +206,7 @@ def test_no_takeover_of_a_live_worker(secured, q8: Path, tmp_path: Path) -> None
         twin.connect(cluster.endpoint)
         for _ in range(3):
             twin.send_multipart(P.encode(P.HELLO, name="local-0", model=manifest_hash(q8), budget=1 << 28, threads=1,
-                                         pid=1, baseline_rss=1))
+                                         pid=1, baseline_rss=1, resident_room=0, jit_slots=1))
             twin.send_multipart(P.encode(P.HEARTBEAT, rss=1, peak_rss=1))
             cluster._poll(0.2)
         assert w.identity == identity and len(cluster.workers) == 1
@@ -335,7 +336,9 @@ def _generate_with(engine: Engine, n: int, at: int, action) -> tuple[list[int], 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
 def test_lost_worker_costs_at_most_three_heartbeats(q8: Path, reference, sig: str) -> None:
     want, _ = reference
-    with open_engine(q8, ClusterOptions(workers=3, predictor="reactive"), n_ctx=128, n_threads=1) as engine:
+    # residency off: the paper's scheduling by groups, so that a returning worker's use is visible (with
+    # residency on, the placement keeps experts where they are and gives a returning worker only new room)
+    with open_engine(q8, ClusterOptions(workers=3, predictor="reactive", residency="off"), n_ctx=128, n_threads=1) as engine:
         cluster: ClusterExperts = engine.experts
         victim = engine.local_workers.procs[0]
         w = next(x for x in cluster.workers.values() if x.pid == victim.pid)
