@@ -1,8 +1,8 @@
 """llama.cpp as the numeric reference: logits, greedy traces and expert routing for tests/benchmarks.
 
 Uses llama-cpp-python's low-level ctypes API, configured so that llama.cpp runs the same ggml
-CPU kernels that edgemoe calls itself (no weight repacking, f32 KV cache, whole prompt in one
-ubatch).
+CPU kernels that edgemoe calls itself (no weight repacking unless asked, the KV cache types and
+flash-attention mode given, an F32 cache with flash attention otherwise; whole prompt in one ubatch).
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from typing import Callable
 import llama_cpp
 import numpy as np
 
+from edgemoe.model.kvcache import CACHE_TYPES, AttentionOptions
 from edgemoe.util import proc
 from edgemoe.util.llamacpp import init_llama, load_model, meta_str, model_params, tokenize
 from edgemoe.ggml.lib import ggml_tensor
 from edgemoe.util.resource import Owned
 
 GGML_TYPE_F32 = 0
+# An F32 KV cache with flash attention unless asked otherwise: what the oracle has always measured
+# with (tools/realmodels, the imatrix). Its tokens and logits equal llama.cpp's default F16 cache,
+# since flash attention rounds K and V to F16 either way (tests/test_engine.py checks it).
+ORACLE_DEFAULT = AttentionOptions("f32", "f32", "on")
 GGML_TYPE_I32 = 26
 _TOPK_NAME = re.compile(rb"^ffn_moe_topk-(\d+)$")
 
@@ -82,15 +87,17 @@ def copy_3d(t: GgmlTensor) -> np.ndarray:
 class LlamaCpp(Owned):
     """A llama.cpp model + context on CPU, set up to run the ggml kernels edgemoe calls itself:
     no weight repacking (unless extra_bufts: True asks for it, None takes llama.cpp's default; either
-    is granted only where this machine can run it), F32 KV cache, flash attention, one ubatch per batch.
+    is granted only where this machine can run it), the KV cache types and flash-attention mode of
+    attention (ORACLE_DEFAULT if None: F32, flash attention on), one ubatch per batch. A combination llama.cpp refuses
+    raises RuntimeError: llama.cpp itself decides.
 
     cb_eval(tensor, ask) -> bool, when given, is llama.cpp's graph callback (ggml_backend_sched_eval_callback):
     asked for every node (ask=True: does the caller want this one?), then called with each wanted node
     computed; returning False aborts the rest of the graph.
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2, kv_f32: bool = True,
-                 flash_attn: bool = True, extra_bufts: bool | None = False,
+    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2,
+                 attention: AttentionOptions | None = None, extra_bufts: bool | None = False,
                  cb_eval: "Callable[[GgmlTensor, bool], bool] | None" = None) -> None:
         init_llama()
         self._model: int | None = None
@@ -116,14 +123,12 @@ class LlamaCpp(Owned):
         cp.n_seq_max = 1
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
-        if kv_f32:
-            cp.type_k = GGML_TYPE_F32
-            cp.type_v = GGML_TYPE_F32
-        cp.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        att = attention or ORACLE_DEFAULT
+        self.attention = att
+        cp.type_k = int(CACHE_TYPES[att.cache_type_k])
+        cp.type_v = int(CACHE_TYPES[att.cache_type_v])
+        cp.flash_attn_type = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                              "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[att.flash_attn]
         cp.no_perf = False
         cp.offload_kqv = False
         cp.op_offload = False
@@ -138,7 +143,7 @@ class LlamaCpp(Owned):
         ctx = llama_cpp.llama_init_from_model(self._model, cp)
         if not ctx:
             self.close()
-            raise RuntimeError(f"llama_init_from_model failed for {model_path} (n_ctx={n_ctx})")
+            raise RuntimeError(f"llama_init_from_model failed for {model_path} (n_ctx={n_ctx}, {att})")
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
@@ -194,11 +199,12 @@ class LlamaCpp(Owned):
 class LlamaCppReference(LlamaCpp):
     """The reference: greedy traces, logits and (capture_routing) each layer's top-k experts."""
 
-    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2, kv_f32: bool = True,
-                 flash_attn: bool = True, extra_bufts: bool | None = False, capture_routing: bool = False) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int = 2,
+                 attention: AttentionOptions | None = None, extra_bufts: bool | None = False,
+                 capture_routing: bool = False) -> None:
         self._capture = capture_routing
         self._seen: dict[int, np.ndarray] = {}  # layer -> [n_rows, k] of the current decode
-        super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_f32=kv_f32, flash_attn=flash_attn,
+        super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, attention=attention,
                          extra_bufts=extra_bufts, cb_eval=self._eval_cb if capture_routing else None)
         self.n_past = 0
         self.routing: list[np.ndarray] = []  # one entry per eval() when capture_routing

@@ -75,7 +75,7 @@ def test_node_answers_jobs_and_survives_malformed_messages(model: Path) -> None:
     with Engine(model, n_ctx=64, n_threads=1) as engine:
         engine.eval(PROMPT)  # the main model's K/V rows of the prompt
         kv, cfg = engine.kv, engine.cfg
-        rows = np.stack([np.stack([kv.k[il][:len(PROMPT)], kv.v[il][:len(PROMPT)]]) for il in range(cfg.n_layer)])
+        rows = np.stack([np.stack(kv.read_f32(il, 0, len(PROMPT))) for il in range(cfg.n_layer)])
         routing = [engine.routing[il][-1] for il in engine.moe_layers]
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)

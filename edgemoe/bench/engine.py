@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.model.engine import Engine
+from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.oracle import LlamaCppReference
 from edgemoe.util.extra_bufts import extra_bufts_result
 
@@ -37,7 +38,10 @@ class EngineBench:
     tokens_match: bool = True
     resident_experts: bool = True
     reference_repack: bool = False  # whether llama.cpp really ran repacked weights
+    repack: bool = False  # whether edgemoe did
+    repacked_bytes: int = 0  # how much of the model edgemoe repacked (0: no tensor of a repackable type)
     reference_repack_note: str = ""  # why repacking was asked for and not used
+    attention: str = ""  # KV cache types and flash attention, the same on both sides
 
     def median(self, runs: list[RunTiming], key: str) -> float:
         return statistics.median(getattr(r, key) for r in runs)
@@ -71,19 +75,24 @@ def _edgemoe_run(engine: Engine, prompt: list[int], n_predict: int) -> tuple[Run
 
 def bench_engine(model: str | Path, reference: str | Path, *, threads: int, prompt_tokens: int = 64,
                  n_predict: int = 64, repeats: int = 3, n_ctx: int = 1024, resident_experts: bool = True,
-                 reference_repack: bool = False) -> EngineBench:
+                 repack: bool = False, attention: AttentionOptions | None = None) -> EngineBench:
     """Greedy decoding of a fixed synthetic prompt (token ids 100..) on both engines.
 
-    reference_repack: llama.cpp as it runs by default, with weights repacked for its faster
-    kernels (Q4_0, Q4_K, IQ4_NL on x86); its logits then differ slightly from edgemoe's.
+    repack: both sides with llama.cpp's repacked weights (CPU_REPACK: Q4_0, Q4_K, IQ4_NL... on x86), as
+    llama.cpp runs by default; attention: the KV cache types and flash attention of both.
     """
     prompt = [100 + i for i in range(prompt_tokens)]
     result = EngineBench(str(model), str(reference), threads, prompt_tokens, n_predict, repeats,
                          resident_experts=resident_experts)
-    with Engine(model, n_ctx=n_ctx, n_threads=threads, resident_experts=resident_experts) as engine, \
-            LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads, extra_bufts=reference_repack) as ref:
+    attention = attention or AttentionOptions()
+    with Engine(model, n_ctx=n_ctx, n_threads=threads, resident_experts=resident_experts, attention=attention,
+                repack=repack) as engine, \
+            LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads, extra_bufts=repack,
+                              attention=attention) as ref:
+        result.attention = engine.kv.attn.describe()
         result.reference_repack = ref.extra_bufts
-        if reference_repack and not ref.extra_bufts:
+        result.repack = engine.repacker is not None
+        if repack and not ref.extra_bufts:
             result.reference_repack_note = (
                 "llama.cpp's weight repacking is unavailable on this machine "
                 f"({extra_bufts_result().reason}); llama.cpp ran without it")
@@ -95,4 +104,5 @@ def bench_engine(model: str | Path, reference: str | Path, *, threads: int, prom
             trace = ref.greedy(prompt, n_predict)
             result.llama_cpp.append(RunTiming(trace.prefill_tok_s, trace.decode_tok_s))
             result.tokens_match &= ours == trace.tokens
+        result.repacked_bytes = engine.repacker.nbytes if engine.repacker is not None else 0
     return result

@@ -34,7 +34,7 @@ from edgemoe.errors import UserError
 from edgemoe.util.files import read_user_text
 from edgemoe.model.engine import Engine
 from edgemoe.model.experts import ExpertBackend, LocalExperts
-from edgemoe.model.trunk import KVCache
+from edgemoe.model.kvcache import KVCache
 from edgemoe.predict import Predictor, PredictorOptions, make_predictor, parse_predictor
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "bench" / "prompts.txt"
@@ -99,8 +99,8 @@ def record(engine: Engine, prompt: list[int], steps: int) -> Trace:
     residual = np.stack([c[1] for c in rec.calls]).reshape(steps, L, -1)
     selected = np.stack([c[2] for c in rec.calls]).reshape(steps, L, -1)
     n = engine.n_past
-    return Trace(list(prompt), tokens, residual, selected, [k[:n].copy() for k in engine.kv.k],
-                 [v[:n].copy() for v in engine.kv.v])
+    rows = [engine.kv.read_rows(il, 0, n) for il in range(engine.cfg.n_layer)]
+    return Trace(list(prompt), tokens, residual, selected, [k for k, _ in rows], [v for _, v in rows])
 
 
 class ReplayMain:
@@ -114,7 +114,7 @@ class ReplayMain:
         self.manifest = engine.manifest
         self.n_ctx = engine.n_ctx
         self.moe_layers = engine.moe_layers
-        self.kv = KVCache(engine.cfg, engine.n_ctx)
+        self.kv = KVCache(engine.cfg, engine.n_ctx, engine.kv.attn)
         self.n_past = 0
         self.eval_listeners: list = []
         self._filled = 0
@@ -125,9 +125,9 @@ class ReplayMain:
 
     def fill(self, trace: Trace, upto: int) -> None:
         """Rows [0, upto) exist in the main model's cache (those of finished evals)."""
+        lo = self._filled
         for il in range(self.cfg.n_layer):
-            self.kv.k[il][self._filled:upto] = trace.kv_k[il][self._filled:upto]
-            self.kv.v[il][self._filled:upto] = trace.kv_v[il][self._filled:upto]
+            self.kv.write_rows(il, lo, trace.kv_k[il][lo:upto], trace.kv_v[il][lo:upto])
         self.kv.mark_used(upto)
         self._filled = upto
 

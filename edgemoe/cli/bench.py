@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from edgemoe.cli.run import default_threads
+from edgemoe.cli.run import add_attention_args, attention_from_args, default_threads, repack_from_args
 from edgemoe.errors import UserError
 
 HELP = "benchmarks against llama.cpp on the same GGUF (ratios, medians over repeats)"
@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     kinds.required = True
     e = kinds.add_parser("engine", help="prefill/decode tok/s of the in-process engine vs llama.cpp",
                          description="Prefill and decode tok/s of `edgemoe run --workers 0` against llama.cpp "
-                         "(flash attention, F32 KV cache, no weight repacking) on the same model and thread count.")
+                         "on the same model, thread count, KV cache types and flash-attention mode (llama.cpp's defaults "
+                         "unless given) and weight repacking (llama.cpp's CPU_REPACK where this CPU runs it, unless --repack off).")
     e.add_argument("model", metavar="MODEL", help="converted model directory (or a dense GGUF)")
     e.add_argument("--reference", metavar="SRC.gguf", help="the GGUF llama.cpp runs (default: MODEL's source file "
                    "next to MODEL, or MODEL itself if it is a GGUF)")
@@ -28,11 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
     e.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     e.add_argument("--repeat", type=int, default=3, help="runs of each engine (default 3)")
+    add_attention_args(e)
     e.add_argument("--jit-experts", dest="resident_experts", action="store_false",
                    help="map each expert shard per use and unmap it after, as a worker does (default: keep them mapped)")
-    e.add_argument("--reference-repack", action="store_true",
-                   help="let llama.cpp repack weights for its faster kernels, as it does by default (its logits then "
-                   "differ slightly); without it both run the same kernels on the same bytes")
+    e.add_argument("--repack", default="auto", choices=("on", "off", "auto"),
+                   help="llama.cpp's repacked weights on both sides (auto, the default: where this CPU runs them)")
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
     e.set_defaults(handler=run_engine)
 
@@ -116,7 +117,7 @@ def run_engine(args: argparse.Namespace) -> int:
     r = bench_engine(args.model, ref, threads=args.threads, prompt_tokens=args.prompt_tokens,
                      n_predict=args.n_predict, repeats=args.repeat,
                      n_ctx=max(256, args.prompt_tokens + args.n_predict + 8), resident_experts=args.resident_experts,
-                     reference_repack=args.reference_repack)
+                     repack=repack_from_args(args), attention=attention_from_args(args))
     s = r.summary()
     if r.reference_repack_note:
         print(f"note: {r.reference_repack_note}", file=sys.stderr)
@@ -125,7 +126,8 @@ def run_engine(args: argparse.Namespace) -> int:
         return 0
     print(f"model {r.model} vs llama.cpp on {r.reference}, {r.threads} threads, "
           f"{r.prompt_tokens}-token prompt, {r.n_predict} tokens, median of {r.repeats}; experts "
-          f"{'resident' if r.resident_experts else 'mapped per use'}, llama.cpp {'with' if r.reference_repack else 'without'} repacking")
+          f"{'resident' if r.resident_experts else 'mapped per use'}, edgemoe {'with' if r.repack else 'without'} ({r.repacked_bytes / 2**20:.0f} MiB repacked) and llama.cpp {'with' if r.reference_repack else 'without'} repacking; "
+          f"{r.attention}")
     print(f"{'':10} {'edgemoe':>10} {'llama.cpp':>10} {'ratio':>7}")
     for key in ("prefill", "decode"):
         print(f"{key + ' tok/s':10} {s[f'edgemoe_{key}_tok_s']:10.1f} {s[f'llama_cpp_{key}_tok_s']:10.1f} {s[f'ratio_{key}']:7.2f}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgemoe.cli.run import (add_engine_args, add_sampling_args, check_engine_args, check_text, cluster_options, cluster_stats,
-                             sampling_from_args)
+from edgemoe.cli.run import (add_engine_args, add_sampling_args, attention_from_args, check_engine_args, check_text,
+                             cluster_options, cluster_stats, repack_from_args, sampling_from_args)
 from edgemoe.errors import UserError
 
 HELP = "chat interactively (the model's chat template; /reset, /stats, /quit)"
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads,
-                     resident_experts=args.resident_experts) as engine, \
+                     resident_experts=args.resident_experts, attention=attention_from_args(args),
+                     repack=repack_from_args(args, cluster=cluster_options(args).enabled)) as engine, \
             Tokenizer(engine.weights.path) as tok:
         if tok.chat_template is None:
             raise UserError(f"{args.model}: the model has no chat template; use `edgemoe run` for raw completion")

@@ -26,8 +26,52 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=-1, help="random seed; -1 = random (default)")
 
 
+def add_attention_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's KV cache and attention flags, with its defaults (F16 cache, flash attention auto)."""
+    from edgemoe.model.kvcache import CACHE_TYPES, FLASH_ATTN_MODES
+
+    types = ", ".join(CACHE_TYPES)
+    p.add_argument("--cache-type-k", "-ctk", default="f16", metavar="TYPE", help=f"KV cache type for K: {types} (default f16)")
+    p.add_argument("--cache-type-v", "-ctv", default="f16", metavar="TYPE",
+                   help=f"KV cache type for V: {types} (default f16; quantized V needs flash attention)")
+    p.add_argument("--flash-attn", "-fa", default="auto", metavar="MODE",
+                   help=f"flash attention: {', '.join(FLASH_ATTN_MODES)} (default auto: on, as llama.cpp on the CPU)")
+
+
+def add_repack_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repack", default="auto", choices=("on", "off", "auto"),
+                   help="llama.cpp's repacked weights (CPU_REPACK: interleaved Q4_0/Q4_K/IQ4_NL... for its faster "
+                   "kernels): auto (default) = on where this CPU runs them, in-process; a cluster runs without")
+
+
+def repack_from_args(args: argparse.Namespace, cluster: bool = False) -> bool:
+    """Whether to repack: on/auto where the CPU can (child-process probe); never for a cluster, whose
+    workers compute the experts from the shards as they are."""
+    from edgemoe.util.extra_bufts import extra_bufts_result
+
+    if args.repack == "off":
+        return False
+    if cluster:
+        if args.repack == "on":
+            raise UserError("--repack on: a cluster's workers compute experts without repacking; use --repack off or auto")
+        return False
+    usable = extra_bufts_result()
+    if args.repack == "on" and not usable.usable:
+        raise UserError(f"--repack on: llama.cpp's repacked kernels cannot run here ({usable.reason}); use --repack auto or off")
+    return usable.usable
+
+
+def attention_from_args(args: argparse.Namespace):
+    """The AttentionOptions of add_attention_args' flags (checked against the model when it loads)."""
+    from edgemoe.model.kvcache import AttentionOptions
+
+    return AttentionOptions(args.cache_type_k, args.cache_type_v, args.flash_attn)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=default_threads(), help="CPU threads for ggml (default %(default)s)")
+    add_attention_args(p)
+    add_repack_arg(p)
     p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length in tokens, capped by the model's (default 4096)")
     p.add_argument("--jit-experts", dest="resident_experts", action="store_false",
                    help="in-process: map each expert shard just in time and unmap it after use, as a worker does "
@@ -176,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     from edgemoe.util.proc import peak_rss_bytes
 
     with open_engine(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads,
-                     resident_experts=args.resident_experts) as engine:
+                     resident_experts=args.resident_experts, attention=attention_from_args(args),
+                     repack=repack_from_args(args, cluster=cluster_options(args).enabled)) as engine:
         with Tokenizer(engine.weights.path) as tok:
             prompt_tokens = tok.tokenize(args.prompt, add_special=True, parse_special=False)
             if len(prompt_tokens) >= engine.n_ctx:
@@ -201,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
             "trunk_s": engine.stats.trunk_s,
             "experts_s": engine.stats.experts_s,
             "peak_rss_bytes": peak_rss_bytes(),
+            "kv_cache_bytes": engine.kv.nbytes,
+            "kv_cache": {"type_k": engine.kv.attn.type_k.name.lower(), "type_v": engine.kv.attn.type_v.name.lower(),
+                         "flash_attn": engine.kv.attn.flash, "n_ctx": engine.n_ctx},
+            "repacked_bytes": engine.repacker.nbytes if engine.repacker is not None else 0,
             "stop": gen.stop,
             "seed": gen.seed,
             "threads": args.threads,

@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--align-kv", type=int, default=1, metavar="N",
                    help="overwrite the shadow's K/V with the main model's every N steps (0 = never; default 1)")
     p.add_argument("--shadow-trunk", action="store_true", help="run the requantized trunk (--shadow-trunk-type at conversion)")
+    from edgemoe.cli.run import add_attention_args
+
+    add_attention_args(p)  # the shadow's own KV cache (the main model's rows arrive as float32)
     p.add_argument("--name", metavar="ID", help="node name (default: HOSTNAME-shadow)")
     add_client_key_args(p)
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="default: INFO")
@@ -59,4 +62,6 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"{socket.gethostname().split('.')[0]}-shadow"
     options = PredictorOptions(align_token=args.align_token, align_kv=args.align_kv, shadow_trunk=args.shadow_trunk,
                                shadow_threads=args.threads)
-    return ShadowNode(args.connect, args.model, name, options, keys=keys).run()
+    from edgemoe.cli.run import attention_from_args
+
+    return ShadowNode(args.connect, args.model, name, options, keys=keys, attention=attention_from_args(args)).run()

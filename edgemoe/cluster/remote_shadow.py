@@ -113,10 +113,11 @@ class RemoteShadowPredictor(Predictor):
             return
         self._sent_to = min(self._sent_to, pos)  # the main model went back: those rows are new
         kv = engine.kv
-        rows_per_message = max(1, P.KV_CHUNK_BYTES // (2 * len(kv.k) * kv.k[0].shape[1] * 4))
+        rows_per_message = max(1, P.KV_CHUNK_BYTES // (2 * len(kv.k) * kv.n_embd_kv * 4))
         for lo in range(self._sent_to, pos, rows_per_message):
             hi = min(pos, lo + rows_per_message)
-            rows = np.stack([np.stack([kv.k[il][lo:hi], kv.v[il][lo:hi]]) for il in range(len(kv.k))])
+            # float32 on the wire whatever the cache types (the shadow node stores them in its own)
+            rows = np.stack([np.stack(kv.read_f32(il, lo, hi)) for il in range(len(kv.k))])
             self._send(self._peer, P.encode(P.KV_ROWS, rows, lo=lo))
         self._sent_to = pos
         self._send(self._peer, P.encode(P.JOB, gen=self._gen, pos=pos, tokens=[int(t) for t in tokens]))

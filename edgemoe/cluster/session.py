@@ -15,6 +15,7 @@ from edgemoe.cluster.local import LocalProcesses, LocalWorkers
 from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
 from edgemoe.errors import UserError
 from edgemoe.model.engine import Engine
+from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.predict import PredictorOptions, make_predictor, parse_predictor
 
 
@@ -63,10 +64,14 @@ def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[tuple[int, 
 
 @contextlib.contextmanager
 def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
-                resident_experts: bool = True) -> Iterator[Engine]:
-    """An Engine; with opts.enabled its experts are computed by cluster workers."""
+                resident_experts: bool = True, attention: AttentionOptions | None = None,
+                repack: bool = False) -> Iterator[Engine]:
+    """An Engine; with opts.enabled its experts are computed by cluster workers (they hold no KV cache:
+    attention, the KV cache types and flash attention, is the coordinator's and the shadow's)."""
+    attention = attention or AttentionOptions()
     if not opts.enabled:
-        with Engine(model, n_ctx=n_ctx, n_threads=n_threads, resident_experts=resident_experts) as engine:
+        with Engine(model, n_ctx=n_ctx, n_threads=n_threads, resident_experts=resident_experts,
+                    attention=attention, repack=repack) as engine:
             yield engine
         return
     if not Path(model).is_dir():
@@ -105,7 +110,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
             raise
         return cluster
 
-    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend)
+    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend, attention=attention)
     try:
         assert cluster is not None
         if opts.workers:
@@ -118,6 +123,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
                 "shadow", "--connect", cluster.predictor.endpoint, "--model", str(model), "--name", "local-shadow",
                 "--threads", str(opts.shadow_threads), "--align-token", str(popts.align_token),
                 "--align-kv", str(popts.align_kv), *(["--shadow-trunk"] if opts.shadow_trunk else []),
+                "-ctk", attention.cache_type_k, "-ctv", attention.cache_type_v, "-fa", attention.flash_attn,
                 *local_shadow.key_args("local-shadow", [cluster.predictor.auth] if cluster.predictor.auth else [])])
 
         def check() -> None:

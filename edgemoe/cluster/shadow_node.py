@@ -31,6 +31,7 @@ from edgemoe.cluster.worker import HELLO_INTERVAL_S, check_name, parse_endpoint
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import load_manifest, manifest_hash
 from edgemoe.model.engine import Engine
+from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.model.experts import ExpertBackend, ExpertStats
 from edgemoe.predict.base import PredictorOptions
 from edgemoe.util.proc import peak_rss_bytes, rss_bytes
@@ -65,9 +66,11 @@ class ShadowNode:
     """Serve one coordinator's shadow predictions until SIGTERM/SIGINT (exit 0) or a REJECT (UserError)."""
 
     def __init__(self, connect: str, model_dir: str | os.PathLike[str], name: str, options: PredictorOptions,
-                 *, hello_interval: float = HELLO_INTERVAL_S, keys: ClientKeys | None = None) -> None:
+                 *, hello_interval: float = HELLO_INTERVAL_S, keys: ClientKeys | None = None,
+                 attention: AttentionOptions | None = None) -> None:
         self.host, _ = parse_endpoint(connect)
         self.keys = keys
+        self.attention = attention or AttentionOptions()  # the mirror's KV cache types and flash attention
         self.connect = connect
         self.name = check_name(name)
         if options.shadow_threads < 1:
@@ -102,7 +105,7 @@ class ShadowNode:
         if self.mirror is not None and self.mirror.n_ctx == n_ctx:
             return
         self._stop_shadow()
-        self.mirror = Engine(self.model_dir, n_ctx=n_ctx, n_threads=1, experts=_NoExperts())
+        self.mirror = Engine(self.model_dir, n_ctx=n_ctx, n_threads=1, experts=_NoExperts(), attention=self.attention)
         self.predictor = ShadowPredictor(self.mirror, DEPTH, self.options)
         self.predictor.on_publish = self._on_publish
         self.log.info("shadow ready: %s experts, context %d, alignment T%dKV%d", self.predictor.files.type,
@@ -267,8 +270,7 @@ class ShadowNode:
                              list(rows.shape), lo, cfg.n_layer, cfg.n_embd_kv, kv.n_ctx)
             return
         for il in range(cfg.n_layer):
-            kv.k[il][lo:lo + n] = rows[il, 0]
-            kv.v[il][lo:lo + n] = rows[il, 1]
+            kv.write_f32(il, lo, rows[il, 0], rows[il, 1])
         kv.mark_used(lo + n)
 
     def _job(self, msg: P.Message) -> None:

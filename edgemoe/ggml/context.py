@@ -32,7 +32,9 @@ _VIEW_TENSORS = 256  # outside-memory tensors per compute context (weights are v
 class Context:
     """Owns one ggml_context. alloc=False: tensors get no memory (set their data pointer yourself)."""
 
-    def __init__(self, mem_size: int, *, alloc: bool = True, arena: np.ndarray | None = None) -> None:
+    def __init__(self, mem_size: int, *, alloc: bool = True, arena: np.ndarray | None = None,
+                 views: int = _VIEW_TENSORS) -> None:
+        """views: how many tensors over outside memory (external, from_numpy) the context can hold."""
         if arena is not None and arena.nbytes < mem_size:
             raise ValueError("arena smaller than mem_size")
         self._arena = arena  # keep the buffer alive as long as the context
@@ -43,6 +45,7 @@ class Context:
         self._keep: list[Any] = []  # Python objects whose memory tensors point into
         self._alloc = alloc
         self._views: int | None = None  # no-alloc companion context for tensors over outside memory
+        self._n_views = views
 
     @staticmethod
     def overhead(n_tensors: int, graph_size: int = GRAPH_SIZE) -> int:
@@ -92,7 +95,7 @@ class Context:
         ctx = self.ptr
         if self._alloc:  # headers only: the data lives elsewhere
             if self._views is None:
-                self._views = lib.ggml_init(ggml_init_params(Context.overhead(_VIEW_TENSORS, 0), None, True))
+                self._views = lib.ggml_init(ggml_init_params(Context.overhead(self._n_views, 0), None, True))
             ctx = self._views
         arr = (ctypes.c_int64 * len(ne))(*ne)
         t = lib.ggml_new_tensor(ctx, int(ggml_type), len(ne), arr)

@@ -122,8 +122,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_view_4d": (T, [CTX, T, I64, I64, I64, I64, c_size_t, c_size_t, c_size_t, c_size_t]),
     "ggml_reshape_2d": (T, [CTX, T, I64, I64]),
     "ggml_reshape_3d": (T, [CTX, T, I64, I64, I64]),
+    "ggml_reshape_4d": (T, [CTX, T, I64, I64, I64, I64]),
     "ggml_permute": (T, [CTX, T, c_int, c_int, c_int, c_int]),
     "ggml_cont": (T, [CTX, T]),
+    "ggml_cont_2d": (T, [CTX, T, I64, I64]),
     "ggml_cast": (T, [CTX, T, c_int]),
     "ggml_cpy": (T, [CTX, T, T]),
     # element-wise and reductions
@@ -148,6 +150,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_flash_attn_ext": (T, [CTX, T, T, T, T, c_float, c_float, c_float]),
     "ggml_flash_attn_ext_set_n_kv_max": (None, [T, c_int32]),
     "ggml_prec_set_acc": (c_bool, [T, c_int]),
+    "ggml_mul_mat_set_hint": (None, [T, c_int]),
     # graphs
     "ggml_new_graph_custom": (GRAPH, [CTX, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [GRAPH, T]),

@@ -19,12 +19,18 @@ from edgemoe.errors import UserError
 from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check_model_files, load_manifest
 from edgemoe.ggml import Compute, Context, TensorPtr, lib
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
+from edgemoe.ggml.repack import Repacker
 from edgemoe.model.config import ModelConfig
+from edgemoe.model.expert_ffn import moe_ffn
 from edgemoe.model.experts import ExpertBackend, LocalExperts
-from edgemoe.model.trunk import KVCache, StepInputs, Trunk
+from edgemoe.model.kvcache import Attention, AttentionOptions, KVCache
+from edgemoe.model.trunk import StepInputs, Trunk
 from edgemoe.model.weights import GGUFTensors
+from edgemoe.util.extra_bufts import extra_bufts_usable
 
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
+GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
+_FUSED_VIEWS = 24  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
 
 
 @dataclass
@@ -68,9 +74,15 @@ class Engine:
     def __init__(self, model: str | Path, *, n_ctx: int | None = None, n_threads: int = 2,
                  experts: ExpertBackend | Callable[["Engine"], ExpertBackend] | None = None,
                  compute: Compute | None = None, weights: GGUFTensors | None = None,
-                 resident_experts: bool = True) -> None:
+                 resident_experts: bool = True, attention: AttentionOptions | Attention | None = None,
+                 repack: bool = False) -> None:
         """weights: trunk tensors already mapped (another engine's, or a shadow trunk of the same model):
-        used instead of opening model's trunk, and left open on close()."""
+        used instead of opening model's trunk, and left open on close().
+        attention: KV cache types and flash attention (default llama.cpp's: F16 cache, flash attention
+        auto); an Attention already resolved (another engine's) is taken as it is.
+        repack: llama.cpp's repacked weights (CPU_REPACK) for the trunk and resident in-process experts,
+        where this CPU can run them (edgemoe.util.extra_bufts' probe) and ggml has kernels for the type
+        (not with just-in-time local experts, which are computed from the shards as they are)."""
         if weights is None:
             trunk_path, self.manifest = resolve_model(model)
             self.weights = GGUFTensors(trunk_path)
@@ -83,8 +95,17 @@ class Engine:
         self.cfg = ModelConfig.from_metadata(self.weights.meta, str(trunk_path))
         self.n_ctx = min(n_ctx or self.cfg.n_ctx_train, self.cfg.n_ctx_train)
         self.compute = compute or Compute(n_threads)
-        self.kv = KVCache(self.cfg, self.n_ctx)
-        self.trunk = Trunk(self.cfg, self.weights, self.kv)
+        if not isinstance(attention, Attention):
+            attention = (attention or AttentionOptions()).resolve(self.cfg)
+        self.kv = KVCache(self.cfg, self.n_ctx, attention)
+        self.repacker: Repacker | None = None
+        jit_local = experts is None and not resident_experts and self.cfg.n_expert > 0  # experts not in the graph: not repacked
+        if repack and not jit_local and extra_bufts_usable():
+            self.repacker = Repacker()
+            if not self.repacker.available:
+                self.repacker.close()
+                self.repacker = None
+        self.trunk = Trunk(self.cfg, self.weights, self.kv, self.repacker)
         self.moe_layers = [il for il in range(self.cfg.n_layer) if self.trunk.is_moe_layer(il)]
         # called as listener(engine, tokens) when eval() starts, before any layer runs (n_past is the
         # first new position): a shadow predictor starts on the token as soon as it is known
@@ -92,7 +113,8 @@ class Engine:
         if self.moe_layers and experts is None:
             if self.model_dir is None:
                 raise UserError(f"{trunk_path}: a MoE GGUF must be converted first: edgemoe convert {trunk_path} OUT_DIR")
-            experts = LocalExperts(self.model_dir, self.compute, self.manifest, resident=resident_experts)
+            experts = LocalExperts(self.model_dir, self.compute, self.manifest, resident=resident_experts,
+                                   repacker=self.repacker if resident_experts else None)
         if callable(experts) and not isinstance(experts, ExpertBackend):  # a factory that needs the loaded model
             experts = experts(self)
         self.experts = experts
@@ -101,6 +123,11 @@ class Engine:
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
         self._arena = aligned_empty(1 << 20, np.uint8)
         self._decode_cache: tuple[int, StepInputs, list[_Segment]] | None = None
+        # one graph per token for the whole model where the experts allow it (see _build_fused);
+        # fuse=False keeps one graph per MoE layer with the backend called between them
+        self.fuse = True
+        self._fused: bool | None = None
+        self._fused_cache: tuple[int, StepInputs, _Segment] | None = None
 
     # ------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -121,6 +148,8 @@ class Engine:
             self.experts.close()
         if self._owns_weights:
             self.weights.close()
+        if self.repacker is not None:
+            self.repacker.close()  # kept: its nbytes is a statistic
         self.compute.close()
 
     def __enter__(self) -> "Engine":
@@ -135,14 +164,21 @@ class Engine:
         pos = np.arange(p0, p0 + n_tok, dtype=np.int32)
         n_kv = min(self.n_ctx, max(KV_PAD, -(-(p0 + n_tok) // KV_PAD) * KV_PAD))
         visible = np.arange(n_kv)[None, :] <= pos[:, None]
-        mask = np.where(visible, np.float16(0), np.float16(-np.inf)).astype(np.float16)
+        attn = self.kv.attn
+        mask_type = np.float16 if attn.flash else np.float32  # llama.cpp: flash attention takes an F16 mask
+        mask = np.where(visible, mask_type(0), mask_type(-np.inf)).astype(mask_type)
         out_ids = np.arange(n_tok, dtype=np.int32) if logits_all else np.array([n_tok - 1], dtype=np.int32)
+        v_idx = None
+        if attn.v_trans:  # element j of token i goes to j * n_ctx + cell (llama.cpp's set_input_v_idxs)
+            j = np.arange(self.cfg.n_embd_kv, dtype=np.int64)
+            v_idx = aligned_copy((pos.astype(np.int64)[:, None] + j[None, :] * self.kv.n_ctx).reshape(-1))
         return StepInputs(
             tokens=aligned_copy(tokens.astype(np.int32)),
             pos=aligned_copy(pos),
             kv_idx=aligned_copy(pos.astype(np.int64)),
             mask=aligned_copy(mask),
             out_ids=aligned_copy(out_ids),
+            v_idx=v_idx,
         )
 
     def _segment_bytes(self, inp: StepInputs) -> int:
@@ -193,6 +229,8 @@ class Engine:
             np.copyto(cache[1].pos, inp.pos)
             np.copyto(cache[1].kv_idx, inp.kv_idx)
             np.copyto(cache[1].mask, inp.mask)
+            if inp.v_idx is not None:
+                np.copyto(cache[1].v_idx, inp.v_idx)
             return cache[2]
         self._drop_decode_cache()
         cfg = self.cfg
@@ -216,6 +254,91 @@ class Engine:
             for seg in self._decode_cache[2]:
                 seg.ctx.close()
             self._decode_cache = None
+        if self._fused_cache is not None:
+            self._fused_cache[2].ctx.close()
+            self._fused_cache = None
+
+    def _fusable(self) -> bool:
+        """Whether the experts can run inside the trunk's graph (resident in-process experts)."""
+        if self._fused is None:
+            ctx = Context(Context.overhead(16, 0), views=4 * len(self.moe_layers) + 16)  # 4 parts at most per layer
+            try:
+                self._fused = all(self.experts is not None and self.experts.graph_parts(il, ctx, self.cfg.n_embd) is not None
+                                  for il in self.moe_layers) if self.moe_layers else True
+            finally:
+                ctx.close()
+        return self._fused
+
+    def _build_fused(self, ctx: Context, inp: StepInputs) -> _Segment:
+        """The whole model as one graph, as llama.cpp builds it: embeddings, every layer with its
+        experts computed by ggml_mul_mat_id on the router's own choice (build_moe_ffn), the head.
+        The routers' top-k tensors are outputs, read after the run."""
+        trunk, cfg = self.trunk, self.cfg
+        graph = ctx.graph(GRAPH_NODES)
+        outputs: dict[str, TensorPtr] = {}
+        x = trunk.embed(ctx, inp)
+        for il in range(cfg.n_layer):
+            cur = trunk.attention(ctx, graph, il, x, inp)
+            if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
+                ids = ctx.from_numpy(inp.out_ids)
+                cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
+            ffn_inp = ctx.add(cur, x)
+            normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
+            if trunk.is_moe_layer(il):
+                selected, weights = trunk.router(ctx, il, normed)
+                outputs[f"selected.{il}"] = selected
+                experts = moe_ffn(ctx, self.experts.graph_parts(il, ctx, cfg.n_embd), normed, selected)
+                moe = trunk.moe_combine(ctx, graph, experts, weights)
+                if cfg.traits.shared_expert:
+                    moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed))
+                x = ctx.add(moe, ffn_inp)
+            else:
+                x = ctx.add(trunk.dense_ffn(ctx, il, normed), ffn_inp)
+        outputs["logits"] = trunk.head(ctx, x)
+        for t in outputs.values():
+            lib.ggml_build_forward_expand(graph, t)
+        return _Segment(ctx, graph, {}, outputs)
+
+    def _fused_bytes(self, inp: StepInputs) -> int:
+        n_tok, k, c = len(inp.tokens), max(self.cfg.n_expert_used, 1), self.cfg
+        experts = 4 * n_tok * k * (6 * max(c.n_ff_exp, 1) + 2 * c.n_embd)
+        return Context.overhead(64, GRAPH_NODES) + (c.n_layer + 1) * (self._segment_bytes(inp) + experts)
+
+    def _eval_fused(self, tokens: np.ndarray, inp: StepInputs) -> np.ndarray:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        decode = len(tokens) == 1 and len(inp.out_ids) == 1
+        cache = self._fused_cache
+        if decode and cache is not None and cache[0] == inp.n_kv:
+            for name in ("tokens", "pos", "kv_idx", "mask", "v_idx"):
+                if getattr(inp, name) is not None:
+                    np.copyto(getattr(cache[1], name), getattr(inp, name))
+            seg = cache[2]
+        else:
+            if decode:
+                self._drop_decode_cache()
+                ctx = Context(self._fused_bytes(inp), views=_FUSED_VIEWS * cfg.n_layer + 64)
+            else:
+                n_bytes = self._fused_bytes(inp)
+                if self._arena.nbytes < n_bytes:
+                    self._arena = aligned_empty(n_bytes, np.uint8)
+                ctx = Context(n_bytes, arena=self._arena, views=_FUSED_VIEWS * cfg.n_layer + 64)
+            seg = self._build_fused(ctx, inp)
+            if decode:
+                self._fused_cache = (inp.n_kv, inp, seg)
+        try:
+            self.compute.run(seg.graph)
+            logits = to_numpy(seg.outputs["logits"]).reshape(len(inp.out_ids), cfg.n_vocab).copy()
+            for il in self.moe_layers:
+                sel = to_numpy(seg.outputs[f"selected.{il}"])
+                self.routing[il] = np.array(sel.reshape(-1, cfg.n_expert_used), dtype=np.int32)
+        finally:
+            if not decode:
+                seg.ctx.close()
+        self.stats.trunk_s += time.perf_counter() - t0
+        for il in self.moe_layers:  # checks each shard's sha256 the first time the router picks it
+            self.experts.graph_used(il, self.routing[il])
+        return logits
 
     def eval(self, tokens: list[int] | np.ndarray, *, logits_all: bool = False) -> np.ndarray:
         """Run tokens at the next positions; returns float32 logits [n_out, n_vocab] (last token, or all)."""
@@ -231,9 +354,16 @@ class Engine:
             listener(self, tokens)
         cfg = self.cfg
         inp = self._inputs(tokens, logits_all)
+        self.routing = [None] * cfg.n_layer
+        if self.fuse and self._fusable():
+            logits = self._eval_fused(tokens, inp)
+            self.n_past += n_tok
+            self.kv.mark_used(self.n_past)
+            self.stats.evals += 1
+            self.stats.tokens += n_tok
+            return logits
         cached = self._decode_segments(inp) if n_tok == 1 and not logits_all else None
         state: dict[str, np.ndarray] = {}  # what the previous segment hands to the next
-        self.routing = [None] * cfg.n_layer
 
         for il in range(cfg.n_layer + 1):
             t0 = time.perf_counter()

@@ -1,11 +1,18 @@
-"""One routed expert's SwiGLU FFN, computed by ggml straight from a memory-mapped shard.
+"""Routed experts' SwiGLU FFNs, computed by ggml straight from memory-mapped shards.
 
-The expert is run through ggml_mul_mat_id with a single-expert view, exactly the kernel llama.cpp
-uses for its stacked expert tensors, so the result matches llama.cpp bit for bit.
+Experts run through ggml_mul_mat_id, the kernel llama.cpp uses for its stacked expert tensors, so
+results match llama.cpp bit for bit. Two ways in:
+
+- ExpertFFN: one expert at a time, over a single-expert view of one mapped shard;
+- LayerExperts + MoEGraph: a layer's shards mapped side by side at one fixed stride, so that each part
+  (gate, up, down) is one 3-D tensor [ne0, ne1, n_expert] like llama.cpp's `ffn_*_exps`, and one
+  graph with one ggml_mul_mat_id per part computes any set of experts for any rows
+  (`moe_ffn` adds those nodes to any graph: the engine's, a worker's, the shadow's).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from dataclasses import dataclass
@@ -15,7 +22,7 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.gguf_io import open_gguf, tensor_ne
-from edgemoe.ggml import Compute, Context, GGMLType, lib
+from edgemoe.ggml import Compute, Context, GGMLType, TensorPtr, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
 
 
@@ -150,6 +157,178 @@ class ExpertFFN:
             g.x[...] = x
             self.compute.run(g.graph)
             return to_numpy(g.out).reshape(n_tok, n_embd).copy()
+        finally:
+            if n_tok > self._CACHE_TOKENS:
+                g.ctx.close()
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.ctx.close()
+        self._graphs.clear()
+
+
+def moe_ffn(ctx: Context, parts: dict[str, TensorPtr], x: TensorPtr, ids: TensorPtr) -> TensorPtr:
+    """Add llama.cpp's build_moe_ffn expert nodes (SwiGLU, parallel gate) to ctx's graph.
+
+    parts: stacked expert tensors "gate"/"up" (or "gate_up") and "down", [n_in, n_out, n_expert] each;
+    x: the FFN-normed rows, F32 [n_embd, T]; ids: I32 [k, T], each row's experts.
+    Returns the unweighted outputs, F32 [n_embd, k, T].
+    """
+    n_embd, n_tok = int(x.contents.ne[0]), int(x.contents.ne[1])
+    k = int(ids.contents.ne[0])
+    n_ff = int(parts["down"].contents.ne[0])
+    b = ctx.reshape_3d(x, n_embd, 1, n_tok)
+    if "gate_up" in parts:
+        gate_up = ctx.mul_mat_id(parts["gate_up"], b, ids)  # [2*n_ff, k, T]
+        c = gate_up.contents
+        gate = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], 0)
+        up = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
+    else:
+        up = ctx.mul_mat_id(parts["up"], b, ids)  # [n_ff, k, T]
+        gate = ctx.mul_mat_id(parts["gate"], b, ids)
+    return ctx.mul_mat_id(parts["down"], ctx.swiglu_split(gate, up), ids)  # [n_embd, k, T]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
+_MAP_ANONYMOUS = getattr(mmap, "MAP_ANONYMOUS", 0x20)
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0
+
+
+def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int) -> int:
+    p = _libc.mmap(addr, length, prot, flags, fd, 0)
+    if p in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap failed: {os.strerror(err)}")
+    return int(p)
+
+
+class LayerExperts:
+    """One layer's expert shards, each mapped (or not) at base + expert * stride of one reserved range.
+
+    Every shard of a layer has the same layout (they are byte slices of one stacked tensor), so each
+    part is one strided 3-D tensor over the range: ggml_mul_mat_id reads only the experts its ids
+    name, and unmapped slots are never touched. Mapping an expert is mmap(MAP_FIXED) of its file at
+    its slot; unmapping puts an inaccessible anonymous page range back.
+    """
+
+    def __init__(self, layouts: dict[int, ShardLayout], n_expert: int) -> None:
+        if not layouts:
+            raise ValueError("no expert shards")
+        first = next(iter(layouts.values()))
+        if any(lay.tensors != first.tensors for lay in layouts.values()):
+            raise ValueError("the layer's shards do not share one tensor layout")
+        self.layouts = layouts
+        self.n_expert = n_expert
+        self.tensors = first.tensors
+        page = mmap.PAGESIZE
+        self.stride = -(-max(lay.size for lay in layouts.values()) // page) * page
+        self._length = self.stride * n_expert
+        self.base = _mmap(None, self._length, _PROT_NONE, mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1)
+        self.mapped: set[int] = set()
+
+    def map(self, expert: int, populate: bool = False) -> None:
+        """Map the expert's shard into its slot (populate: fault every page in now, one sequential read)."""
+        if expert in self.mapped:
+            return
+        lay = self.layouts[expert]
+        fd = os.open(lay.path, os.O_RDONLY)
+        try:
+            flags = mmap.MAP_SHARED | _MAP_FIXED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            _mmap(self.base + expert * self.stride, lay.size, mmap.PROT_READ, flags, fd)
+        finally:
+            os.close(fd)
+        self.mapped.add(expert)
+
+    def unmap(self, expert: int) -> None:
+        """Drop the expert's mapping (its pages stay in the OS page cache unless the caller drops them)."""
+        if expert not in self.mapped:
+            return
+        _mmap(self.base + expert * self.stride, self.stride, _PROT_NONE,
+              mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1)
+        self.mapped.discard(expert)
+
+    def parts(self, ctx: Context) -> dict[str, TensorPtr]:
+        """The stacked tensors [ne0, ne1, n_expert] over every slot, as moe_ffn takes them."""
+        out = {}
+        for part, t in self.tensors.items():
+            v = ctx.external(32, t.ggml_type, t.ne[0], t.ne[1], self.n_expert)  # header only; data set below
+            c = v.contents
+            c.nb[2] = self.stride
+            c.nb[3] = self.stride * self.n_expert
+            c.data = self.base + t.offset
+            out[part] = v
+        return out
+
+    def close(self) -> None:
+        if self.base:
+            _libc.munmap(self.base, self._length)
+            self.base = 0
+            self.mapped.clear()
+
+    def __enter__(self) -> "LayerExperts":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _MoEGraph:
+    ctx: Context
+    graph: object
+    x: np.ndarray  # [T, n_embd] float32, viewed by the graph
+    ids: np.ndarray  # [T, k] int32
+    out: TensorPtr  # [n_embd, k, T]
+
+
+class MoEGraph:
+    """Computes any experts of one LayerExperts for a batch of rows in one graph (one mul_mat_id per part).
+
+    Graphs are kept per (T, k) for small batches (decode); larger ones are built per call.
+    """
+
+    _CACHE_TOKENS = 8
+
+    def __init__(self, layer: LayerExperts, compute: Compute, n_embd: int) -> None:
+        self.layer = layer
+        self.compute = compute
+        self.n_embd = n_embd
+        self._graphs: dict[tuple[int, int], _MoEGraph] = {}
+
+    def _build(self, n_tok: int, k: int) -> _MoEGraph:
+        n_ff = self.layer.tensors["down"].ne[0]
+        d = self.n_embd
+        act = 4 * n_tok * k * (6 * n_ff + 2 * d) + 4 * n_tok * (d + k) + 64 * 32
+        ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
+        x = aligned_empty((n_tok, d))
+        ids = aligned_empty((n_tok, k), np.int32)
+        out = moe_ffn(ctx, self.layer.parts(ctx), ctx.from_numpy(x), ctx.from_numpy(ids))
+        graph = ctx.graph(64)
+        lib.ggml_build_forward_expand(graph, out)
+        return _MoEGraph(ctx, graph, x, ids, out)
+
+    def run(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """x float32 [T, n_embd], ids int32 [T, k] (mapped experts only) -> float32 [T, k, n_embd], unweighted."""
+        n_tok, k = ids.shape
+        missing = set(np.unique(ids).tolist()) - self.layer.mapped
+        if missing:
+            raise ValueError(f"experts {sorted(missing)} are not mapped")
+        g = self._graphs.get((n_tok, k))
+        if g is None:
+            g = self._build(n_tok, k)
+            if n_tok <= self._CACHE_TOKENS:
+                self._graphs[(n_tok, k)] = g
+        try:
+            g.x[...] = x
+            g.ids[...] = ids
+            self.compute.run(g.graph)
+            return to_numpy(g.out).reshape(n_tok, k, self.n_embd).copy()
         finally:
             if n_tok > self._CACHE_TOKENS:
                 g.ctx.close()

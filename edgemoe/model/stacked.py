@@ -15,6 +15,7 @@ import numpy as np
 from edgemoe.errors import UserError
 from edgemoe.ggml import Compute, Context, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
+from edgemoe.model.expert_ffn import moe_ffn
 from edgemoe.model.experts import ExpertBackend, ExpertStats
 from edgemoe.model.weights import GGUFTensors
 
@@ -61,17 +62,7 @@ class StackedExperts(ExpertBackend):
         ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
         x = aligned_empty((n_tok, d))
         ids_arr = aligned_empty((n_tok, k), np.int32)
-        b = ctx.reshape_3d(ctx.from_numpy(x), d, 1, n_tok)
-        ids = ctx.from_numpy(ids_arr)
-        if "gate_up" in parts:
-            gate_up = ctx.mul_mat_id(parts["gate_up"], b, ids)  # [2*n_ff, k, n_tok]
-            c = gate_up.contents
-            gate = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], 0)
-            up = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
-        else:
-            up = ctx.mul_mat_id(parts["up"], b, ids)  # [n_ff, k, n_tok]
-            gate = ctx.mul_mat_id(parts["gate"], b, ids)
-        out = ctx.mul_mat_id(parts["down"], ctx.swiglu_split(gate, up), ids)  # [n_embd, k, n_tok]
+        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids_arr))  # [n_embd, k, n_tok]
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
         return _Graph(ctx, graph, x, ids_arr, out)

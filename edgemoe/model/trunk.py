@@ -15,36 +15,15 @@ import numpy as np
 from edgemoe.ggml import Context, GGMLType, TensorPtr, lib
 from edgemoe.ggml.context import aligned_empty
 from edgemoe.ggml.lib import GGMLPrec
+from edgemoe.ggml.repack import Repacker
 from edgemoe.model.config import ModelConfig
+from edgemoe.model.kvcache import KVCache, hadamard
 from edgemoe.model.weights import GGUFTensors
 
 _YARN_BETA_FAST = 32.0  # llama.cpp hparams defaults; only used by YaRN, which edgemoe refuses
 _YARN_BETA_SLOW = 1.0
+GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
 _WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16
-
-
-class KVCache:
-    """F32 K and V per layer, [n_ctx, n_embd_kv] each, not transposed (flash-attention layout)."""
-
-    def __init__(self, cfg: ModelConfig, n_ctx: int) -> None:
-        self.n_ctx = n_ctx
-        # zero-filled and lazily backed: a long context costs memory only as far as it is used
-        self.k = [aligned_empty((n_ctx, cfg.n_embd_kv), zero=True) for _ in range(cfg.n_layer)]
-        self.v = [aligned_empty((n_ctx, cfg.n_embd_kv), zero=True) for _ in range(cfg.n_layer)]
-        self.used = 0  # rows written so far (high-water mark)
-
-    def mark_used(self, n_rows: int) -> None:
-        self.used = max(self.used, n_rows)
-
-    def clear(self) -> None:
-        """Zero the rows ever written, as llama.cpp's cleared cache (unused cells are never read unmasked)."""
-        for a in (*self.k, *self.v):
-            a[: self.used].fill(0.0)
-        self.used = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.k, *self.v))
 
 
 @dataclass
@@ -54,8 +33,9 @@ class StepInputs:
     tokens: np.ndarray  # int32 [T]
     pos: np.ndarray  # int32 [T]
     kv_idx: np.ndarray  # int64 [T]: cache rows the new K/V go to
-    mask: np.ndarray  # float16 [T, n_kv]: 0 where visible, -inf elsewhere
+    mask: np.ndarray  # [T, n_kv]: 0 where visible, -inf elsewhere (float16 for flash attention, else float32)
     out_ids: np.ndarray  # int32 [n_out]: rows whose output is needed after the last layer
+    v_idx: np.ndarray | None = None  # int64 [T * n_embd_kv]: element indices into a transposed V cache
 
     @property
     def n_kv(self) -> int:
@@ -65,17 +45,30 @@ class StepInputs:
 class Trunk:
     """Graph builders over the trunk's weights; one instance per loaded model."""
 
-    def __init__(self, cfg: ModelConfig, weights: GGUFTensors, kv: KVCache) -> None:
+    def __init__(self, cfg: ModelConfig, weights: GGUFTensors, kv: KVCache, repacker: Repacker | None = None) -> None:
+        """repacker: copy the matrix-product weights llama.cpp would repack into CPU_REPACK buffers."""
         self.cfg = cfg
         self.w = weights
         self.kv = kv
-        self.output = weights.get("output.weight") or weights.require("token_embd.weight")
+        self._packed: dict[str, TensorPtr] = {}
+        if repacker is not None:
+            for name in weights.names():
+                t = weights.get(name).contents
+                ne = (int(t.ne[0]), int(t.ne[1]))
+                # token_embd feeds get_rows (also as a tied output head), norms feed mul: not repacked
+                if name == "token_embd.weight" or int(t.ne[2]) != 1 or int(t.ne[1]) == 1 or "_exps." in name:
+                    continue
+                if repacker.supports(t.type, ne):
+                    self._packed[name] = repacker.repack(t.type, ne, t.data)
+        self.output = self._packed.get("output.weight") or weights.get("output.weight") or weights.require("token_embd.weight")
+        self._rot: dict[int, np.ndarray] = {}  # Walsh-Hadamard matrices by size: graph inputs, kept alive here
 
     def is_moe_layer(self, il: int) -> bool:
         return f"blk.{il}.ffn_gate_inp.weight" in self.w
 
     def _lw(self, il: int, name: str) -> TensorPtr | None:
-        return self.w.get(f"blk.{il}.{name}")
+        key = f"blk.{il}.{name}"
+        return self._packed.get(key) or self.w.get(key)
 
     # building blocks -------------------------------------------------------------------------
     def norm(self, ctx: Context, x: TensorPtr, weight: TensorPtr) -> TensorPtr:
@@ -110,34 +103,83 @@ class Trunk:
                 0.0, 1.0, _YARN_BETA_FAST, _YARN_BETA_SLOW)
         q = ctx.rope_ext(q, pos, None, *rope)
         k = ctx.rope_ext(k, pos, None, *rope)
+        attn = self.kv.attn
+        if attn.rot_k:  # quantized K: rotate Q and K alike (their dot products are unchanged)
+            q, k = self._rotate(ctx, q, attn.rot_k), self._rotate(ctx, k, attn.rot_k)
+        if attn.rot_v:
+            v = self._rotate(ctx, v, attn.rot_v)
         for t in (q, v, k):  # llama.cpp's expansion order
             lib.ggml_build_forward_expand(graph, t)
+        cur = self._attend(ctx, graph, il, q, k, v, inp)
+        if attn.rot_v:  # rotate the output back (the matrix is its own inverse)
+            cur = self._rotate(ctx, cur, attn.rot_v)
+        cur = ctx.mul_mat(self._lw(il, "attn_output.weight"), cur)
+        wo_b = self._lw(il, "attn_output.bias")
+        return ctx.add(cur, wo_b) if wo_b is not None else cur
 
-        # store this step's K/V into the cache rows, then attend over the first n_kv cells
-        kc = ctx.from_numpy(self.kv.k[il])
-        vc = ctx.from_numpy(self.kv.v[il])
+    def _rotate(self, ctx: Context, x: TensorPtr, n: int) -> TensorPtr:
+        """llama_mul_mat_hadamard: x viewed as rows of n, times the Walsh-Hadamard matrix."""
+        c = x.contents
+        ne = tuple(int(d) for d in c.ne)
+        n_el = ne[0] * ne[1] * ne[2] * ne[3]
+        rows = ctx.reshape_2d(x, n, n_el // n) if lib.ggml_is_contiguous(x) else ctx.cont_2d(x, n, n_el // n)
+        if n not in self._rot:
+            self._rot[n] = hadamard(n)
+        res = ctx.mul_mat(ctx.from_numpy(self._rot[n]), rows)
+        lib.ggml_mul_mat_set_hint(res, GGML_HINT_SRC0_IS_HADAMARD)
+        return ctx.reshape_4d(res, *ne)
+
+    def _attend(self, ctx: Context, graph, il: int, q: TensorPtr, k: TensorPtr, v: TensorPtr,
+                inp: StepInputs) -> TensorPtr:
+        """Store this step's K/V into the cache, then attend over its first n_kv cells (llama.cpp's
+        cpy_k/cpy_v, get_k/get_v and build_attn_mha): [n_embd_q, T]."""
+        cfg, kv = self.cfg, self.kv
+        attn = kv.attn
+        n_tok = int(k.contents.ne[2])
+        n_kv, n_ctx, d, h_kv = inp.n_kv, kv.n_ctx, cfg.head_dim, cfg.n_head_kv
+        kc, vc = kv.tensor(ctx, il, "k"), kv.tensor(ctx, il, "v")
         idx = ctx.from_numpy(inp.kv_idx)
         lib.ggml_build_forward_expand(graph, ctx.set_rows(kc, ctx.view_2d(k, cfg.n_embd_kv, n_tok, k.contents.nb[2], 0), idx))
-        lib.ggml_build_forward_expand(graph, ctx.set_rows(vc, ctx.view_2d(v, cfg.n_embd_kv, n_tok, v.contents.nb[2], 0), idx))
-        row = 4 * cfg.head_dim
-        n_kv, n_ctx = inp.n_kv, self.kv.n_ctx
-        kview = ctx.view_4d(kc, cfg.head_dim, cfg.n_head_kv, n_kv, 1, row, 4 * cfg.n_embd_kv, 4 * cfg.n_embd_kv * n_ctx, 0)
-        vview = ctx.view_4d(vc, cfg.head_dim, cfg.n_head_kv, n_kv, 1, row, 4 * cfg.n_embd_kv, 4 * cfg.n_embd_kv * n_ctx, 0)
+        if attn.v_trans:  # one cache row per element: v_idx addresses channel j of cell c at j*n_ctx + c
+            merged = v.contents.nb[2] == 4 * cfg.n_embd_kv  # dims 0-2 mergeable (llama.cpp's cpy_v test)
+            v2 = ctx.reshape_2d(v, cfg.n_embd_kv, n_tok) if merged else ctx.cont_2d(v, cfg.n_embd_kv, n_tok)
+            store = ctx.set_rows(ctx.reshape_2d(vc, 1, cfg.n_embd_kv * n_ctx), ctx.reshape_2d(v2, 1, cfg.n_embd_kv * n_tok),
+                                 ctx.from_numpy(inp.v_idx))
+        else:
+            store = ctx.set_rows(vc, ctx.view_2d(v, cfg.n_embd_kv, n_tok, v.contents.nb[2], 0), idx)
+        lib.ggml_build_forward_expand(graph, store)
+
+        rs_k = lambda n: int(lib.ggml_row_size(int(attn.type_k), n))  # noqa: E731
+        rs_v = lambda n: int(lib.ggml_row_size(int(attn.type_v), n))  # noqa: E731
+        kview = ctx.view_4d(kc, d, h_kv, n_kv, 1, rs_k(d), rs_k(cfg.n_embd_kv), rs_k(cfg.n_embd_kv * n_ctx), 0)
+        if attn.v_trans:
+            vview = ctx.view_4d(vc, n_kv, h_kv, d, 1, rs_v(n_ctx * d), rs_v(n_ctx), rs_v(n_ctx * cfg.n_embd_kv), 0)
+        else:
+            vview = ctx.view_4d(vc, d, h_kv, n_kv, 1, rs_v(d), rs_v(cfg.n_embd_kv), rs_v(cfg.n_embd_kv * n_ctx), 0)
 
         qc = q.contents
         q = ctx.view_4d(q, qc.ne[0], qc.ne[1], qc.ne[2], 1, qc.nb[1], qc.nb[2], qc.nb[2] * qc.ne[2], 0)
         q = ctx.permute(q, 0, 2, 1, 3)
-        kp = ctx.cast(ctx.permute(kview, 0, 2, 1, 3), GGMLType.F16)  # F32 cache: llama.cpp casts for FA
-        vp = ctx.cast(ctx.permute(vview, 0, 2, 1, 3), GGMLType.F16)
+        kp = ctx.permute(kview, 0, 2, 1, 3)
+        vp = ctx.permute(vview, 0, 2, 1, 3)
         mask = ctx.from_numpy(inp.mask)
-        att = ctx.flash_attn_ext(q, kp, vp, mask, cfg.kq_scale, 0.0, 0.0)
-        lib.ggml_flash_attn_ext_set_n_kv_max(att, 0)
-        lib.ggml_prec_set_acc(att, GGMLPrec.F32)
-        ac = att.contents
-        cur = ctx.reshape_2d(att, ac.ne[0] * ac.ne[1], ac.ne[2] * ac.ne[3])
-        cur = ctx.mul_mat(self._lw(il, "attn_output.weight"), cur)
-        wo_b = self._lw(il, "attn_output.bias")
-        return ctx.add(cur, wo_b) if wo_b is not None else cur
+        if attn.flash:
+            if attn.type_k == GGMLType.F32:  # llama.cpp casts an F32 cache for flash attention
+                kp = ctx.cast(kp, GGMLType.F16)
+            if attn.type_v == GGMLType.F32:
+                vp = ctx.cast(vp, GGMLType.F16)
+            att = ctx.flash_attn_ext(q, kp, vp, mask, cfg.kq_scale, 0.0, 0.0)
+            lib.ggml_flash_attn_ext_set_n_kv_max(att, 0)
+            lib.ggml_prec_set_acc(att, GGMLPrec.F32)
+            ac = att.contents
+            return ctx.reshape_2d(att, ac.ne[0] * ac.ne[1], ac.ne[2] * ac.ne[3])
+        kq = ctx.mul_mat(kp, q)  # [n_kv, T, n_head]
+        lib.ggml_prec_set_acc(kq, GGMLPrec.F32)
+        kq = ctx.soft_max_ext(kq, mask, cfg.kq_scale, 0.0)
+        kqv = ctx.mul_mat(vp, kq)  # [d, T, n_head]
+        cur = ctx.permute(kqv, 0, 2, 1, 3)
+        c = cur.contents
+        return ctx.cont_2d(cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
 
     def router(self, ctx: Context, il: int, cur: TensorPtr) -> tuple[TensorPtr, TensorPtr]:
         """Softmax gating, top-k, and the selected experts' weights: (selected [k,T] i32, weights [1,k,T])."""

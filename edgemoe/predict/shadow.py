@@ -43,7 +43,7 @@ from edgemoe.ggml import Context, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
 from edgemoe.model.engine import KV_PAD, Engine
 from edgemoe.model.stacked import StackedExperts
-from edgemoe.model.trunk import KVCache
+from edgemoe.model.kvcache import KVCache
 from edgemoe.model.weights import GGUFTensors
 from edgemoe.predict.base import Predictor, PredictorOptions
 from edgemoe.predict.baselines import upcoming
@@ -105,7 +105,8 @@ class ShadowEngine(Engine):
     def __init__(self, main, files: ShadowFiles, n_threads: int) -> None:
         weights = files.trunk if files.trunk is not None else main.weights
         super().__init__(files.model_dir, n_ctx=main.n_ctx, n_threads=n_threads, weights=weights,
-                         experts=lambda e: StackedExperts(files.experts, e.compute, e.moe_layers, e.cfg.n_embd))
+                         experts=lambda e: StackedExperts(files.experts, e.compute, e.moe_layers, e.cfg.n_embd),
+                         attention=main.kv.attn)  # the main model's K/V rows are copied in as they are
         if (self.cfg.n_layer, self.cfg.n_embd, self.cfg.n_embd_kv) != (main.cfg.n_layer, main.cfg.n_embd, main.cfg.n_embd_kv):
             raise UserError(f"{files.model_dir}: the shadow trunk does not match the model")
         self._entries: dict[int, _Entry] = {}
@@ -120,10 +121,7 @@ class ShadowEngine(Engine):
         """Overwrite rows [lo, hi) of every layer's K and V with src's; returns the rows copied."""
         if hi <= lo:
             return 0
-        for il in range(self.cfg.n_layer):
-            self.kv.k[il][lo:hi] = src.k[il][lo:hi]
-            self.kv.v[il][lo:hi] = src.v[il][lo:hi]
-        self.kv.mark_used(hi)
+        self.kv.copy_rows(src, lo, hi)
         return hi - lo
 
     def run_token(self, token: int, *, start: int = 0, carry: dict[str, np.ndarray] | None = None,
