@@ -258,7 +258,7 @@ def test_shadow_node_socket(shadow_model: Path, tmp_path: Path) -> None:
     with Engine(shadow_model, n_ctx=64, n_threads=1) as engine:
         engine.eval(PROMPT)
         kv, cfg = engine.kv, engine.cfg
-        rows = np.stack([np.stack([kv.k[il][:len(PROMPT)], kv.v[il][:len(PROMPT)]]) for il in range(cfg.n_layer)])
+        rows = np.stack([np.stack(kv.read_f32(il, 0, len(PROMPT))) for il in range(cfg.n_layer)])
         moe_layers = list(engine.moe_layers)
     pair, secret = keyfile(tmp_path, "node")
     server = K.KeyPair.generate()
