@@ -27,7 +27,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
 
 
 def compare_with_llama_cpp(source: Path, model: Path, n_predict: int = N_PREDICT, resident: bool = True,
-                           attention: AttentionOptions | None = None, repack: bool = False) -> None:
+                           attention: AttentionOptions | None = None, repack: bool = False, fuse: bool = True) -> None:
     """Greedy tokens, router choices at every layer and logits (bitwise) against llama.cpp, both
     sides with the same KV cache types and flash-attention mode (llama.cpp's defaults if None) and
     the same weight repacking."""
@@ -39,6 +39,7 @@ def compare_with_llama_cpp(source: Path, model: Path, n_predict: int = N_PREDICT
         trace = ref.greedy(prompt, n_predict)
     with Engine(model, n_ctx=512, n_threads=THREADS, resident_experts=resident, attention=attention, repack=repack) as engine:
         assert (engine.repacker is not None) == repack
+        engine.fuse = fuse  # False: one graph per MoE layer (what long prompts get), the experts called between
         engine.reset()
         routing = []
         logits = engine.eval(prompt)[0]
@@ -175,6 +176,12 @@ def test_just_in_time_experts_match_llama_cpp(fixture_models: list[Path], conver
 def test_dense_smollm2_matches_llama_cpp(smollm2: Path) -> None:
     """Trained weights through the trunk code paths (dense FFN, tied output, Q4_1)."""
     compare_with_llama_cpp(smollm2, smollm2, n_predict=24)
+
+
+def test_layer_by_layer_equals_one_graph(fixture_models: list[Path], converted_models: dict[str, Path]) -> None:
+    """One graph per MoE layer (prompts too long for one graph) gives llama.cpp's bits as well."""
+    for src in fixture_models[::4]:
+        compare_with_llama_cpp(src, converted_models[src.stem], n_predict=8, fuse=False)
 
 
 def test_greedy_helper_and_reset(converted_models: dict[str, Path]) -> None:
@@ -319,6 +326,8 @@ def test_repacked_weights_match_llama_cpp_repacked(fixture_models: list[Path], c
         if src.stem.endswith("q4_k_m") or src.stem == "olmoe-q8_0":
             compare_with_llama_cpp(src, converted_models[src.stem], n_predict=16, repack=True)
     compare_with_llama_cpp(smollm2, smollm2, n_predict=12, repack=True)
+    src = next(p for p in fixture_models if p.stem == "qwen3moe-q4_k_m")
+    compare_with_llama_cpp(src, converted_models[src.stem], n_predict=8, repack=True, fuse=False)
     compare_with_llama_cpp(fixture_models[1], converted_models[fixture_models[1].stem], n_predict=8, repack=True,
                            attention=AttentionOptions("q8_0", "f16", "off"))
     src = next(p for p in fixture_models if p.stem == "llama-moe-q4_k_m")

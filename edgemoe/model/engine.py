@@ -30,6 +30,7 @@ from edgemoe.util.extra_bufts import extra_bufts_usable
 
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
+FUSED_MAX_BYTES = 1 << 30  # bound on one fused graph's context; above it (long prompts) one graph per layer
 _FUSED_VIEWS = 24  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
 
 
@@ -355,7 +356,8 @@ class Engine:
         cfg = self.cfg
         inp = self._inputs(tokens, logits_all)
         self.routing = [None] * cfg.n_layer
-        if self.fuse and self._fusable():
+        # one graph holds every intermediate at once (no buffer reuse): long prompts go layer by layer
+        if self.fuse and self._fusable() and self._fused_bytes(inp) <= FUSED_MAX_BYTES:
             logits = self._eval_fused(tokens, inp)
             self.n_past += n_tok
             self.kv.mark_used(self.n_past)

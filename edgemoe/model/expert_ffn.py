@@ -17,6 +17,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -295,7 +296,10 @@ class MoEGraph:
 
     _CACHE_TOKENS = 8
 
-    def __init__(self, layer: LayerExperts, compute: Compute, n_embd: int) -> None:
+    def __init__(self, layer: LayerExperts, compute: Compute, n_embd: int,
+                 replace: "Callable[[], dict[str, TensorPtr]] | None" = None) -> None:
+        """replace: parts to use instead of the layer's views (e.g. repacked copies), asked per graph built."""
+        self.replace = replace
         self.layer = layer
         self.compute = compute
         self.n_embd = n_embd
@@ -308,7 +312,10 @@ class MoEGraph:
         ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
         x = aligned_empty((n_tok, d))
         ids = aligned_empty((n_tok, k), np.int32)
-        out = moe_ffn(ctx, self.layer.parts(ctx), ctx.from_numpy(x), ctx.from_numpy(ids))
+        parts = self.layer.parts(ctx)
+        if self.replace is not None:
+            parts.update(self.replace())
+        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids))
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
         return _MoEGraph(ctx, graph, x, ids, out)

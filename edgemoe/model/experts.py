@@ -106,7 +106,8 @@ class LocalExperts(ExpertBackend):
             except ValueError:  # shards of differing layouts (not written by edgemoe convert): one at a time
                 self._uneven[layer] = layouts
                 return None
-            entry = self._layers[layer] = (view, MoEGraph(view, self.compute, n_embd))
+            replace = (lambda: self._repacked(layer, view)) if self.repacker is not None else None
+            entry = self._layers[layer] = (view, MoEGraph(view, self.compute, n_embd, replace))
         return entry
 
     def _compute_uneven(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> np.ndarray:
@@ -181,6 +182,8 @@ class LocalExperts(ExpertBackend):
         """The layer's parts that ggml can repack, copied once into CPU_REPACK buffers (every shard is
         read now, so every shard's hash is checked now)."""
         if layer not in self._packed:
+            for e in range(view.n_expert):
+                view.map(e)
             self._check(layer, list(range(view.n_expert)))
             packed = {}
             for part, t in view.tensors.items():
