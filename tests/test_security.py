@@ -217,6 +217,18 @@ def test_no_takeover_of_a_live_worker(secured, q8: Path, tmp_path: Path) -> None
         assert np.array_equal(got[:, 0], local.compute(0, 1, x)) and np.array_equal(got[:, 1], local.compute(0, 5, x))
         while twin.poll(100):  # the twin got `unknown` at most, never a welcome or a compute
             assert P.decode(twin.recv_multipart()).type == P.UNKNOWN_PEER
+        # once the first connection stops answering (its process is gone), the same key may come back
+        proc.kill()
+        proc.wait(10)
+        welcomed = False
+        deadline = time.monotonic() + 15
+        while not welcomed and time.monotonic() < deadline:
+            twin.send_multipart(P.encode(P.HELLO, name="local-0", model=manifest_hash(q8), budget=1 << 28, threads=1,
+                                         pid=2, baseline_rss=1, resident_room=0, jit_slots=1))
+            cluster._poll(0.5)
+            while twin.poll(0):
+                welcomed |= P.decode(twin.recv_multipart()).type == P.WELCOME
+        assert welcomed and w.identity != identity and w.alive and len(cluster.workers) == 1
     finally:
         stop(proc)
         twin.close(0)
