@@ -217,10 +217,80 @@ def test_no_takeover_of_a_live_worker(secured, q8: Path, tmp_path: Path) -> None
         assert np.array_equal(got[:, 0], local.compute(0, 1, x)) and np.array_equal(got[:, 1], local.compute(0, 5, x))
         while twin.poll(100):  # the twin got `unknown` at most, never a welcome or a compute
             assert P.decode(twin.recv_multipart()).type == P.UNKNOWN_PEER
+        # once the first connection stops answering (its process is gone), the same key may come back
+        proc.kill()
+        proc.wait(10)
+        welcomed = False
+        deadline = time.monotonic() + 15
+        while not welcomed and time.monotonic() < deadline:
+            twin.send_multipart(P.encode(P.HELLO, name="local-0", model=manifest_hash(q8), budget=1 << 28, threads=1,
+                                         pid=2, baseline_rss=1, resident_room=0, jit_slots=1))
+            cluster._poll(0.5)
+            while twin.poll(0):
+                welcomed |= P.decode(twin.recv_multipart()).type == P.WELCOME
+        assert welcomed and w.identity != identity and w.alive and len(cluster.workers) == 1
     finally:
         stop(proc)
         twin.close(0)
         ctx.term()
+
+
+def test_nan_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path) -> None:
+    """A listed peer that joins, heartbeats, and answers every compute with NaN: each of its results is
+    computed again by the real worker (exact); one bad answer does not condemn it, three in a row do."""
+    server = K.KeyPair.generate()
+    listed, secret = keyfile(tmp_path, "honest")
+    liar_pair = K.KeyPair.generate()
+    cluster = ClusterExperts(q8, n_embd=256, n_expert=8, k=2, moe_layers=[0, 1, 2, 3], residency="off",
+                             keys=K.ServerKeys(server, {listed.public: "honest", liar_pair.public: "liar"}))
+    proc = spawn_worker(cluster.endpoint, q8, tmp_path / "w.log", *key_flags(secret, server), name="honest")
+    ctx = zmq.Context()
+    liar = ctx.socket(zmq.DEALER)
+    liar.linger = 0
+    K.arm_client(liar, K.ClientKeys(liar_pair, server.public))
+    stop_liar = threading.Event()
+
+    def lie() -> None:
+        beat = 0.0
+        while not stop_liar.is_set():
+            if time.monotonic() >= beat:
+                liar.send_multipart(P.encode(P.HEARTBEAT, rss=1, peak_rss=1))
+                beat = time.monotonic() + 0.3
+            if not liar.poll(50):
+                continue
+            msg = P.decode(liar.recv_multipart())
+            if msg.type == P.COMPUTE:
+                bad = np.full(msg.tensor.shape, np.nan, dtype=np.float32)
+                liar.send_multipart(P.encode(P.RESULT, bad, req=msg["req"], layer=msg["layer"], experts=msg["experts"],
+                                             rows=msg["rows"], load_s=0.0, wait_s=0.0, compute_s=0.0, hits=0))
+
+    try:
+        liar.connect(cluster.endpoint)
+        liar.send_multipart(P.encode(P.HELLO, name="liar", model=manifest_hash(q8), budget=1 << 28, threads=1, pid=1,
+                                     baseline_rss=1, resident_room=0, jit_slots=1))
+        threading.Thread(target=lie, daemon=True).start()  # heartbeats from now on; ignores all but computes
+        cluster.wait_for_workers(2, 60)
+        liar_w = next(w for w in cluster.workers.values() if w.name == "liar")
+        local = LocalExperts(q8, Compute(1))
+        lost_after = []
+        for i in range(6):
+            x = hidden(2, 20 + i)
+            selected = np.array([[e, (e + 1) % 8] for e in range(2)], dtype=np.int32)
+            got = cluster.compute_layer(i % 4, x, selected)
+            for row in range(2):
+                for slot in range(2):
+                    assert np.array_equal(got[row, slot], local.compute(i % 4, int(selected[row, slot]), x[row:row + 1])[0])
+            lost_after.append((liar_w.strikes, liar_w.alive))
+        assert cluster.stats.retries > 0
+        assert any(alive and strikes >= 1 for strikes, alive in lost_after), lost_after  # one strike: still in
+        assert not liar_w.alive and liar_w.lost >= 1, lost_after  # three in a row: lost
+    finally:
+        stop_liar.set()
+        time.sleep(0.2)
+        stop(proc)
+        liar.close(0)
+        ctx.term()
+        cluster.close()
 
 
 def test_fake_coordinator_gets_nothing_from_a_worker(q8: Path, tmp_path: Path) -> None:
