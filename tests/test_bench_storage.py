@@ -58,4 +58,50 @@ def test_bench_cluster_reports_the_storage_ceiling(converted_models: dict[str, P
                            str(fixtures_dir / f"{MODEL}.gguf"), "--workers", "2", "--n-predict", "3", "--repeat", "1"],
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 0, text.stderr
-    assert "MB of experts, the workers read" in text.stdout and "storage alone allows" in text.stdout
+    assert "MB of experts, the workers read" in text.stdout and "to a cluster that drops every expert" in text.stdout
+    assert "confined runs skipped: no --memory-budget" in text.stderr
+
+
+def test_bench_cluster_confined_llama_cpp_and_plot(converted_models: dict[str, Path], fixtures_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """With a budget: llama.cpp confined to one worker's budget and to the total, cgroup peaks, a plot."""
+    from edgemoe.cluster.cgroup import CgroupUnavailable, MemoryCgroup
+
+    try:
+        MemoryCgroup.create("probe", 64 << 20).remove()
+        cgroups = True
+    except CgroupUnavailable:
+        cgroups = False
+    model = converted_models[MODEL]
+    plot = tmp_path / "mem.png"
+    r = subprocess.run([sys.executable, "-m", "edgemoe", "bench", "cluster", str(model), "--reference",
+                        str(fixtures_dir / f"{MODEL}.gguf"), "--workers", "2", "--memory-budget", "128MiB",
+                        "--n-predict", "4", "--repeat", "1", "--confined-n-predict", "3", "--plot", str(plot), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens_match"] is True and out["residency"] == "auto" and out["resident_experts"] == out["n_experts"]
+    assert out["coordinator_peak_rss"] > 0 and out["llama_cpp_peak_rss"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if not cgroups:
+        assert "confined runs skipped" in r.stderr and out["confined"] == []
+        return
+    assert [c["limit"] for c in out["confined"]] == [128 << 20, 256 << 20]
+    for c in out["confined"]:
+        assert c["tokens_match"] and len(c["decode_tok_s"]) == 1 and c["decode_tok_s"][0] > 0
+        assert 0 < c["cgroup_peak"] <= c["limit"]
+    assert len(out["worker_cgroup_peak"]) == 2 and all(0 < p <= 128 << 20 for p in out["worker_cgroup_peak"])
+    s = out["summary"]
+    assert s["llama_cpp_confined_128MiB_tok_s"] > 0 and s["cluster_vs_confined_256MiB"] > 0
+
+
+def test_bench_cluster_bad_input(converted_models: dict[str, Path], tmp_path: Path) -> None:
+    model = converted_models[MODEL]
+    for extra, why in [(["--plot", str(tmp_path / "mem.txt")], "the plot is a PNG"),
+                       (["--plot", str(tmp_path / "no" / "mem.png")], "does not exist"),
+                       (["--memory-budget", "lots"], "is not a size"),
+                       (["--confined-n-predict", "0"], "must be >= 1")]:
+        r = subprocess.run([sys.executable, "-m", "edgemoe", "bench", "cluster", str(model), *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and why in r.stderr, (extra, r.stderr)
+        assert "Traceback" not in r.stderr
