@@ -57,7 +57,8 @@ def stop(proc: subprocess.Popen) -> str:
 def test_remote_shadow_changes_nothing_and_predicts(model: Path) -> None:
     with Engine(model, n_ctx=256, n_threads=1) as engine:
         want_tokens, want_logits = greedy_tokens(engine, PROMPT, N_PREDICT)
-    opts = ClusterOptions(workers=2, predictor="shadow", shadow_node="local")
+    # residency off: with every expert resident the cluster needs (and waits for) no prediction
+    opts = ClusterOptions(workers=2, predictor="shadow", shadow_node="local", residency="off")
     with open_engine(model, opts, n_ctx=256, n_threads=1) as engine:
         tokens, logits = greedy_tokens(engine, PROMPT, N_PREDICT)
         cluster = engine.experts

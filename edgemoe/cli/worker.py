@@ -11,7 +11,8 @@ import sys
 from edgemoe.cli.keygen import add_client_key_args
 from edgemoe.errors import UserError
 
-HELP = "run a worker: load, compute and drop expert shards for a coordinator, within a memory budget"
+HELP = ("run a worker: compute expert shards for a coordinator within a memory budget, keeping the resident ones "
+        "it is given and loading the others just in time")
 DEFAULT_BUDGET = "512MiB"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -29,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--profile devices/profiles/raspberry-pi-4-1gb.toml --name pi-01 --key ... --coordinator-key ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the coordinator's worker endpoint")
+    p.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
+                   help="the coordinator's worker endpoint (ipc:///PATH for a coordinator on this host)")
     p.add_argument("--model", required=True, metavar="DIR", help="converted model directory (manifest.json, experts/)")
     p.add_argument("--memory-budget", metavar="SIZE",
                    help=f"bound on this process's resident memory, e.g. 512MiB, 1GiB, 800M (default: profile, else {DEFAULT_BUDGET})")
