@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 FIXTURES := build/fixtures/fixtures.json
 DEMO_SRC := build/fixtures/llama-moe-q4_k_m.gguf
 DEMO_DIR := build/demo/llama-moe-q4_k_m
-# llama-cpp-python builds llama.cpp from source (7-12 min on 2 cores) the first time; pip keeps the wheel.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# llama-cpp-python builds llama.cpp from source the first time (pip keeps the wheel): without its
+# multimodal library (LLAVA_BUILD=OFF) and without llama.cpp's common library, which neither the
+# binding nor edgemoe loads (tools/llamacpp/skip-common.cmake says why that leaves libllama as it is).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/tools/llamacpp/skip-common.cmake"
 
 .PHONY: setup fixtures real-models test test-all demo demo-fixture clean
 
