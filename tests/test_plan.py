@@ -155,3 +155,24 @@ def test_info_and_plan_cli(converted_models: dict[str, Path], tmp_path: Path) ->
     bad.write_text('name = "b"\nmemory_budget = "256MiB"\nthreads = 1\ncompute_mbs = 3\n')
     r = edgemoe("plan", str(d), "--board", str(bad))
     assert r.returncode == 2 and "unknown key 'compute_mbs'" in r.stderr
+
+
+def test_profile_board_measures_and_writes_a_strict_profile(converted_models: dict[str, Path], tmp_path: Path) -> None:
+    from edgemoe.cluster.profile import load_profile
+
+    d = converted_models["llama-moe-q4_k_m"]
+    out = tmp_path / "this-machine.toml"
+    r = edgemoe("profile-board", str(d), "-o", str(out), "--threads", "1", "--memory-budget", "512MiB")
+    assert r.returncode == 0, r.stderr
+    p = load_profile(out)
+    assert p.name == "this-machine" and p.memory_budget == 512 << 20 and p.threads == 1
+    assert p.cores >= 1 and p.memory_total >= p.memory_budget and 16 << 20 < p.worker_baseline < 512 << 20
+    for key in ("storage_read_mb_s", "compute_mb_s", "round_trip_us", "network_mb_s"):
+        assert getattr(p, key) > 0, key
+    assert p.layer_overhead_us >= 0 and p.request_us >= 0
+    r = edgemoe("plan", str(d), "--board", f"{out}:2", "--shared-host", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["speed"]["tok_s"] > 0
+    r = edgemoe("profile-board", str(d), "-o", str(out))  # exists
+    assert r.returncode == 2 and "exists" in r.stderr
+    r = edgemoe("profile-board", str(tmp_path), "-o", str(tmp_path / "x.toml"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

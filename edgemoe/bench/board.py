@@ -4,9 +4,9 @@
     storage_read_mb_s            expert shards mapped cold as a worker maps them (bench/storage.py)
     compute_mb_s                 expert FFNs of one token row on `threads` ggml threads: shard bytes / time
     round_trip_us, network_mb_s  ZeroMQ DEALER/ROUTER over loopback: a hidden state there and back; 4 MiB frames
-    request_us                   one expert request through a local 1-worker cluster (reactive: the worker maps
-                                 the shard cold, computes, drops it), less the read and the compute: the
-                                 cluster path's fixed cost per request, both ends and the round trip
+    request_us                   decode through a local 1-worker cluster (lookahead prefetch) less the same
+                                 decode in one process, per expert request: the cluster path's cost per
+                                 request (both ends, the round trip, the worker's map/compute/drop)
     layer_overhead_us            the in-process engine's decode per layer, less the weight bytes it reads at
                                  compute_mb_s: the fixed cost of the decode path (graphs, Python, copies)
     worker_baseline              a fresh worker process's resident memory with no expert mapped
@@ -158,25 +158,33 @@ def layer_overhead(model_dir: Path, threads: int, compute_mb_s: float, n_tokens:
     return max(0.0, t / f.n_layers * 1e6)
 
 
-def request_cost(model_dir: Path, threads: int, storage_mb_s: float, compute_mb_s: float, n_requests: int = 48) -> float:
-    """us per expert request on a local 1-worker cluster beyond reading (cold) and computing its shard."""
+def _decode_times(engine, n_tokens: int) -> float:
+    """Median seconds per greedy decode token of an engine (after 4 warm-up tokens)."""
+    logits = engine.eval([1, 2, 3, 4])
+    tok = int(np.argmax(logits[-1] if logits.ndim > 1 else logits))
+    times = []
+    for _ in range(n_tokens + 4):
+        t0 = time.perf_counter()
+        out = engine.eval([tok])
+        times.append(time.perf_counter() - t0)
+        tok = int(np.argmax(out[-1] if out.ndim > 1 else out))
+    return statistics.median(times[4:])
+
+
+def request_cost(model_dir: Path, threads: int, n_tokens: int = 16) -> float:
+    """us per expert request that a decode through a local 1-worker cluster (lookahead prefetch) takes
+    beyond the same decode in one process: messaging at both ends, the round trip, the worker's
+    map/compute/drop of each shard, as the cluster really runs them."""
     from edgemoe.cluster.session import ClusterOptions, open_engine
+    from edgemoe.model.engine import Engine
 
     m = load_manifest(model_dir)
-    keys = [(layer, e) for layer, e, _ in m.expert_files()]
-    keys = keys[:: max(1, len(keys) // n_requests)][:n_requests]
-    opts = ClusterOptions(workers=1, predictor="reactive", worker_threads=threads)
-    with open_engine(model_dir, opts, n_ctx=32, n_threads=threads) as eng:
-        x = np.random.default_rng(0).standard_normal((1, eng.cfg.n_embd)).astype(np.float32)
-        eng.experts.compute(*keys[0], x)  # warm-up: the worker's graphs
-        times = []
-        for key in keys:
-            t0 = time.perf_counter()
-            eng.experts.compute(*key, x)
-            times.append(time.perf_counter() - t0)
-    shard = statistics.mean(m.files[expert_file_name(*k)].size for k in keys)
-    t = statistics.median(times) - shard / (storage_mb_s * 1e6) - shard / (compute_mb_s * 1e6)
-    return max(0.0, t * 1e6)
+    with Engine(model_dir, n_ctx=n_tokens + 16, n_threads=threads) as eng:
+        local = _decode_times(eng, n_tokens)
+    opts = ClusterOptions(workers=1, predictor="lookahead", worker_threads=threads)
+    with open_engine(model_dir, opts, n_ctx=n_tokens + 16, n_threads=threads) as eng:
+        cluster = _decode_times(eng, n_tokens)
+    return max(0.0, (cluster - local) / (len(m.moe_layers) * m.n_experts_used) * 1e6)
 
 
 def worker_baseline() -> int:
@@ -202,7 +210,7 @@ def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> 
     say(f"  {rtt:.0f} us, {bw:.0f} MB/s; decoding in one process for the per-layer overhead ...")
     ovh = layer_overhead(model_dir, threads, comp)
     say(f"  {ovh:.0f} us per layer; expert requests through a local worker ...")
-    req = request_cost(model_dir, threads, storage, comp)
+    req = request_cost(model_dir, threads)
     say(f"  {req:.0f} us per request beyond read and compute; a worker's baseline memory ...")
     base = worker_baseline()
     say(f"  {base / 2**20:.0f} MiB")

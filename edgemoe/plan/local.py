@@ -37,7 +37,7 @@ def this_machine(model_dir: str | os.PathLike[str], threads: int, profile: str |
     rtt, bw = loopback(n_embd)
     storage = storage_rate(model_dir)
     speed = BoardSpeed("this-machine", cores(), threads, comp * 1e6, storage * 1e6, rtt * 1e-6, bw * 1e6,
-                       layer_overhead(model_dir, threads, comp) * 1e-6, request_cost(model_dir, threads, storage, comp) * 1e-6)
+                       layer_overhead(model_dir, threads, comp) * 1e-6, request_cost(model_dir, threads) * 1e-6)
     return speed, worker_baseline()
 
 

@@ -92,7 +92,8 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     r = recall if predictor != "reactive" else 0.0
     misses_per_layer = k * p_stream * (1.0 - r)
     load = shard / slow_s.storage_bytes_s
-    stall = L * min(1.0, misses_per_layer) * load
+    # misses of one layer load in parallel on the group's workers, one after another on each
+    stall = L * max(min(1.0, misses_per_layer), misses_per_layer / g) * load
     # the shadow: the same model again with its smaller experts, in-process (mul_mat_id, no network)
     shadow = 0.0
     if predictor == "shadow" and facts.shadow:
