@@ -191,9 +191,9 @@ def run_cluster(args: argparse.Namespace) -> int:
           f"the page cache ({r.shard_read_streams} loaders): storage allows {s['storage_bound_tok_s']:.1f} tok/s at "
           f"these reads, {s['dropping_storage_bound_tok_s']:.1f} tok/s to a cluster that drops every expert "
           f"(cluster at {s['cluster_to_dropping_storage_bound']:.2f}x that)")
-print(f"planner (edgemoe plan's model of this cluster): {r.predicted_tok_s:.1f} tok/s predicted, "
+    print(f"planner (edgemoe plan's model of this cluster): {r.predicted_tok_s:.1f} tok/s predicted, "
           f"{s['predicted_over_measured']:.2f}x the measured; bottleneck {r.predicted_bottleneck}")
-        print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
+    print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0
