@@ -6,14 +6,17 @@ STAMP := $(VENV)/.installed
 FIXTURES := build/fixtures/fixtures.json
 DEMO_SRC := build/fixtures/llama-moe-q4_k_m.gguf
 DEMO_DIR := build/demo/llama-moe-q4_k_m
-# llama-cpp-python builds llama.cpp from source (7-12 min on 2 cores) the first time; pip keeps the wheel.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# llama-cpp-python builds llama.cpp from source the first time (pip keeps the wheel): without its
+# multimodal library (LLAVA_BUILD=OFF) and without llama.cpp's common library, which neither the
+# binding nor edgemoe loads (tools/llamacpp/skip-common.cmake says why that leaves libllama as it is).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/tools/llamacpp/skip-common.cmake"
 
-.PHONY: setup fixtures real-models test test-all demo demo-fixture clean
+.PHONY: setup fixtures real-models demo-model test test-all demo demo-fixture clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "== setting up $(VENV): Python packages; the first time pip compiles llama.cpp (llama-cpp-python) from source, a few minutes on 2 cores"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -29,6 +32,11 @@ $(FIXTURES): $(wildcard tools/testmodels/*.py) | $(STAMP)
 real-models: setup
 	$(BIN)/python -m tools.realmodels build/models
 
+# only the model the demo runs (skipped when up to date; real-models later adds sparse-moe)
+demo-model: setup
+	@echo "== building demo-moe, the demo's MoE model, from SmolLM2-135M (once)"
+	$(BIN)/python -m tools.realmodels build/models --only demo-moe
+
 test: setup fixtures
 	$(BIN)/python -m pytest -m "not slow"
 
@@ -36,8 +44,10 @@ test-all: setup fixtures
 	$(BIN)/python -m pytest
 
 # demo-moe (726 MB) on a local cluster of 4 workers, each allowed 192 MiB
-demo: real-models
+demo: demo-model
+	@echo "== checking every file of build/models/demo-moe against its manifest (sha256)"
 	$(BIN)/edgemoe convert --quiet --verify build/models/demo-moe
+	@echo "== asking demo-moe a question: a coordinator and 4 worker processes of 192 MiB each, the shadow predicting experts"
 	printf 'What is the capital of France?\n/stats\n' | $(BIN)/edgemoe chat build/models/demo-moe \
 		--workers 4 --memory-budget 192MiB --predictor shadow --temp 0 --n-predict 48 -t 1
 

@@ -102,6 +102,22 @@ def test_models_json_and_freshness(small: Path) -> None:
     assert ensure_built(small, SMALL) == small  # fresh: returns without building
 
 
+def test_demo_first_then_the_rest_builds_each_model_once(small: Path, tmp_path: Path) -> None:
+    """make demo builds demo-moe alone; make real-models then adds sparse-moe without redoing demo-moe,
+    and every file has the bytes of the build that made both at once."""
+    import tools.realmodels.build as b
+
+    assert b.update(tmp_path, SMALL, ("demo-moe",)) == "built"
+    assert not (tmp_path / "sparse-moe.gguf").exists() and (tmp_path / "demo-moe" / "manifest.json").is_file()
+    assert b.update(tmp_path, SMALL, ("demo-moe",)) == "fresh"
+    demo = {p.name: p.stat().st_mtime_ns for p in [tmp_path / "demo-moe.gguf", tmp_path / "demo-moe" / "manifest.json"]}
+    assert b.update(tmp_path, SMALL) == "built" and is_fresh(tmp_path, SMALL)
+    assert {p.name: p.stat().st_mtime_ns for p in [tmp_path / "demo-moe.gguf", tmp_path / "demo-moe" / "manifest.json"]} == demo
+    for name in MODEL_NAMES:
+        assert sha256_file(tmp_path / f"{name}.gguf") == read_models_json(small)["models"][name]["sha256"], name
+        assert (tmp_path / name / "manifest.json").read_bytes() == (small / name / "manifest.json").read_bytes(), name
+
+
 def test_a_changed_converter_only_reconverts(small: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tools.realmodels.build as b
 

@@ -81,6 +81,9 @@ class ClusterBench:
     shard_read_warm_bytes_per_s: float = 0.0  # ... and from the page cache
     shard_read_streams: int = 0
     storage_bytes_per_token: list[float] = field(default_factory=list)  # what the workers really read, per decode token
+    predicted_tok_s: float = 0.0  # edgemoe plan's model of this cluster (plan/local.py), for validation
+    predicted_bottleneck: str = ""
+    prediction: dict = field(default_factory=dict)  # the model's terms and the machine speeds it used
     confined: list[ConfinedRun] = field(default_factory=list)
     confined_n_predict: int = 0
     confined_note: str = ""  # why the confined runs were skipped
@@ -112,7 +115,9 @@ class ClusterBench:
                "storage_bound_tok_s": self.storage_bound_tok_s, "storage_bound_ratio": self.storage_bound_tok_s / theirs,
                "dropping_storage_bound_tok_s": self.dropping_storage_bound_tok_s,
                "cluster_to_dropping_storage_bound": ours / self.dropping_storage_bound_tok_s
-               if self.dropping_storage_bound_tok_s else 0.0}
+               if self.dropping_storage_bound_tok_s else 0.0,
+               "predicted_tok_s": self.predicted_tok_s,
+               "predicted_over_measured": self.predicted_tok_s / ours if ours else 0.0}
         for c in self.confined:
             mib = c.limit >> 20
             out[f"llama_cpp_confined_{mib}MiB_tok_s"] = c.median_tok_s
@@ -126,7 +131,7 @@ class ClusterBench:
 def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4, memory_budget: str | None = None,
                   predictor: str = "lookahead", threads: int = 1, prompt_tokens: int = 16, n_predict: int = 64,
                   repeats: int = 3, shadow_node: str | None = None, residency: str = "auto",
-                  confined: bool = True, confined_n_predict: int = 8) -> ClusterBench:
+                  confined: bool = True, confined_n_predict: int = 8, board_profile: str | None = None) -> ClusterBench:
     prompt = [100 + i for i in range(prompt_tokens)]
     n_ctx = max(256, prompt_tokens + n_predict + 8)
     r = ClusterBench(str(model), str(reference), workers, memory_budget, predictor, shadow_node, threads, prompt_tokens,
@@ -176,6 +181,14 @@ def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4,
                 r.shadow_node_peak_rss = max(shadow.peak_rss().values(), default=0)
             r.coordinator_peak_rss = peak_rss_bytes()
         r.llama_cpp_peak_rss = ref.peak_rss
+    from edgemoe.plan.local import predict_local_cluster, this_machine
+
+    machine, baseline = this_machine(model, threads, board_profile)
+    pred = predict_local_cluster(model, workers=workers, memory_budget=memory_budget, predictor=predictor, recall=r.recall,
+                                 machine=machine, baseline=baseline, storage_bytes_s=r.shard_read_cold_bytes_per_s,
+                                 shadow_node=shadow_node is not None, residency=residency)
+    r.predicted_tok_s, r.predicted_bottleneck = pred.tok_s, pred.bottleneck
+    r.prediction = {**pred.to_dict(), "machine": asdict(machine)}
     if confined and memory_budget:
         budget = parse_size(memory_budget, "--memory-budget")
         limits = sorted({budget, budget * workers})

@@ -53,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--shadow-node", choices=["local"], help="with --predictor shadow: run the shadow in its own local "
                    "process (edgemoe shadow), as on the paper's shadow node")
     c.add_argument("--threads", "-t", type=int, default=1, help="threads of the coordinator and of llama.cpp (default 1)")
+    c.add_argument("--board-profile", metavar="FILE.toml", help="this machine's speeds for the planner's prediction "
+                   "(edgemoe profile-board writes it; default: measured at the end of the bench, ~15 s)")
     c.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     c.add_argument("--n-predict", type=int, default=64, help="tokens to decode (default 64)")
     c.add_argument("--repeat", type=int, default=3, help="measured runs (default 3, after one warm-up)")
@@ -156,7 +158,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                       memory_budget=args.memory_budget, predictor=args.predictor, threads=args.threads,
                       prompt_tokens=args.prompt_tokens, n_predict=args.n_predict, repeats=args.repeat,
                       shadow_node=args.shadow_node, residency=args.residency, confined=args.confined,
-                      confined_n_predict=args.confined_n_predict)
+                      confined_n_predict=args.confined_n_predict, board_profile=args.board_profile)
     if args.plot:
         plot(r, args.plot)
     s = r.summary()
@@ -189,6 +191,8 @@ def run_cluster(args: argparse.Namespace) -> int:
           f"the page cache ({r.shard_read_streams} loaders): storage allows {s['storage_bound_tok_s']:.1f} tok/s at "
           f"these reads, {s['dropping_storage_bound_tok_s']:.1f} tok/s to a cluster that drops every expert "
           f"(cluster at {s['cluster_to_dropping_storage_bound']:.2f}x that)")
+    print(f"planner (edgemoe plan's model of this cluster): {r.predicted_tok_s:.1f} tok/s predicted, "
+          f"{s['predicted_over_measured']:.2f}x the measured; bottleneck {r.predicted_bottleneck}")
     print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
     if args.plot:
         print(f"plot: {args.plot}")

@@ -5,6 +5,15 @@
     threads = 4                          # required: ggml threads, 1..256
     storage_read_mb_s = 40.0             # optional: sequential read speed of the shard storage, MB/s
     description = "Raspberry Pi 4, 1 GB" # optional
+    # optional, measured by `edgemoe profile-board` (the planner, `edgemoe plan`, uses them):
+    cores = 4                            # CPU cores
+    memory_total = "1GiB"                # the board's whole memory
+    compute_mb_s = 900.0                 # expert weight MB one expert FFN mat-vec streams per second on `threads`
+    round_trip_us = 450.0                # one small request + reply to/from this board over its network
+    network_mb_s = 11.0                  # link throughput, MB/s
+    layer_overhead_us = 900.0            # fixed cost per MoE layer of the decode path (coordinator role)
+    request_us = 1500.0                  # one expert request's fixed cost on the cluster path, both ends
+    worker_baseline = "80MiB"            # a worker process's resident memory with no expert mapped
 
 Unknown keys, wrong types, out-of-range values and missing required keys are errors naming the key
 and the file: a typo in a profile must not silently fall back to a default.
@@ -22,7 +31,11 @@ from edgemoe.cluster.budget import parse_size
 from edgemoe.errors import UserError
 
 REQUIRED = ("name", "memory_budget", "threads")
-OPTIONAL = ("storage_read_mb_s", "description")
+OPTIONAL = ("storage_read_mb_s", "description", "cores", "memory_total", "compute_mb_s", "round_trip_us",
+            "network_mb_s", "layer_overhead_us", "worker_baseline", "request_us")
+# measured speeds: (key, lowest, highest) for the positive numbers among them
+_RATES = (("compute_mb_s", 1e-3, 1e7), ("round_trip_us", 0.1, 1e8), ("network_mb_s", 1e-3, 1e7),
+          ("layer_overhead_us", 0.0, 1e8), ("request_us", 0.0, 1e8))
 MIN_BUDGET = 16 << 20
 MAX_BUDGET = 1 << 40
 MAX_THREADS = 256
@@ -37,6 +50,14 @@ class DeviceProfile:
     threads: int
     storage_read_mb_s: float | None = None
     description: str = ""
+    cores: int | None = None
+    memory_total: int | None = None  # bytes
+    compute_mb_s: float | None = None
+    round_trip_us: float | None = None
+    network_mb_s: float | None = None
+    layer_overhead_us: float | None = None
+    worker_baseline: int | None = None  # bytes
+    request_us: float | None = None
 
 
 def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
@@ -96,4 +117,34 @@ def parse_profile(data: dict[str, Any], path: Path) -> DeviceProfile:
     if not isinstance(description, str):
         raise bad("description", "a string")
 
-    return DeviceProfile(path, name, budget, threads, speed, description)
+    cores = data.get("cores")
+    if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= 4096):
+        raise bad("cores", "an integer from 1 to 4096")
+
+    sizes: dict[str, int | None] = {}
+    for key in ("memory_total", "worker_baseline"):
+        v = data.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise bad(key, "a size such as \"1GiB\" or a number of bytes")
+            v = parse_size(v, f"{path}: {key}")
+            if not 1 << 20 <= v <= MAX_BUDGET:
+                raise bad(key, "between 1MiB and 1TiB")
+        sizes[key] = v
+    if sizes["memory_total"] is not None and budget > sizes["memory_total"]:
+        raise bad("memory_budget", f"at most memory_total ({data['memory_total']})")
+    if sizes["worker_baseline"] is not None and sizes["worker_baseline"] >= budget:
+        raise bad("worker_baseline", f"below memory_budget ({budget_value}): a worker needs room for an expert")
+
+    rates: dict[str, float | None] = {}
+    for key, lo, hi in _RATES:
+        v = data.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) or (lo > 0 and v <= 0):
+                raise bad(key, f"a number from {lo:g} to {hi:g}")
+            v = float(v)
+        rates[key] = v
+
+    return DeviceProfile(path, name, budget, threads, speed, description, cores, sizes["memory_total"],
+                         rates["compute_mb_s"], rates["round_trip_us"], rates["network_mb_s"],
+                         rates["layer_overhead_us"], sizes["worker_baseline"], rates["request_us"])

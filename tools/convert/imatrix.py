@@ -40,6 +40,9 @@ class _Collector(LlamaCpp):
         self.sums: dict[str, np.ndarray] = {}  # float64 [n_expert, n_per_row]
         self.counts: dict[str, np.ndarray] = {}  # float64 [n_expert]
         super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, cb_eval=self._eval_cb)
+        # the graph is aborted after the last layer's down experts: the output head (a matmul of
+        # every row with the whole vocabulary) would add nothing to the sums
+        self._last = f"blk.{self.n_layer - 1}.ffn_down_exps.weight".encode()
 
     @staticmethod
     def _weight(t: GgmlTensor) -> GgmlTensor | None:
@@ -71,7 +74,7 @@ class _Collector(LlamaCpp):
             else:  # down: slot j's row went to expert ids[t, j]
                 self.sums[name][e] += sq[hit].sum(axis=0)
             self.counts[name][e] += hit.sum()
-        return True
+        return w.name != self._last
 
     def bos(self) -> int | None:
         """The token each chunk starts with, or None where the model adds none."""

@@ -8,6 +8,9 @@ rows so that a large tensor never has to be dequantized whole.
 from __future__ import annotations
 
 import ctypes
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -130,8 +133,37 @@ def requantized_chunks(raw: np.ndarray, src_type: GGMLQuantizationType, ne: tupl
     rb = row_nbytes(src_type, n_per_row)
     step = max(1, _CHUNK_FLOATS // n_per_row)
     per_mat = n_rows // len(importance) if importance else n_rows
+    tasks = []
     for m0 in range(0, n_rows, per_mat):
         weights = importance[m0 // per_mat] if importance else None
         for r0 in range(m0, m0 + per_mat, step):
-            r1 = min(m0 + per_mat, r0 + step)
-            yield requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t, weights)
+            tasks.append((r0, min(m0 + per_mat, r0 + step), weights))
+
+    def one(task: tuple[int, int, np.ndarray | None]) -> np.ndarray:
+        r0, r1, weights = task
+        return requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t, weights)
+
+    yield from ordered_parallel(one, tasks)
+
+
+def ordered_parallel(fn, tasks: list, n_threads: int | None = None) -> Iterator:
+    """fn(task) for every task, computed on n_threads threads (default: every core this process may
+    use), yielded in task order with a bounded window in flight. ggml's quantizer runs in C without
+    the GIL and every chunk is independent, so the bytes are those of the serial loop."""
+    n = n_threads or len(os.sched_getaffinity(0))
+    if n <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield fn(task)
+        return
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        window: deque = deque()
+        it = iter(tasks)
+        for task in it:
+            window.append(pool.submit(fn, task))
+            if len(window) >= 2 * n:
+                break
+        for task in it:
+            yield window.popleft().result()
+            window.append(pool.submit(fn, task))
+        while window:
+            yield window.popleft().result()

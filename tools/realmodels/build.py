@@ -135,8 +135,13 @@ def update(out_dir: Path | str, config: BuildConfig = BuildConfig(), names: tupl
     the directories were redone) or "built"."""
     out_dir = Path(out_dir)
     meta = read_models_json(out_dir)
-    if force or not _ggufs_fresh(out_dir, meta, config, names):
-        build_all(out_dir, only=list(names), config=config, log=log)
+    # only the models that are not current (make demo builds demo-moe; make real-models then adds sparse-moe)
+    stale = list(names) if force else [n for n in names if not _ggufs_fresh(out_dir, meta, config, (n,))]
+    if stale:
+        build_all(out_dir, only=stale, config=config, log=log)
+        meta = read_models_json(out_dir)
+        if config.convert and not _conversions_fresh(out_dir, meta, names):
+            convert_models(out_dir, tuple(n for n in names if not meta["models"][n].get("dir")), log=log)
         return "built"
     if config.convert and not _conversions_fresh(out_dir, meta, names):
         convert_models(out_dir, names, log=log)
@@ -186,11 +191,21 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
         # importance on the calibration text (what llama-imatrix + llama-quantize --imatrix do)
         src = out_dir / f"{name}.gguf"
         imatrix = out_dir / f"{name}.imatrix.gguf"
+        say = log or (lambda msg: None)
+        say(f"converting {name}: measuring which experts matter on {IMATRIX_CHUNKS} chunks of text "
+            "(importance matrix, llama.cpp)")
+
+        def progress(done: int, total: int) -> None:
+            if done % 4 == 0 or done == total:
+                say(f"  importance matrix: {done}/{total} chunks, {time.perf_counter() - t:.0f} s")
+
         write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
-                                               max_chunks=IMATRIX_CHUNKS), "llama")
+                                               max_chunks=IMATRIX_CHUNKS, progress=progress), "llama")
         plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_fallback_type=SHADOW_FALLBACK_TYPE,
                                shadow_imatrix=imatrix)
-        write_model(plan, out_dir / name, force=True, progress=False)
+        say(f"converting {name}: the trunk, one file per expert, and a 4-bit copy of the experts for the shadow "
+            "predictor (the bar counts bytes written)")
+        write_model(plan, out_dir / name, force=True, progress=log is not None)
         meta["models"][name]["dir"] = name
         meta.setdefault("build_seconds", {})[f"convert {name}"] = round(time.perf_counter() - t, 1)
         if log is not None:
@@ -238,16 +253,19 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
     dense = dense_path(out_dir, config)
     if config.n_layers is not None:
         write_truncated(full, dense, config.n_layers)
-    src = DenseModel(dense)
+    src = full if config.n_layers is None else DenseModel(dense)  # the full model is read once
 
     # calibration
     with Tokenizer(dense) as tok:
         chunks = corpus.calibration_chunks(lambda s: tok.tokenize(s, add_special=False), config.calib_chunks)
-    say(f"calibration: {len(chunks)} chunks x {corpus.CHUNK} tokens from {len(corpus.CALIB_MODULES)} stdlib modules")
+    say(f"building {', '.join(names)} from SmolLM2-135M (once; later runs reuse it). First SmolLM2 reads "
+        f"{len(chunks)} chunks x {corpus.CHUNK} tokens of text (Python's own docstrings) so we can see what its "
+        "feed-forward layers receive (llama.cpp)")
     X = ffn_inputs(dense, chunks, config.n_threads, log=say)
     t = lap("calibrate", t)
 
     # per-layer fits
+    say(f"splitting each of the {src.n_layer} feed-forward layers into experts and fitting a router to each (numpy)")
     demo_fits: list[moefy.LayerFit] = []
     sparse_fits: list[moefy.LayerFit] = []
     routers = []
@@ -310,7 +328,14 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
     }
     _write_models_json(out_dir, meta)
     if config.convert:
-        convert_models(out_dir, tuple(n for n in MODEL_NAMES if n in entries), log=say)
+        kept = old.get("models", {}) if old and old.get("converter_fingerprint") == converter_fingerprint() else {}
+        meta["converter_fingerprint"] = converter_fingerprint() if kept else None
+        for n in entries:
+            if n not in names and kept.get(n, {}).get("dir") and (out_dir / n / "manifest.json").is_file():
+                meta["models"][n]["dir"] = n  # converted before and still current
+        _write_models_json(out_dir, meta)
+        convert_models(out_dir, tuple(n for n in MODEL_NAMES if n in entries and not meta["models"][n].get("dir")),
+                       log=say)
         meta = read_models_json(out_dir)
         meta["build_seconds"]["total"] = round(time.perf_counter() - t_start, 1)
         _write_models_json(out_dir, meta)

@@ -27,7 +27,7 @@ def ffn_inputs(model_path: Path, chunks: list[list[int]], n_threads: int = 2, lo
             for il in range(r.n_layer):
                 per_layer[il].append(r.captured[("ffn_norm", il)])
             if log is not None and (i + 1) % 8 == 0:
-                log(f"  calibration: {i + 1}/{len(chunks)} chunks, {time.perf_counter() - t0:.0f} s")
+                log(f"  text read: {i + 1}/{len(chunks)} chunks, {time.perf_counter() - t0:.0f} s")
     return [np.concatenate(a) for a in per_layer]
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
 from edgemoe.errors import UserError
+from edgemoe.format.gguf_io import open_gguf
 
 ARCH = "llama"
 
@@ -44,7 +45,7 @@ class DenseModel:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.reader = GGUFReader(self.path)
+        self.reader = open_gguf(self.path)  # edgemoe's reader: the 49k-token vocabulary parses in a fraction of gguf-py's time
         arch = self.meta_value("general.architecture")
         if arch != ARCH:
             raise UserError(f"{self.path}: architecture {arch!r}, expected {ARCH!r}")

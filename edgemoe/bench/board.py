@@ -1,0 +1,221 @@
+"""Measure this machine as a board for the planner (edgemoe profile-board): the numbers a profile holds.
+
+    cores, memory_total          os.sched_getaffinity, /proc/meminfo
+    storage_read_mb_s            expert shards mapped cold as a worker maps them (bench/storage.py)
+    compute_mb_s                 expert FFNs of one token row on `threads` ggml threads: shard bytes / time
+    round_trip_us, network_mb_s  ZeroMQ DEALER/ROUTER over loopback: a hidden state there and back; 4 MiB frames
+    request_us                   decode through a local 1-worker cluster (lookahead prefetch) less the same
+                                 decode in one process, per expert request: the cluster path's cost per
+                                 request (both ends, the round trip, the worker's map/compute/drop)
+    layer_overhead_us            the in-process engine's decode per layer, less the weight bytes it reads at
+                                 compute_mb_s: the fixed cost of the decode path (graphs, Python, copies)
+    worker_baseline              a fresh worker process's resident memory with no expert mapped
+
+Every number is a median of repeats; each takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.format.manifest import expert_file_name, load_manifest
+
+
+@dataclass
+class BoardMeasurement:
+    cores: int
+    memory_total: int
+    threads: int
+    storage_read_mb_s: float
+    compute_mb_s: float
+    round_trip_us: float
+    network_mb_s: float
+    layer_overhead_us: float
+    worker_baseline: int
+    request_us: float
+
+
+def memory_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemTotal")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def storage_rate(model_dir: Path, n_files: int = 24) -> float:
+    """Cold shard read rate, MB/s, one loader (what one worker's storage gives)."""
+    from edgemoe.bench.storage import shard_read_rate
+
+    return shard_read_rate(model_dir, n_files=n_files, streams=1).bytes_per_s / 1e6
+
+
+def compute_rate(model_dir: Path, threads: int, n_embd: int, repeats: int = 5, n_shards: int = 32) -> float:
+    """Expert FFN compute on one token row: MB of shard weights per second, over n_shards distinct
+    shards in turn (more bytes than a CPU cache holds, as in decode, where each expert is read once)."""
+    from edgemoe.ggml.compute import Compute
+    from edgemoe.model.expert_ffn import ExpertFFN, MappedShard, ShardLayout
+
+    m = load_manifest(model_dir)
+    rels = [rel for _, _, rel in m.expert_files()]
+    rels = rels[:: max(1, len(rels) // n_shards)][:n_shards]
+    compute = Compute(threads)
+    ffn = ExpertFFN(compute)
+    shards = [MappedShard(ShardLayout.read(model_dir / rel)) for rel in rels]
+    x = np.random.default_rng(0).standard_normal((1, n_embd)).astype(np.float32)
+    try:
+        for sh in shards:
+            ffn.run(sh, x)  # warm-up: graphs built, pages touched
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for sh in shards:
+                ffn.run(sh, x)
+            rates.append(sum(m.files[rel].size for rel in rels) / (time.perf_counter() - t0) / 1e6)
+    finally:
+        for sh in shards:
+            sh.close()
+        ffn.close()
+    return statistics.median(rates)
+
+
+def loopback(n_embd: int, repeats: int = 300) -> tuple[float, float]:
+    """(round trip in us of 4*n_embd bytes, throughput in MB/s of 4 MiB frames) over ZeroMQ on loopback."""
+    import zmq
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for s in (router, dealer):
+        s.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    stop = threading.Event()
+
+    def echo() -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                router.send_multipart(router.recv_multipart(copy=False), copy=False)
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    try:
+        small = np.zeros(n_embd, np.float32).tobytes()
+        rtts = []
+        for i in range(repeats + 20):
+            t0 = time.perf_counter()
+            dealer.send(small)
+            dealer.recv()
+            if i >= 20:
+                rtts.append(time.perf_counter() - t0)
+        big = bytes(4 << 20)
+        bws = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            dealer.send(big, copy=False)
+            dealer.recv(copy=False)
+            bws.append(2 * len(big) / (time.perf_counter() - t0) / 1e6)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        router.close()
+        dealer.close()
+        ctx.term()
+    return statistics.median(rtts) * 1e6, statistics.median(bws)
+
+
+def layer_overhead(model_dir: Path, threads: int, compute_mb_s: float, n_tokens: int = 24) -> float:
+    """us per layer of the in-process decode beyond the weight bytes it reads at compute_mb_s."""
+    from edgemoe.model.engine import Engine
+    from edgemoe.plan.facts import facts_of_dir
+
+    f = facts_of_dir(model_dir)
+    per_token_bytes = f.head_bytes + f.n_layers * f.trunk_layer_bytes + f.routed_bytes_per_token
+    with Engine(model_dir, n_ctx=n_tokens + 16, n_threads=threads) as eng:
+        logits = eng.eval([1, 2, 3, 4])
+        tok = int(np.argmax(logits[-1] if logits.ndim > 1 else logits))
+        times = []
+        for _ in range(n_tokens):
+            t0 = time.perf_counter()
+            out = eng.eval([tok])
+            times.append(time.perf_counter() - t0)
+            tok = int(np.argmax(out[-1] if out.ndim > 1 else out))
+    t = statistics.median(times[4:]) - per_token_bytes / (compute_mb_s * 1e6)
+    return max(0.0, t / f.n_layers * 1e6)
+
+
+def _decode_times(engine, n_tokens: int) -> float:
+    """Median seconds per greedy decode token of an engine (after 4 warm-up tokens)."""
+    logits = engine.eval([1, 2, 3, 4])
+    tok = int(np.argmax(logits[-1] if logits.ndim > 1 else logits))
+    times = []
+    for _ in range(n_tokens + 4):
+        t0 = time.perf_counter()
+        out = engine.eval([tok])
+        times.append(time.perf_counter() - t0)
+        tok = int(np.argmax(out[-1] if out.ndim > 1 else out))
+    return statistics.median(times[4:])
+
+
+def request_cost(model_dir: Path, threads: int, n_tokens: int = 16) -> float:
+    """us per expert request that a decode through a local 1-worker cluster (lookahead prefetch) takes
+    beyond the same decode in one process: messaging at both ends, the round trip, the worker's
+    map/compute/drop of each shard, as the cluster really runs them."""
+    from edgemoe.cluster.session import ClusterOptions, open_engine
+    from edgemoe.model.engine import Engine
+
+    m = load_manifest(model_dir)
+    with Engine(model_dir, n_ctx=n_tokens + 16, n_threads=threads) as eng:
+        local = _decode_times(eng, n_tokens)
+    opts = ClusterOptions(workers=1, predictor="lookahead", worker_threads=threads)
+    with open_engine(model_dir, opts, n_ctx=n_tokens + 16, n_threads=threads) as eng:
+        cluster = _decode_times(eng, n_tokens)
+    return max(0.0, (cluster - local) / (len(m.moe_layers) * m.n_experts_used) * 1e6)
+
+
+def worker_baseline() -> int:
+    """Resident memory of a fresh process that has loaded what a worker loads before any shard."""
+    code = ("import edgemoe.cluster.worker, edgemoe.ggml.compute as c, zmq; p = c.Compute(1); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout.strip()) * 1024
+
+
+def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> BoardMeasurement:
+    model_dir = Path(model_dir)
+    say = log or (lambda msg: None)
+    from edgemoe.plan.facts import facts_of_dir
+
+    n_embd = facts_of_dir(model_dir).n_embd
+    say("reading expert shards cold from storage ...")
+    storage = storage_rate(model_dir)
+    say(f"  {storage:.0f} MB/s; computing experts on {threads} thread(s) ...")
+    comp = compute_rate(model_dir, threads, n_embd)
+    say(f"  {comp:.0f} MB/s of weights; loopback round trips ...")
+    rtt, bw = loopback(n_embd)
+    say(f"  {rtt:.0f} us, {bw:.0f} MB/s; decoding in one process for the per-layer overhead ...")
+    ovh = layer_overhead(model_dir, threads, comp)
+    say(f"  {ovh:.0f} us per layer; expert requests through a local worker ...")
+    req = request_cost(model_dir, threads)
+    say(f"  {req:.0f} us per request beyond read and compute; a worker's baseline memory ...")
+    base = worker_baseline()
+    say(f"  {base / 2**20:.0f} MiB")
+    return BoardMeasurement(cores(), memory_total(), threads, storage, comp, rtt, bw, ovh, base, req)
+
+
+__all__ = ["BoardMeasurement", "compute_rate", "cores", "layer_overhead", "loopback", "measure_board",
+           "memory_total", "request_cost", "storage_rate", "worker_baseline"]

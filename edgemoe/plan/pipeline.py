@@ -1,0 +1,133 @@
+"""Predicted decode speed of the OD-MoE pipeline on a cluster of profiled boards, and its bottleneck.
+
+A decode token walks the MoE layers one after another (paper section 2). Per layer l:
+
+    t_M  = trunk_layer_bytes / coordinator compute rate + coordinator per-layer overhead
+    t_W  = ceil(k / group size) * (request cost + hidden-state bytes / link rate + shard / worker compute rate)
+           (a worker of the layer's group serves its requests one after another; the request cost is
+           measured: messaging at both ends and the round trip)
+    stall: an expert the predictor missed (probability 1 - recall) and that is not resident is read on
+           demand: shard / storage rate, once per layer that has such a miss
+
+and loads of correctly predicted, non-resident experts overlap the other groups' work (eq. (1): no
+stall while t_load <= n_groups * t_M + (n_groups - 1) * t_W). The token's time is the largest of:
+
+    path     = head + sum over layers (t_M + t_W + stall) [+ the shadow's decode when it shares the
+               coordinator: it runs between tokens]
+    storage  = the streamed shards one worker reads per token / its storage rate (all workers' reads
+               together when they share one disk), mispredicted prefetches included
+    cpu      = all CPU work of the token / cores, when every process shares one host (the local
+               cluster on this machine)
+    shadow   = the shadow's own decode, when it runs on a node of its own
+
+The bottleneck named is the largest component of the winning term: storage, network, compute
+(the workers' expert work), coordinator (trunk, per-layer overhead, in-process shadow).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from edgemoe.plan.facts import ModelFacts
+from edgemoe.plan.memory import MemoryPlan
+
+
+@dataclass(frozen=True)
+class BoardSpeed:
+    """Measured speeds of a board (edgemoe profile-board)."""
+
+    name: str
+    cores: int
+    threads: int
+    compute_bytes_s: float  # expert weight bytes per second of a mat-vec on `threads` threads
+    storage_bytes_s: float  # cold read rate of shards
+    round_trip_s: float  # one small request + reply
+    network_bytes_s: float  # link throughput
+    layer_overhead_s: float  # fixed decode-path cost per layer (coordinator role)
+    request_s: float  # one expert request's fixed cost on the cluster path (both ends, round trip included)
+
+
+@dataclass
+class SpeedPrediction:
+    tok_s: float
+    token_s: float
+    bottleneck: str
+    terms: dict[str, float]  # seconds per token of path, storage, cpu, shadow
+    components: dict[str, float]  # seconds per token of coordinator, network, compute, stall, shadow
+    stall_free: bool  # eq. (1): a predicted load fits the time the other groups take
+    load_s: float
+    maxload_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed], coordinator: BoardSpeed, *,
+                   recall: float = 1.0, predictor: str = "shadow", shadow_node: bool = False,
+                   shared_host: bool = False) -> SpeedPrediction:
+    """Seconds per decode token of the cluster (see the module docstring)."""
+    L = len(facts.moe_layers)
+    k = facts.n_experts_used
+    n = len(workers)
+    g = min(k, n)
+    n_groups = max(1, n // g)
+    shard = facts.mean_shard_bytes
+    hidden = 4.0 * facts.n_embd
+    slow_w = min(workers, key=lambda b: b.compute_bytes_s)
+    slow_s = min(workers, key=lambda b: b.storage_bytes_s)
+    net = min(b.network_bytes_s for b in [*workers, coordinator])
+    rtt = max(b.round_trip_s for b in workers)
+
+    # coordinator: the output head once, then each layer's trunk and fixed overhead
+    head = facts.head_bytes / coordinator.compute_bytes_s
+    trunk = L * (facts.trunk_layer_bytes / coordinator.compute_bytes_s + coordinator.layer_overhead_s)
+    # workers: each layer's experts on its group, ceil(k/g) of them one after another on a worker
+    per_worker = math.ceil(k / g)
+    compute = L * per_worker * shard / slow_w.compute_bytes_s
+    request = max(b.request_s for b in workers)
+    network = L * per_worker * (max(request, rtt) + 2 * hidden / net)
+    # misses: a routed expert neither resident nor predicted is read on demand
+    p_stream = 1.0 - mem.resident_hit
+    r = recall if predictor != "reactive" else 0.0
+    misses_per_layer = k * p_stream * (1.0 - r)
+    load = shard / slow_s.storage_bytes_s
+    # misses of one layer load in parallel on the group's workers, one after another on each
+    stall = L * max(min(1.0, misses_per_layer), misses_per_layer / g) * load
+    # the shadow: the same model again with its smaller experts, in-process (mul_mat_id, no network)
+    shadow = 0.0
+    if predictor == "shadow" and facts.shadow:
+        shadow = (facts.head_bytes + L * (facts.trunk_layer_bytes + k * facts.shadow_shard_bytes)) / coordinator.compute_bytes_s \
+            + L * coordinator.layer_overhead_s
+    path = head + trunk + compute + network + stall + (0.0 if shadow_node else shadow)
+    # storage: streamed shards per token (+ mispredicted prefetches that were loaded for nothing)
+    reads = L * k * p_stream * (1.0 + (1.0 - r) if predictor != "reactive" else 1.0)
+    storage = reads * shard / slow_s.storage_bytes_s * (1.0 if shared_host else 1.0 / n)
+    # cpu: everything on one host shares its cores
+    cpu = 0.0
+    if shared_host:
+        # every routed expert is computed once (on `threads` threads); each request's round trip is CPU on both ends
+        work = head + trunk + shadow + L * k * shard / slow_w.compute_bytes_s * slow_w.threads + L * k * max(request, rtt)
+        cpu = work / max(1, coordinator.cores)
+    terms = {"path": path, "storage": storage, "cpu": cpu, "shadow": shadow if shadow_node else 0.0}
+    token = max(terms.values())
+    components = {"coordinator": head + trunk + (0.0 if shadow_node else shadow), "network": network,
+                  "compute": compute, "stall": stall, "shadow": shadow}
+    win = max(terms, key=terms.get)
+    if win == "storage":
+        bottleneck = "storage"
+    elif win == "shadow":
+        bottleneck = "coordinator (the shadow node)"
+    else:
+        c = {"coordinator": components["coordinator"], "network": network, "compute": compute, "storage": stall}
+        bottleneck = max(c, key=c.get)
+        if win == "cpu":
+            bottleneck += " (the host's cores are shared by every process)"
+    t_m = (head + trunk) / L
+    t_w = (compute + network) / L
+    maxload = n_groups * t_m + (n_groups - 1) * t_w
+    return SpeedPrediction(1.0 / token, token, bottleneck, terms, components, load <= maxload or p_stream == 0,
+                           load, maxload)
+
+
+__all__ = ["BoardSpeed", "SpeedPrediction", "predict_decode"]
