@@ -20,13 +20,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgemoe.cli import bench, chat, convert, imatrix, keygen, run, shadow, worker
+    from edgemoe.cli import bench, chat, convert, imatrix, keygen, run, serve, shadow, worker
 
     parser = _Parser(prog="edgemoe", description="Run Mixture-of-Experts GGUF models on clusters of small edge devices.")
     parser.add_argument("--version", action="version", version=f"edgemoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (convert, imatrix, run, chat, bench, worker, shadow, keygen):
+    for module in (convert, imatrix, run, chat, serve, bench, worker, shadow, keygen):
         module.add_parser(sub)
     return parser
 
