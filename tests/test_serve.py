@@ -8,6 +8,8 @@ PID with a timeout.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -337,6 +339,50 @@ def test_a_thousand_malformed_requests_leave_it_serving(server: ServerProcess, r
     assert _completion(server.client()) == reference["run"]
 
 
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                    "(apt-get install chromium chromium-driver)")
+def test_chat_page_in_a_headless_browser(server: ServerProcess, reference: dict[str, str]) -> None:
+    """Type a message on the page, see the answer stream in (several updates), equal to `edgemoe chat`'s."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        for field, value in (("temp", "0"), ("maxtok", str(N))):
+            el = driver.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(value)
+        driver.find_element(By.ID, "input").send_keys(QUESTION, Keys.ENTER)
+        # record every change of the answer's text, to see it stream rather than arrive at once
+        driver.execute_script("""
+            window.__seen = [];
+            const out = document.querySelector('.assistant');
+            new MutationObserver(() => window.__seen.push(out.textContent))
+                .observe(out, {childList: true, characterData: true, subtree: true});""")
+        WebDriverWait(driver, 120).until(
+            lambda d: "tok/s · first token" in d.find_element(By.CLASS_NAME, "stats").get_attribute("textContent"))
+        answer = driver.find_element(By.CLASS_NAME, "assistant").get_attribute("textContent")
+        seen = driver.execute_script("return window.__seen")
+        stats = driver.find_element(By.CLASS_NAME, "stats").get_attribute("textContent")
+    finally:
+        driver.quit()
+    assert answer == reference["chat"]
+    assert len(set(seen)) >= 2 and all(answer.startswith(s) for s in seen)  # it grew piece by piece
+    assert re.match(r"\d+ tokens · \d+\.\d tok/s · first token after \d+\.\d\d s", stats), stats
+
+
 # -- a local cluster of 2 workers, and a cluster still waiting for its workers -------------------------
 
 def test_cluster_answers_equal_run_and_chat_then_lost_workers(model: Path, reference: dict[str, str],
@@ -410,7 +456,11 @@ def test_waiting_for_workers_is_503_until_they_join(model: Path, reference: dict
 def test_bad_command_lines_are_one_error_line(model: Path, tmp_path: Path) -> None:
     empty = tmp_path / "keys"
     empty.write_text("# nothing\n")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     for args in (["--api-key-file", str(tmp_path / "missing")], ["--api-key-file", str(empty)], ["--port", "70000"],
-                 ["--queue-size", "0"]):
+                 ["--queue-size", "0"], ["--port", str(taken.getsockname()[1])], ["--host", "256.1.1.1"]):
         r = edgemoe("serve", str(model), *args, timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    taken.close()

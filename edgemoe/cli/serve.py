@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -80,11 +81,25 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level=args.log_level.lower(),
                             access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     http = uvicorn.Server(config)
+    sock = listen_socket(args.host, args.port)  # before loading: a port in use is a user error, at once
+    print(f"edgemoe serve: http://{args.host}:{sock.getsockname()[1]}/ (the model loads meanwhile; /health says "
+          "when it is ready)", file=sys.stderr, flush=True)
     runner.start()  # the engine loads (and the workers join) while /health already answers "loading"
     try:
-        http.run()  # returns on SIGINT/SIGTERM
+        http.run(sockets=[sock])  # returns on SIGINT/SIGTERM
     finally:
         runner.stop()
-    if not http.started:
-        raise UserError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this host?)")
+        sock.close()
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn (which listens on it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
