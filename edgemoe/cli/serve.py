@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """A bound TCP socket for uvicorn (which listens on it)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only then, and without
+    # it a keep-alive client waits out a delayed ACK (~40 ms) on every response
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
