@@ -13,7 +13,10 @@ from edgemoe.cli.main import build_parser
 UNITS = sorted((Path(__file__).resolve().parent.parent / "devices" / "systemd").glob("*.service"))
 SAMPLE = {"EDGEMOE_CONNECT": "tcp://10.0.0.1:5555", "EDGEMOE_MODEL": "/srv/edgemoe/models/m",
           "EDGEMOE_PROFILE": "/opt/edgemoe/profiles/raspberry-pi-4-1gb.toml", "EDGEMOE_ARGS": "--log-level WARNING",
-          "EDGEMOE_COORDINATOR_KEY": "/etc/edgemoe/coordinator.key"}
+          "EDGEMOE_COORDINATOR_KEY": "/etc/edgemoe/coordinator.key",
+          "EDGEMOE_BIND": "tcp://0.0.0.0:5555", "EDGEMOE_WORKERS": "8", "EDGEMOE_HOST": "0.0.0.0", "EDGEMOE_PORT": "8080"}
+CREDENTIALS = "/run/credentials/unit"  # what systemd's %d becomes
+
 
 
 def exec_start(unit: Path) -> list[str]:
@@ -26,15 +29,18 @@ def exec_start(unit: Path) -> list[str]:
             words += SAMPLE[m[1]].split()
             continue
         words.append(re.sub(r"\$\{(\w+)\}", lambda m: SAMPLE[m[1]], w).replace("%i", "pi-01").replace("%H", "host")
-                     .replace("%d", "/run/credentials/unit"))
+                     .replace("%d", CREDENTIALS))
     return words
 
 
 def test_there_are_units() -> None:
-    assert {u.name for u in UNITS} >= {"edgemoe-worker@.service", "edgemoe-shadow.service"}
+    assert {u.name for u in UNITS} >= {"edgemoe-worker@.service", "edgemoe-shadow.service", "edgemoe-serve.service"}
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+DAEMONS = [u for u in UNITS if u.name != "edgemoe-serve.service"]
+
+
+@pytest.mark.parametrize("unit", DAEMONS, ids=lambda u: u.name)
 def test_unit_runs_edgemoe_with_accepted_flags(unit: Path) -> None:
     argv = exec_start(unit)
     assert argv[0] == "/opt/edgemoe/.venv/bin/edgemoe"
@@ -78,3 +84,19 @@ def test_install_worker_sets_keys_up(tmp_path: Path) -> None:
     assert set(load_allow_list(tmp_path / "allow")) == {pair.public}
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)  # idempotent: the key stays
     assert again.returncode == 0 and load_secret(keys / "worker-pi-01.key_secret") == pair
+
+
+def test_serve_unit_runs_edgemoe_serve_with_accepted_flags() -> None:
+    unit = next(u for u in UNITS if u.name == "edgemoe-serve.service")
+    argv = exec_start(unit)
+    assert argv[0] == "/opt/edgemoe/.venv/bin/edgemoe" and argv[1] == "serve"
+    args = build_parser().parse_args(argv[1:])  # exits (SystemExit) on any flag edgemoe does not know
+    assert args.model == SAMPLE["EDGEMOE_MODEL"] and args.bind == SAMPLE["EDGEMOE_BIND"] and args.wait_workers == 8
+    assert (args.host, args.port) == ("0.0.0.0", 8080) and args.log_level == "WARNING"
+    # the keys reach the throw-away user as a systemd credential, never as a world-readable file
+    assert args.api_key_file == [CREDENTIALS + "/api-keys"]
+    assert args.key == CREDENTIALS + "/coordinator.key_secret" and args.allow == "/etc/edgemoe/allowed-keys/"
+    text = unit.read_text()
+    assert "LoadCredential=api-keys:/etc/edgemoe/serve.keys" in text
+    assert "LoadCredential=coordinator.key_secret:/etc/edgemoe/keys/coordinator.key_secret" in text
+    assert "RestartPreventExitStatus=2" in text and "DynamicUser=yes" in text

@@ -20,13 +20,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgemoe.cli import bench, chat, convert, imatrix, info, keygen, plan, profile_board, run, shadow, worker
+    from edgemoe.cli import bench, chat, convert, imatrix, info, keygen, plan, profile_board, run, serve, shadow, worker
 
     parser = _Parser(prog="edgemoe", description="Run Mixture-of-Experts GGUF models on clusters of small edge devices.")
     parser.add_argument("--version", action="version", version=f"edgemoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (convert, imatrix, info, run, chat, bench, worker, shadow, keygen, plan, profile_board):
+    for module in (convert, imatrix, info, run, chat, serve, bench, worker, shadow, keygen, plan, profile_board):
         module.add_parser(sub)
     return parser
 

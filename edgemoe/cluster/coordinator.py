@@ -210,6 +210,13 @@ class ClusterExperts(ExpertBackend):
         if not self._planning:
             self.start_residency()
 
+    def poll_idle(self, timeout_s: float) -> None:
+        """Between sequences (a server waiting for requests): serve hellos, heartbeats and goodbyes,
+        and notice local workers that exited, so liveness and memory figures stay current."""
+        self._poll(timeout_s)
+        if self.exited is not None:
+            self._watch()
+
     # residency ----------------------------------------------------------------------------------
     def start_residency(self) -> None:
         """Plan the placement over the workers now in, and re-plan whenever one joins or leaves."""

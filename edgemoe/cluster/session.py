@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edgemoe.cluster.coordinator import ClusterExperts
 from edgemoe.cluster.keys import KeyPair, ServerKeys, require_keys_or_insecure, server_keys
@@ -65,9 +65,11 @@ def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[tuple[int, 
 @contextlib.contextmanager
 def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
                 resident_experts: bool = True, attention: AttentionOptions | None = None,
-                repack: bool = False) -> Iterator[Engine]:
+                repack: bool = False, on_cluster: Callable[[ClusterExperts], None] | None = None) -> Iterator[Engine]:
     """An Engine; with opts.enabled its experts are computed by cluster workers (they hold no KV cache:
-    attention, the KV cache types and flash attention, is the coordinator's and the shadow's)."""
+    attention, the KV cache types and flash attention, is the coordinator's and the shadow's). on_cluster is
+    handed the coordinator before the workers are
+    waited for (a server reports who has joined)."""
     attention = attention or AttentionOptions()
     if not opts.enabled:
         with Engine(model, n_ctx=n_ctx, n_threads=n_threads, resident_experts=resident_experts,
@@ -113,6 +115,8 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend, attention=attention)
     try:
         assert cluster is not None
+        if on_cluster is not None:
+            on_cluster(cluster)
         if opts.workers:
             local = LocalWorkers(model, opts.workers, cluster.endpoint, memory_budget=opts.memory_budget,
                                  threads=opts.worker_threads, auth=cluster.auth).start()

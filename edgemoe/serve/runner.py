@@ -1,0 +1,293 @@
+"""The engine's thread: it opens the engine (and cluster), then serves queued requests one at a time.
+
+One thread owns the engine and its ZeroMQ sockets for their whole life (ZeroMQ sockets are not
+thread-safe; the engine holds one sequence). The HTTP side puts Jobs into a bounded queue and reads
+their events from an asyncio queue; a job's `cancelled` flag (a client that went away) is checked
+before every token, so the engine is free again one decode step later.
+
+Generation is edgemoe.model.generate with the request's SamplingParams, exactly as `edgemoe run` and
+`edgemoe chat` call it, so temperature 0 gives their text. Stop strings and cancellation end it
+early by raising from the token tap (generate itself has no such hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemoe.cluster.session import ClusterOptions, open_engine
+from edgemoe.errors import UserError
+from edgemoe.model.generate import generate
+from edgemoe.model.tokenizer import Tokenizer
+from edgemoe.serve.api import ApiError, GenRequest
+from edgemoe.serve.stops import StopMatcher
+
+log = logging.getLogger("edgemoe.serve")
+
+
+@dataclass
+class Result:
+    """How a generation ended (its text went out as "text" events)."""
+
+    finish: str  # "stop" or "length"
+    n_prompt: int
+    n_completion: int
+    prefill_s: float
+    decode_s: float
+    queued_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.n_completion - 1) / self.decode_s if self.n_completion > 1 and self.decode_s > 0 else 0.0
+
+    def timings(self) -> dict[str, float]:
+        """llama-server's `timings` object (the chat page shows predicted_per_second)."""
+        return {"prompt_n": self.n_prompt, "prompt_ms": self.prefill_s * 1e3,
+                "prompt_per_second": self.n_prompt / self.prefill_s if self.prefill_s > 0 else 0.0,
+                "predicted_n": self.n_completion, "predicted_ms": self.decode_s * 1e3,
+                "predicted_per_second": self.decode_tok_s, "queued_ms": self.queued_s * 1e3}
+
+
+@dataclass
+class Job:
+    """One request in flight: events ("text", str) ... then ("done", Result) or ("error", ApiError)."""
+
+    req: GenRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    def emit(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+class _Halt(Exception):
+    """Ends generate() early: a stop string matched, or the client went away."""
+
+
+class _Tap:
+    """The tokenizer generate() sees: counts tokens, checks cancellation before each one, and
+    passes text through the stop matcher to the job."""
+
+    def __init__(self, tok: Tokenizer, job: Job, stops: StopMatcher) -> None:
+        self._tok, self._job, self._stops = tok, job, stops
+        self.count = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+
+    def is_eog(self, t: int) -> bool:
+        return self._tok.is_eog(t)
+
+    def detokenizer(self) -> "_Tap":
+        self._detok = self._tok.detokenizer()
+        return self
+
+    def push(self, t: int) -> str:
+        if self._job.cancelled.is_set():
+            raise _Halt("cancelled")
+        self.last_at = time.perf_counter()
+        if not self.count:
+            self.first_at = self.last_at
+        self.count += 1
+        return self._detok.push(t)
+
+    def flush(self) -> str:
+        return self._detok.flush()
+
+    def on_text(self, piece: str) -> None:
+        out = self._stops.push(piece)
+        if out:
+            self._job.emit("text", out)
+        if self._stops.stopped:
+            raise _Halt("stop")
+
+
+@dataclass
+class Totals:
+    """Counters since start, read by the metrics collector."""
+
+    requests: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    last_decode_tok_s: float = 0.0
+    last_job_s: float = 0.0
+
+
+class Runner:
+    """Owns the engine in a thread of its own; submit() queues a Job (503 when full or not ready)."""
+
+    def __init__(self, model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
+                 resident_experts: bool = True, queue_size: int = 8, n_predict: int = 512) -> None:
+        self.model, self.opts = model, opts
+        self.n_ctx_requested, self.n_threads, self.resident_experts = n_ctx, n_threads, resident_experts
+        self.n_predict = n_predict
+        self.expected_workers = opts.workers + opts.wait_workers
+        self.state = "loading"  # -> "ready" -> "stopped", or "failed"
+        self.reason = "loading the model"
+        self.cluster = None  # the coordinator (ClusterExperts), once made
+        self.local_workers = None
+        self.n_ctx = 0
+        self.tokenizer: Tokenizer | None = None  # the HTTP side's own (vocab-only) tokenizer
+        self.busy = False
+        self.totals = Totals()
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="edgemoe-engine", daemon=True)
+
+    # -- the HTTP side ----------------------------------------------------------------------------
+    def start(self) -> "Runner":
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        return self._ready.wait(timeout_s)
+
+    def live_workers(self) -> int:
+        c = self.cluster
+        return sum(1 for w in list(c.workers.values()) if w.alive) if c is not None else 0
+
+    def unavailable(self) -> str | None:
+        """Why a request cannot be served now (None: it can)."""
+        if self.state == "loading":
+            if self.cluster is not None:
+                return f"waiting for workers: {self.live_workers()} of {self.expected_workers} joined"
+            return "the model is loading"
+        if self.state != "ready":
+            return self.reason
+        if self.cluster is not None and self.live_workers() == 0:
+            return f"no workers are connected (0 of {self.expected_workers}): every worker is gone"
+        return None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        why = self.unavailable()
+        if why is not None:
+            raise ApiError(503, why, type="server_error", code="unavailable", headers={"Retry-After": "5"})
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            wait = max(1, math.ceil(self.totals.last_job_s * (self.queue_size + 1)))
+            raise ApiError(503, f"the server is busy: {self.queue_size} requests are already waiting", type="server_error",
+                           code="queue_full", headers={"Retry-After": str(wait)}) from None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    # -- the engine's thread ----------------------------------------------------------------------
+    def _on_cluster(self, cluster) -> None:
+        self.cluster = cluster
+
+    def _main(self) -> None:
+        try:
+            with open_engine(self.model, self.opts, n_ctx=self.n_ctx_requested, n_threads=self.n_threads,
+                             resident_experts=self.resident_experts, on_cluster=self._on_cluster) as engine, \
+                    Tokenizer(engine.weights.path) as tok, Tokenizer(engine.weights.path) as http_tok:
+                self.local_workers = getattr(engine, "local_workers", None)
+                self.engine, self.n_ctx, self.tokenizer = engine, engine.n_ctx, http_tok
+                self.state, self.reason = "ready", ""
+                self._ready.set()
+                log.info("ready: %s, context %d tokens", self.model, self.n_ctx)
+                while not self._stop.is_set():
+                    try:
+                        job = self._queue.get(timeout=0.1)
+                    except queue.Empty:
+                        if self.cluster is not None:  # heartbeats, hellos, goodbyes while idle
+                            self.cluster.poll_idle(0)
+                        continue
+                    self._serve(engine, tok, job)
+                self.state, self.reason = "stopped", "the server is shutting down"
+        except UserError as e:
+            self.state, self.reason = "failed", str(e)
+            log.error("%s", e)
+        except Exception as e:  # a daemon reports and stays up (health says why), never a silent thread death
+            self.state, self.reason = "failed", f"the engine failed: {type(e).__name__}: {e}"
+            log.exception("the engine failed")
+        finally:
+            self._ready.set()
+            if self.state == "ready":
+                self.state, self.reason = "stopped", "the server is shutting down"
+            while True:  # nobody will serve what is still queued
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                job.emit("error", ApiError(503, self.reason, type="server_error", code="unavailable"))
+
+    def _serve(self, engine, tok: Tokenizer, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.totals.cancelled += 1
+            return
+        t_start = time.monotonic()
+        queued_s = t_start - job.enqueued_at
+        why = self.unavailable()
+        if why is not None:
+            job.emit("error", ApiError(503, why, type="server_error", code="unavailable"))
+            return
+        req = job.req
+        n_prompt = len(req.prompt_tokens)
+        n_predict = req.max_tokens or self.n_predict
+        if req.kind == "chat":  # as `edgemoe chat` bounds an answer
+            n_predict = min(n_predict, engine.n_ctx - n_prompt - 1)
+        stops = StopMatcher(req.stop)
+        tap = _Tap(tok, job, stops)
+        self.busy = True
+        try:
+            engine.reset()
+            t0 = time.perf_counter()
+            try:
+                gen = generate(engine, tap, req.prompt_tokens, n_predict=n_predict, sampling=req.sampling,
+                               on_text=tap.on_text)  # type: ignore[arg-type]  (a Tokenizer, tapped)
+                finish = "stop" if gen.stop == "eos" else "length"
+            except _Halt as h:
+                if str(h) == "cancelled":
+                    self.totals.cancelled += 1
+                    log.info("a client went away after %d tokens; the engine is free", tap.count)
+                    return
+                finish = "stop"
+            tail = stops.flush()
+            if tail:
+                job.emit("text", tail)
+            prefill_s = (tap.first_at if tap.count else time.perf_counter()) - t0  # to the first token
+            decode_s = tap.last_at - tap.first_at if tap.count > 1 else 0.0
+            result = Result(finish, n_prompt, tap.count, prefill_s, decode_s, queued_s)
+            t = self.totals
+            t.requests += 1
+            t.prompt_tokens += n_prompt
+            t.completion_tokens += tap.count
+            t.decode_steps += max(tap.count - 1, 0)
+            t.decode_s += decode_s
+            t.prefill_s += result.prefill_s
+            t.last_decode_tok_s = result.decode_tok_s
+            job.emit("done", result)
+        except UserError as e:
+            self.totals.failed += 1
+            job.emit("error", ApiError(400, str(e)))
+        except RuntimeError as e:  # e.g. every worker is gone: the coordinator cannot finish the token
+            self.totals.failed += 1
+            log.warning("request failed: %s", e)
+            job.emit("error", ApiError(503, str(e), type="server_error", code="workers_unavailable"))
+        finally:
+            self.busy = False
+            self.totals.last_job_s = time.monotonic() - t_start
