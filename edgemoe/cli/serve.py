@@ -8,7 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
-from edgemoe.cli.run import add_engine_args, add_sampling_args, check_engine_args, cluster_options, sampling_from_args
+from edgemoe.cli.run import (add_engine_args, add_sampling_args, attention_from_args, check_engine_args, cluster_options,
+                             repack_from_args, sampling_from_args)
 from edgemoe.errors import UserError
 
 HELP = "serve the model over an OpenAI-compatible HTTP API, with a chat page and Prometheus metrics"
@@ -74,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
     from edgemoe.serve.app import Server, make_app
     from edgemoe.serve.runner import Runner
 
-    runner = Runner(args.model, cluster_options(args), n_ctx=args.ctx_size, n_threads=args.threads,
-                    resident_experts=args.resident_experts, queue_size=args.queue_size, n_predict=args.n_predict)
+    opts = cluster_options(args)
+    runner = Runner(args.model, opts, n_ctx=args.ctx_size, n_threads=args.threads,
+                    resident_experts=args.resident_experts, attention=attention_from_args(args),
+                    repack=repack_from_args(args, cluster=opts.enabled), queue_size=args.queue_size,
+                    n_predict=args.n_predict)
     name = args.alias or Path(args.model).resolve().name.removesuffix(".gguf")
     server = Server(runner, model_name=name, api_keys=keys, defaults=defaults)
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level=args.log_level.lower(),

@@ -67,9 +67,8 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
                 resident_experts: bool = True, attention: AttentionOptions | None = None,
                 repack: bool = False, on_cluster: Callable[[ClusterExperts], None] | None = None) -> Iterator[Engine]:
     """An Engine; with opts.enabled its experts are computed by cluster workers (they hold no KV cache:
-    attention, the KV cache types and flash attention, is the coordinator's and the shadow's). on_cluster is
-    handed the coordinator before the workers are
-    waited for (a server reports who has joined)."""
+    attention, the KV cache types and flash attention, is the coordinator's and the shadow's). on_cluster
+    is handed the coordinator before the workers are waited for (a server reports who has joined)."""
     attention = attention or AttentionOptions()
     if not opts.enabled:
         with Engine(model, n_ctx=n_ctx, n_threads=n_threads, resident_experts=resident_experts,

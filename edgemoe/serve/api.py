@@ -61,6 +61,16 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _text(s: str, where: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which are no UTF-8 and no text to tokenize."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{where} is not valid Unicode (a lone surrogate)", where.split("[")[0].split(".")[0],
+                  "invalid_value") from None
+    return s
+
+
 def _number(body: dict, name: str, lo: float, hi: float) -> float | None:
     v = body.get(name)
     if v is None:
@@ -126,6 +136,8 @@ def _common(body: dict, kind: str, defaults: SamplingParams) -> GenRequest:
         raise bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         raise bad(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+    for s in stops:
+        _text(s, "stop")
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -167,7 +179,7 @@ def parse_chat(body: dict[str, Any], defaults: SamplingParams) -> GenRequest:
             role = "system"
         if not isinstance(role, str) or role not in ("system", "user", "assistant", "tool"):
             raise bad(f"messages[{i}].role must be system, user, assistant or tool", "messages", "invalid_value")
-        req.messages.append({"role": role, "content": _content(m, i)})
+        req.messages.append({"role": role, "content": _text(_content(m, i), f"messages[{i}].content")})
     return req
 
 
@@ -185,7 +197,7 @@ def parse_completion(body: dict[str, Any], defaults: SamplingParams) -> GenReque
     if _bool(body, "echo"):
         raise bad("'echo' is not supported", "echo", "unsupported_value")
     req = _common(body, "completion", defaults)
-    req.prompt = prompt
+    req.prompt = _text(prompt, "prompt") if isinstance(prompt, str) else prompt
     return req
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.errors import UserError
 from edgemoe.model.generate import generate
+from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.model.tokenizer import Tokenizer
 from edgemoe.serve.api import ApiError, GenRequest
 from edgemoe.serve.stops import StopMatcher
@@ -133,8 +134,10 @@ class Runner:
     """Owns the engine in a thread of its own; submit() queues a Job (503 when full or not ready)."""
 
     def __init__(self, model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
-                 resident_experts: bool = True, queue_size: int = 8, n_predict: int = 512) -> None:
+                 resident_experts: bool = True, attention: AttentionOptions | None = None, repack: bool = False,
+                 queue_size: int = 8, n_predict: int = 512) -> None:
         self.model, self.opts = model, opts
+        self.attention, self.repack = attention, repack
         self.n_ctx_requested, self.n_threads, self.resident_experts = n_ctx, n_threads, resident_experts
         self.n_predict = n_predict
         self.expected_workers = opts.workers + opts.wait_workers
@@ -202,7 +205,8 @@ class Runner:
     def _main(self) -> None:
         try:
             with open_engine(self.model, self.opts, n_ctx=self.n_ctx_requested, n_threads=self.n_threads,
-                             resident_experts=self.resident_experts, on_cluster=self._on_cluster) as engine, \
+                             resident_experts=self.resident_experts, attention=self.attention, repack=self.repack,
+                             on_cluster=self._on_cluster) as engine, \
                     Tokenizer(engine.weights.path) as tok, Tokenizer(engine.weights.path) as http_tok:
                 self.local_workers = getattr(engine, "local_workers", None)
                 self.engine, self.n_ctx, self.tokenizer = engine, engine.n_ctx, http_tok
