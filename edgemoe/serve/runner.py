@@ -145,6 +145,7 @@ class Runner:
         self.reason = "loading the model"
         self.cluster = None  # the coordinator (ClusterExperts), once made
         self.local_workers = None
+        self.engine = None  # set in the engine's thread; only that thread calls it
         self.n_ctx = 0
         self.tokenizer: Tokenizer | None = None  # the HTTP side's own (vocab-only) tokenizer
         self.busy = False
