@@ -113,9 +113,9 @@ def test_the_verdict_is_probed_once_and_exported(monkeypatch) -> None:
     assert os.environ[ENV_VAR] == "0"  # child processes inherit the verdict
 
 
-def _bench_engine(model: Path, reference: Path, verdict: str) -> subprocess.CompletedProcess:
+def _bench_engine(model: Path, reference: Path, verdict: str, repack: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, **{ENV_VAR: verdict})
-    args = ["bench", "engine", str(model), "--reference", str(reference), "--reference-repack", "-t", "1",
+    args = ["bench", "engine", str(model), "--reference", str(reference), "--repack", repack, "-t", "1",
             "--prompt-tokens", "8", "--n-predict", "4", "--repeat", "1", "--json"]
     return subprocess.run([sys.executable, "-m", "edgemoe", *args], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -125,17 +125,24 @@ def test_bench_engine_says_when_repacking_is_unavailable(converted_models: dict,
     import json
 
     name = "llama-moe-q4_k_m"
-    off = _bench_engine(converted_models[name], fixtures_dir / f"{name}.gguf", "0")
+    model, ref = converted_models[name], fixtures_dir / f"{name}.gguf"
+    off = _bench_engine(model, ref, "0", "auto")
     assert off.returncode == 0, off.stderr
     assert "note: llama.cpp's weight repacking is unavailable on this machine" in off.stderr
+    assert ENV_VAR in off.stderr  # the reason
     r = json.loads(off.stdout.strip().splitlines()[-1])
-    assert r["reference_repack"] is False and ENV_VAR in r["reference_repack_note"]
+    assert r["reference_repack"] is False and r["repack"] is False
     assert r["tokens_match"] is True  # without repacking both sides run the same kernels
+
+    on = _bench_engine(model, ref, "0", "on")  # asked for where it cannot run: an error, not a crash
+    assert on.returncode == 2
+    assert on.stderr.strip().startswith("error: --repack on") and ENV_VAR in on.stderr
+    assert "Traceback" not in on.stderr
 
     if not extra_bufts.extra_bufts_usable():
         return  # forcing repacking on where it cannot run would be the crash this module prevents
-    on = _bench_engine(converted_models[name], fixtures_dir / f"{name}.gguf", "1")
-    assert on.returncode == 0, on.stderr
-    r = json.loads(on.stdout.strip().splitlines()[-1])
-    assert r["reference_repack"] is True and r["reference_repack_note"] == ""
-    assert "unavailable" not in on.stderr
+    auto = _bench_engine(model, ref, "1", "auto")
+    assert auto.returncode == 0, auto.stderr
+    r = json.loads(auto.stdout.strip().splitlines()[-1])
+    assert r["reference_repack"] is True and r["repack"] is True and r["reference_repack_note"] == ""
+    assert "unavailable" not in auto.stderr

@@ -115,11 +115,17 @@ def run_engine(args: argparse.Namespace) -> int:
         raise UserError("--threads, --prompt-tokens, --repeat must be >= 1 and --n-predict >= 2")
     from edgemoe.bench.engine import bench_engine
 
+    from edgemoe.util.extra_bufts import extra_bufts_result
+
     ref = _reference_for(args.model, args.reference)
+    repack = repack_from_args(args)
+    if args.repack == "auto" and not repack:
+        print(f"note: llama.cpp's weight repacking is unavailable on this machine ({extra_bufts_result().reason}); "
+              "edgemoe and llama.cpp both run without it", file=sys.stderr)
     r = bench_engine(args.model, ref, threads=args.threads, prompt_tokens=args.prompt_tokens,
                      n_predict=args.n_predict, repeats=args.repeat,
                      n_ctx=max(256, args.prompt_tokens + args.n_predict + 8), resident_experts=args.resident_experts,
-                     repack=repack_from_args(args), attention=attention_from_args(args))
+                     repack=repack, attention=attention_from_args(args))
     s = r.summary()
     if r.reference_repack_note:
         print(f"note: {r.reference_repack_note}", file=sys.stderr)
