@@ -198,6 +198,12 @@ def served(q8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         s.coord.close()
 
 
+def expert_out(local: LocalExperts, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+    """The in-process expert's output. (Through the class: LocalExperts instances of this main keep
+    their Compute in an attribute named `compute`, which hides the method.)"""
+    return LocalExperts.compute(local, layer, expert, x)
+
+
 def hidden(n: int, seed: int, n_embd: int = 256) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, n_embd), dtype=np.float32)
 
@@ -229,7 +235,7 @@ def test_compute_equals_local_experts(served: Served, local_q8: LocalExperts, q8
         assert (msg["layer"], msg["experts"], msg["rows"]) == (layer, [expert], [n])
         assert msg["hits"] == 0 and msg["wait_s"] == 0 and msg["load_s"] > 0 and msg["compute_s"] > 0
         assert msg.tensor.shape == (n, n_embd)
-        assert np.array_equal(msg.tensor, local_q8.compute(layer, expert, x)), (layer, expert, n)
+        assert np.array_equal(msg.tensor, expert_out(local_q8, layer, expert, x)), (layer, expert, n)
     served.worker.wait_log(r"drop L2\.E7 \(computed\)")
 
 
@@ -250,7 +256,7 @@ def test_prefetch_then_compute_hits(served: Served, local_q8: LocalExperts, q8_m
     w.wait_log(r"load L2\.E4:")
     msg = c.compute(served.ident, 200, 2, 4, x)
     assert msg.type == P.RESULT and msg["hits"] == 1 and msg["load_s"] == 0
-    assert np.array_equal(msg.tensor, local_q8.compute(2, 4, x))
+    assert np.array_equal(msg.tensor, expert_out(local_q8, 2, 4, x))
     assert "load L2.E5" not in w.log()
     w.wait_log(r"drop L2\.E4 \(computed\)")
 
@@ -285,7 +291,7 @@ def test_one_message_many_experts(served: Served, local_q8: LocalExperts, q8_mod
     msg = c.compute(served.ident, 250, 2, [1, 4, 6], x, rows=[1, 2, 1])
     assert msg.type == P.RESULT, msg.fields
     assert msg["experts"] == [1, 4, 6] and msg["rows"] == [1, 2, 1] and msg["hits"] == 0
-    want = np.concatenate([local_q8.compute(2, 1, x[:1]), local_q8.compute(2, 4, x[1:3]), local_q8.compute(2, 6, x[3:])])
+    want = np.concatenate([expert_out(local_q8, 2, 1, x[:1]), expert_out(local_q8, 2, 4, x[1:3]), expert_out(local_q8, 2, 6, x[3:])])
     assert np.array_equal(msg.tensor, want)
     # more experts to load at once than the worker has just-in-time slots: refused, nothing stays pinned
     slots = served.hello["jit_slots"]
@@ -308,7 +314,7 @@ def test_residents_stay_mapped(served: Served, local_q8: LocalExperts, q8_model:
     for req in (260, 261, 262):  # hits every time: computed, never dropped
         msg = c.compute(served.ident, req, 1, [0, 1], np.repeat(x, 2, axis=0), rows=[1, 1])
         assert msg.type == P.RESULT and msg["hits"] == 2 and msg["load_s"] == 0, msg.fields
-        assert np.array_equal(msg.tensor[1:], local_q8.compute(1, 1, x))
+        assert np.array_equal(msg.tensor[1:], expert_out(local_q8, 1, 1, x))
     assert "drop L1.E0" not in w.log() and w.log().count("load L1.E0:") == 1
     # a prediction of a resident loads nothing more
     c.publish(P.PREFETCH, step=50, loads=[[served.worker_id, 1, 0]])
@@ -366,7 +372,7 @@ def test_bad_messages_are_logged_and_dropped(served: Served, local_q8: LocalExpe
         msg = c.compute(ident, req, layer, expert, xx)
         assert msg.type == P.FAIL and why in msg["reason"], msg.fields
     msg = c.compute(ident, 305, 0, 0, x)
-    assert msg.type == P.RESULT and np.array_equal(msg.tensor, local_q8.compute(0, 0, x))
+    assert msg.type == P.RESULT and np.array_equal(msg.tensor, expert_out(local_q8, 0, 0, x))
     assert w.proc.poll() is None
 
 
@@ -382,7 +388,7 @@ def test_restarted_coordinator_is_rejoined(served: Served, local_q8: LocalExpert
     served.worker_id = 3
     x = hidden(2, 9, n_embd_of(q8_model))
     msg = new.compute(ident, 400, 1, 1, x)
-    assert msg.type == P.RESULT and np.array_equal(msg.tensor, local_q8.compute(1, 1, x))
+    assert msg.type == P.RESULT and np.array_equal(msg.tensor, expert_out(local_q8, 1, 1, x))
     new.publish(P.PREFETCH, step=1, loads=[[3, 1, 2]])
     served.worker.wait_log(r"load L1\.E2:")
     assert new.compute(ident, 401, 1, 2, x)["hits"] == 1
@@ -476,7 +482,7 @@ def test_bounded_memory_and_sigterm(converted_models: dict[str, Path], served: S
             results.append((coord.compute(ident, req, 2, e, x := hidden(3, req, n_embd)), 2, e, x))
         for msg, layer, expert, x in results:
             assert msg.type == P.RESULT, msg.fields
-            assert np.array_equal(msg.tensor, local.compute(layer, expert, x)), (layer, expert)
+            assert np.array_equal(msg.tensor, expert_out(local, layer, expert, x)), (layer, expert)
         assert all(b["rss"] < budget for b in coord.heartbeats)
         hits = sum(m["hits"] for m, *_ in results)
         assert 2 + 1 <= hits < len(results)  # L0.E0, L0.E1 and the last one asked of layer 2 at least
