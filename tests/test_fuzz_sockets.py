@@ -20,9 +20,8 @@ from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.cluster.sockets import Relinker
 from edgemoe.format.manifest import manifest_hash
-from edgemoe.ggml import Compute
 from edgemoe.model.engine import Engine
-from edgemoe.model.experts import LocalExperts
+from tests.experts_ref import ExpertsReference
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.util.proc import rss_bytes
 from tests.fuzzing import batches
@@ -163,7 +162,7 @@ def test_worker_sockets(converted_models: dict[str, Path], tmp_path: Path) -> No
     pair, secret = keyfile(tmp_path, "w")
     coord = SecureFakeCoordinator(pair.public)
     proc = spawn_worker(f"tcp://127.0.0.1:{coord.port}", model, tmp_path / "w.log", *key_flags(secret, coord.pair))
-    local = LocalExperts(model, Compute(1))
+    local = ExpertsReference(model)
     oversized = P.frame_limit(P.rows_bytes(256)) + 1
     rss: list[int] = []
 

@@ -25,9 +25,8 @@ import zmq
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.budget import default_reserve, page_round
 from edgemoe.format.manifest import expert_file_name, manifest_hash
-from edgemoe.ggml import Compute
 from edgemoe.model.expert_ffn import ShardLayout
-from edgemoe.model.experts import LocalExperts
+from tests.experts_ref import ExpertsReference
 from edgemoe.util.proc import peak_rss_bytes
 
 pytestmark = pytest.mark.timeout(60)
@@ -172,8 +171,8 @@ def q8_model(converted_models: dict[str, Path], tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
-def local_q8(converted_models: dict[str, Path]) -> LocalExperts:
-    return LocalExperts(converted_models["llama-moe-q8_0"], Compute(1))
+def local_q8(converted_models: dict[str, Path]) -> ExpertsReference:
+    return ExpertsReference(converted_models["llama-moe-q8_0"])
 
 
 class Served:
@@ -226,7 +225,7 @@ def test_hello_names_the_model(served: Served, q8_model: Path) -> None:
     served.worker.wait_log("welcomed as worker 7")
 
 
-def test_compute_equals_local_experts(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+def test_compute_equals_local_experts(served: Served, local_q8: ExpertsReference, q8_model: Path) -> None:
     n_embd = n_embd_of(q8_model)
     for req, (layer, expert, n) in enumerate([(0, 0, 1), (1, 5, 3), (3, 2, 7), (2, 7, 64)], start=100):
         x = hidden(n, req, n_embd)
@@ -249,7 +248,7 @@ def test_heartbeats_while_idle(served: Served) -> None:
     assert all(0 < b["rss"] <= b["peak_rss"] < 512 << 20 for b in beats)
 
 
-def test_prefetch_then_compute_hits(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+def test_prefetch_then_compute_hits(served: Served, local_q8: ExpertsReference, q8_model: Path) -> None:
     c, w, wid = served.coord, served.worker, served.worker_id
     x = hidden(2, 1, n_embd_of(q8_model))
     c.publish(P.PREFETCH, step=1, loads=[[wid, 2, 4], [wid + 1, 2, 5]])  # (2, 5) is another worker's
@@ -283,7 +282,7 @@ def test_prefetch_then_compute_hits(served: Served, local_q8: LocalExperts, q8_m
     w.wait_log(r"drop L0\.E2 \(prefetch expired\)")
 
 
-def test_one_message_many_experts(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+def test_one_message_many_experts(served: Served, local_q8: ExpertsReference, q8_model: Path) -> None:
     """One compute carries several experts of a layer, each on its own rows; outputs come back in order."""
     c = served.coord
     n_embd = n_embd_of(q8_model)
@@ -301,7 +300,7 @@ def test_one_message_many_experts(served: Served, local_q8: LocalExperts, q8_mod
     assert c.compute(served.ident, 252, 0, 0, x[:1]).type == P.RESULT
 
 
-def test_residents_stay_mapped(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+def test_residents_stay_mapped(served: Served, local_q8: ExpertsReference, q8_model: Path) -> None:
     c, w = served.coord, served.worker
     h = served.hello
     assert h["jit_slots"] == 3  # top-2 plus one for a prefetch
@@ -329,7 +328,7 @@ def test_residents_stay_mapped(served: Served, local_q8: LocalExperts, q8_model:
     assert w.log().count("load L1.E1:") == 1
 
 
-def test_bad_messages_are_logged_and_dropped(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+def test_bad_messages_are_logged_and_dropped(served: Served, local_q8: ExpertsReference, q8_model: Path) -> None:
     c, w, ident = served.coord, served.worker, served.ident
     n_embd = n_embd_of(q8_model)
     x = hidden(1, 5, n_embd)
@@ -376,7 +375,7 @@ def test_bad_messages_are_logged_and_dropped(served: Served, local_q8: LocalExpe
     assert w.proc.poll() is None
 
 
-def test_restarted_coordinator_is_rejoined(served: Served, local_q8: LocalExperts, q8_model: Path) -> None:
+def test_restarted_coordinator_is_rejoined(served: Served, local_q8: ExpertsReference, q8_model: Path) -> None:
     old = served.coord
     ports = old.router_port, old.pub_port
     old.close()
@@ -452,7 +451,7 @@ def test_budget_below_one_expert_names_the_smallest(q8_model: Path, served: Serv
 def test_bounded_memory_and_sigterm(converted_models: dict[str, Path], served: Served, tmp_path: Path) -> None:
     """Budget = baseline + reserve + two experts: many experts served, peak RSS (seen from outside) within budget."""
     model = converted_models["llama-moe-f32"]
-    local = LocalExperts(model, Compute(1))
+    local = ExpertsReference(model)
     layout = ShardLayout.read(model / expert_file_name(0, 0))
     n_embd, n_ff = layout.tensors["down"].ne[1], layout.n_ff
     shard = page_round(layout.size)
