@@ -75,19 +75,16 @@ def _edgemoe_run(engine: Engine, prompt: list[int], n_predict: int) -> tuple[Run
 
 def bench_engine(model: str | Path, reference: str | Path, *, threads: int, prompt_tokens: int = 64,
                  n_predict: int = 64, repeats: int = 3, n_ctx: int = 1024, resident_experts: bool = True,
-                 repack: bool | None = False, attention: AttentionOptions | None = None) -> EngineBench:
+                 repack: bool = False, attention: AttentionOptions | None = None) -> EngineBench:
     """Greedy decoding of a fixed synthetic prompt (token ids 100..) on both engines.
 
-    repack: (None: where this machine can run them) both sides with llama.cpp's repacked weights (CPU_REPACK: Q4_0, Q4_K, IQ4_NL... on x86), as
+    repack: both sides with llama.cpp's repacked weights (CPU_REPACK: Q4_0, Q4_K, IQ4_NL... on x86), as
     llama.cpp runs by default; attention: the KV cache types and flash attention of both.
     """
     prompt = [100 + i for i in range(prompt_tokens)]
     result = EngineBench(str(model), str(reference), threads, prompt_tokens, n_predict, repeats,
                          resident_experts=resident_experts)
     attention = attention or AttentionOptions()
-    asked = repack is not False
-    if repack is None:  # auto: where this machine can run it
-        repack = extra_bufts_result().usable
     with Engine(model, n_ctx=n_ctx, n_threads=threads, resident_experts=resident_experts, attention=attention,
                 repack=repack) as engine, \
             LlamaCppReference(reference, n_ctx=n_ctx, n_threads=threads, extra_bufts=repack,
@@ -95,7 +92,7 @@ def bench_engine(model: str | Path, reference: str | Path, *, threads: int, prom
         result.attention = engine.kv.attn.describe()
         result.reference_repack = ref.extra_bufts
         result.repack = engine.repacker is not None
-        if asked and not ref.extra_bufts:
+        if repack and not ref.extra_bufts:
             result.reference_repack_note = (
                 "llama.cpp's weight repacking is unavailable on this machine "
                 f"({extra_bufts_result().reason}); llama.cpp ran without it")
