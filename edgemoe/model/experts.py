@@ -83,7 +83,7 @@ class LocalExperts(ExpertBackend):
         self.model_dir = Path(model_dir)
         self.manifest = manifest  # when given, each shard's sha256 is checked on first use
         self.resident = resident
-        self.compute = compute
+        self._graphs_compute = compute  # not .compute: that is the ExpertBackend method
         self._layers: dict[int, tuple[LayerExperts, MoEGraph]] = {}
         self._uneven: dict[int, dict[int, ShardLayout]] = {}
         self._ffn: ExpertFFN | None = None
@@ -107,13 +107,13 @@ class LocalExperts(ExpertBackend):
                 self._uneven[layer] = layouts
                 return None
             replace = (lambda: self._repacked(layer, view)) if self.repacker is not None else None
-            entry = self._layers[layer] = (view, MoEGraph(view, self.compute, n_embd, replace))
+            entry = self._layers[layer] = (view, MoEGraph(view, self._graphs_compute, n_embd, replace))
         return entry
 
     def _compute_uneven(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> np.ndarray:
         """One expert at a time, each from its own mapping (shards that cannot share one view)."""
         if self._ffn is None:
-            self._ffn = ExpertFFN(self.compute)
+            self._ffn = ExpertFFN(self._graphs_compute)
         out = np.empty((*selected.shape, hidden.shape[1]), dtype=np.float32)
         for e in np.unique(selected):
             tok, slot = np.nonzero(selected == e)
