@@ -263,14 +263,15 @@ def test_engine_greedy_equals_llama_cpp_on_real_models(full: Path, name: str) ->
 
 
 def _cluster_greedy(model: Path, n_predict: int, predictor: str = "lookahead") -> tuple[list[int], list[int]]:
-    """Greedy tokens of the model served by a local cluster of 4 workers (loopback ZeroMQ)."""
+    """Greedy tokens of the model served by a local cluster of 4 workers (loopback ZeroMQ), streaming
+    every expert (residency off) so that the predictor is what names them ahead of time."""
     from edgemoe.cluster.session import ClusterOptions, open_engine
     from edgemoe.model.generate import greedy_tokens
     from edgemoe.model.tokenizer import Tokenizer
 
     with Tokenizer(model / "trunk.gguf") as tok:
         prompt = tok.tokenize("The capital of France is", add_special=True)
-    with open_engine(model, ClusterOptions(workers=4, predictor=predictor), n_ctx=256, n_threads=1) as engine:
+    with open_engine(model, ClusterOptions(workers=4, predictor=predictor, residency="off"), n_ctx=256, n_threads=1) as engine:
         tokens, _ = greedy_tokens(engine, prompt, n_predict)
         assert engine.experts.stats.predicted > 0  # the predictor named experts ahead of time
     return prompt, tokens
