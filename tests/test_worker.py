@@ -197,10 +197,9 @@ def served(q8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         s.coord.close()
 
 
-def expert_out(local: LocalExperts, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
-    """The in-process expert's output. (Through the class: LocalExperts instances of this main keep
-    their Compute in an attribute named `compute`, which hides the method.)"""
-    return LocalExperts.compute(local, layer, expert, x)
+def expert_out(local: ExpertsReference, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+    """The in-process expert's output (llama.cpp's kernels on the shard, in this process)."""
+    return local.compute(layer, expert, x)
 
 
 def hidden(n: int, seed: int, n_embd: int = 256) -> np.ndarray:
