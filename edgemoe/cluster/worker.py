@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -449,15 +450,8 @@ class Worker:
             return
         if not self._welcomed:
             return
-        items, unknown = [], []
-        for worker_id, layer, expert in msg["loads"]:
-            if worker_id != self._worker_id:
-                continue
-            entry = self.manifest.files.get(expert_file_name(layer, expert))
-            if entry is None:
-                unknown.append(_label((layer, expert)))
-            else:
-                items.append(((layer, expert), page_round(entry.size)))
+        items, unknown = self._sized((layer, expert) for worker_id, layer, expert in msg["loads"]
+                                     if worker_id == self._worker_id)
         if unknown:
             self.log.warning("prefetch step %d: no such expert in this model: %s", msg["step"], ", ".join(unknown))
         with self._cond:  # even with nothing for us: a newer step expires older predictions
@@ -469,15 +463,20 @@ class Worker:
         for k, s in shards:
             self._drop(k, s, "prefetch expired")
 
-    def _on_resident(self, msg: P.Message) -> None:
-        """The coordinator's placement for this worker: keep these experts mapped (the whole set)."""
+    def _sized(self, experts: Iterable[tuple[int, int]]) -> tuple[list[tuple[tuple[int, int], int]], list[str]]:
+        """((layer, expert), mapped bytes) of each expert this model has, and the labels of those it lacks."""
         items, unknown = [], []
-        for layer, expert in msg["experts"]:
+        for layer, expert in experts:
             entry = self.manifest.files.get(expert_file_name(layer, expert))
             if entry is None:
                 unknown.append(_label((layer, expert)))
             else:
                 items.append(((layer, expert), page_round(entry.size)))
+        return items, unknown
+
+    def _on_resident(self, msg: P.Message) -> None:
+        """The coordinator's placement for this worker: keep these experts mapped (the whole set)."""
+        items, unknown = self._sized(msg["experts"])
         if unknown:
             self.log.warning("resident plan %d: no such expert in this model: %s", msg["plan"], ", ".join(unknown))
         with self._cond:
