@@ -176,3 +176,22 @@ def test_profile_board_measures_and_writes_a_strict_profile(converted_models: di
     assert r.returncode == 2 and "exists" in r.stderr
     r = edgemoe("profile-board", str(tmp_path), "-o", str(tmp_path / "x.toml"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_info_into_a_closed_pipe_ends_quietly(converted_models: dict[str, Path]) -> None:
+    """`edgemoe info DIR | head -1`: the reader has left before the output is written; no BrokenPipe
+    traceback, SIGPIPE's exit status."""
+    import os
+    import subprocess
+    import sys
+
+    d = converted_models["llama-moe-q4_k_m"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write of the child now fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "edgemoe", "info", str(d)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
