@@ -154,6 +154,12 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     # graphs
     "ggml_new_graph_custom": (GRAPH, [CTX, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [GRAPH, T]),
+    "ggml_set_output": (None, [T]),
+    # graph allocator (ggml-alloc): intermediate tensors share memory once their readers have run
+    "ggml_gallocr_new": (c_void_p, [c_void_p]),
+    "ggml_gallocr_free": (None, [c_void_p]),
+    "ggml_gallocr_alloc_graph": (c_bool, [c_void_p, GRAPH]),
+    "ggml_gallocr_get_buffer_size": (c_size_t, [c_void_p, c_int]),
     "ggml_graph_n_nodes": (c_int, [GRAPH]),
     # quantization (K-quants are not in gguf-py); ggml_quantize_chunk calls ggml_quantize_init itself
     "ggml_quantize_init": (None, [c_int]),
@@ -163,6 +169,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 
 _CPU_SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_cpu_init": (None, []),
+    "ggml_backend_cpu_buffer_type": (c_void_p, []),
     "ggml_graph_plan": (ggml_cplan, [GRAPH, c_int, c_void_p]),
     "ggml_graph_compute": (c_int, [GRAPH, POINTER(ggml_cplan)]),
     "ggml_threadpool_params_default": (ggml_threadpool_params, [c_int]),

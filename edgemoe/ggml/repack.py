@@ -22,8 +22,6 @@ import llama_cpp
 from edgemoe.ggml.context import Context, TensorPtr
 from edgemoe.ggml.lib import GGMLType, ggml_tensor, lib
 
-REPACK_BUFT = b"CPU_REPACK"
-
 
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     d = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
@@ -57,49 +55,65 @@ class Repacker:
         b = self._base
         reg = cpu.ggml_backend_cpu_reg()
         self._dev = b.ggml_backend_reg_dev_get(reg, 0)
-        self.buft: int | None = None
+        # ggml's extra buffer types in the CPU device's order (AMX where built, then CPU_REPACK, ...):
+        # llama.cpp gives a weight the first of them whose kernels take its matrix product
+        self._bufts: list[tuple[int, int]] = []  # (buffer type, a zero-size buffer of it for the op test)
         fp = b.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
         if fp:
             bufts = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)(fp)(self._dev)
             i = 0
             while bufts and bufts[i]:
-                if b.ggml_backend_buft_name(bufts[i]) == REPACK_BUFT:
-                    self.buft = bufts[i]
+                probe = b.ggml_backend_buft_alloc_buffer(bufts[i], 0)
+                if probe:
+                    self._bufts.append((bufts[i], probe))
                 i += 1
-        self._probe_buf = b.ggml_backend_buft_alloc_buffer(self.buft, 0) if self.buft else None
         self._buffers: list[int] = []
         self.nbytes = 0  # bytes of repacked copies held
         self._ctx = Context(Context.overhead(4096, 0), alloc=False)  # headers of the repacked tensors
-        self._supported: dict[tuple, bool] = {}
+        self._chosen: dict[tuple, int | None] = {}
 
     @property
     def available(self) -> bool:
-        return self.buft is not None
+        return bool(self._bufts)
+
+    @property
+    def names(self) -> list[str]:
+        """The extra buffer types this ggml offers, in the order llama.cpp tries them."""
+        return [self._base.ggml_backend_buft_name(buft).decode() for buft, _ in self._bufts]
+
+    def _buft_for(self, ggml_type: int, ne: tuple[int, ...]) -> int | None:
+        """The first extra buffer type whose kernels run mul_mat (2-D weight) or mul_mat_id (3-D,
+        stacked experts) on a weight of this type and shape (llama.cpp's weight_buft_supported)."""
+        key = (int(ggml_type), tuple(ne))
+        if key not in self._chosen:
+            self._chosen[key] = None
+            for buft, probe in self._bufts:
+                with Context(Context.overhead(8, 0), alloc=False) as ctx:
+                    w = ctx.new(ggml_type, *ne)
+                    w.contents.buffer = probe
+                    x = ctx.new(GGMLType.F32, ne[0], 1, 1) if len(ne) == 3 else ctx.new(GGMLType.F32, ne[0], 1)
+                    if len(ne) == 3:
+                        op = ctx.mul_mat_id(w, x, ctx.new(GGMLType.I32, 1, 1))
+                    else:
+                        op = ctx.mul_mat(w, x)
+                    if self._base.ggml_backend_dev_supports_op(self._dev, op):
+                        self._chosen[key] = buft
+                        break
+        return self._chosen[key]
 
     def supports(self, ggml_type: int, ne: tuple[int, ...]) -> bool:
-        """Whether ggml would run mul_mat (2-D weight) or mul_mat_id (3-D, stacked experts) on a
-        repacked weight of this type and shape (llama.cpp's weight_buft_supported test)."""
-        if not self.available:
-            return False
-        key = (int(ggml_type), tuple(ne))
-        if key not in self._supported:
-            with Context(Context.overhead(8, 0), alloc=False) as ctx:
-                w = ctx.new(ggml_type, *ne)
-                w.contents.buffer = self._probe_buf
-                x = ctx.new(GGMLType.F32, ne[0], 1, 1) if len(ne) == 3 else ctx.new(GGMLType.F32, ne[0], 1)
-                if len(ne) == 3:
-                    op = ctx.mul_mat_id(w, x, ctx.new(GGMLType.I32, 1, 1))
-                else:
-                    op = ctx.mul_mat(w, x)
-                self._supported[key] = bool(self._base.ggml_backend_dev_supports_op(self._dev, op))
-        return self._supported[key]
+        """Whether llama.cpp would place this weight in an extra buffer type (and so would we)."""
+        return self._buft_for(ggml_type, ne) is not None
 
     def repack(self, ggml_type: int, ne: tuple[int, ...], data: int) -> TensorPtr:
         """A repacked copy of the contiguous weight bytes at address data (type/shape as given)."""
         b = self._base
+        buft = self._buft_for(ggml_type, ne)
+        if buft is None:
+            raise ValueError(f"no extra buffer type takes a weight of type {ggml_type} and shape {ne}")
         t = self._ctx.new(ggml_type, *ne)
-        size = b.ggml_backend_buft_get_alloc_size(self.buft, t)
-        buf = b.ggml_backend_buft_alloc_buffer(self.buft, size)
+        size = b.ggml_backend_buft_get_alloc_size(buft, t)
+        buf = b.ggml_backend_buft_alloc_buffer(buft, size)
         if not buf:
             raise MemoryError(f"cannot allocate {size} bytes of repacked weights")
         self._buffers.append(buf)
@@ -113,8 +127,7 @@ class Repacker:
         for buf in self._buffers:
             self._base.ggml_backend_buffer_free(buf)
         self._buffers.clear()
-        if self._probe_buf:
-            self._base.ggml_backend_buffer_free(self._probe_buf)
-            self._probe_buf = None
+        for _, probe in self._bufts:
+            self._base.ggml_backend_buffer_free(probe)
+        self._bufts.clear()
         self._ctx.close()
-        self.buft = None

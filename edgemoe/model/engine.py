@@ -18,6 +18,7 @@ import numpy as np
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check_model_files, load_manifest
 from edgemoe.ggml import Compute, Context, TensorPtr, lib
+from edgemoe.ggml.alloc import GraphAllocator
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
 from edgemoe.ggml.repack import Repacker
 from edgemoe.model.config import ModelConfig
@@ -30,8 +31,9 @@ from edgemoe.util.extra_bufts import extra_bufts_usable
 
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
-FUSED_MAX_BYTES = 1 << 30  # bound on one fused graph's context; above it (long prompts) one graph per layer
 _FUSED_VIEWS = 24  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
+_SEGMENT_TENSORS = 4096  # nodes of one layer's graph (a segment), headers only
+_SEGMENT_VIEWS = 256  # tensors over outside memory (weights, inputs, carry, KV cache) in one segment
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Engine:
         self.n_past = 0
         self.stats = EvalStats()
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
-        self._arena = aligned_empty(1 << 20, np.uint8)
+        self._galloc = GraphAllocator()  # the fused prompt graph's activations share memory, as llama.cpp's
         self._decode_cache: tuple[int, StepInputs, list[_Segment]] | None = None
         # one graph per token for the whole model where the experts allow it (see _build_fused);
         # fuse=False keeps one graph per MoE layer with the backend called between them
@@ -151,6 +153,7 @@ class Engine:
             self.weights.close()
         if self.repacker is not None:
             self.repacker.close()  # kept: its nbytes is a statistic
+        self._galloc.close()
         self.compute.close()
 
     def __enter__(self) -> "Engine":
@@ -319,12 +322,14 @@ class Engine:
             if decode:
                 self._drop_decode_cache()
                 ctx = Context(self._fused_bytes(inp), views=_FUSED_VIEWS * cfg.n_layer + 64)
-            else:
-                n_bytes = self._fused_bytes(inp)
-                if self._arena.nbytes < n_bytes:
-                    self._arena = aligned_empty(n_bytes, np.uint8)
-                ctx = Context(n_bytes, arena=self._arena, views=_FUSED_VIEWS * cfg.n_layer + 64)
+            else:  # headers only: the allocator places the activations, reusing memory as llama.cpp does
+                views = _FUSED_VIEWS * cfg.n_layer + 64
+                ctx = Context(Context.overhead(GRAPH_NODES + views, GRAPH_NODES), alloc=False, views=views)
             seg = self._build_fused(ctx, inp)
+            if not decode:
+                for t in seg.outputs.values():
+                    lib.ggml_set_output(t)
+                self._galloc.allocate(seg.graph)
             if decode:
                 self._fused_cache = (inp.n_kv, inp, seg)
         try:
@@ -356,8 +361,7 @@ class Engine:
         cfg = self.cfg
         inp = self._inputs(tokens, logits_all)
         self.routing = [None] * cfg.n_layer
-        # one graph holds every intermediate at once (no buffer reuse): long prompts go layer by layer
-        if self.fuse and self._fusable() and self._fused_bytes(inp) <= FUSED_MAX_BYTES:
+        if self.fuse and self._fusable():  # one graph for the whole model, any prompt length (memory reused)
             logits = self._eval_fused(tokens, inp)
             self.n_past += n_tok
             self.kv.mark_used(self.n_past)
@@ -373,11 +377,12 @@ class Engine:
                 seg = cached[il]
                 for name, arr in seg.carry.items():
                     np.copyto(arr, state[name].reshape(arr.shape))
-            else:
-                n_bytes = self._segment_bytes(inp)
-                if self._arena.nbytes < n_bytes:
-                    self._arena = aligned_empty(n_bytes, np.uint8)
-                seg = self._build_segment(Context(n_bytes, arena=self._arena), il, inp, state)
+            else:  # headers only; the allocator places the activations (valid until the next segment)
+                ctx = Context(Context.overhead(_SEGMENT_TENSORS + _SEGMENT_VIEWS), alloc=False, views=_SEGMENT_VIEWS)
+                seg = self._build_segment(ctx, il, inp, state)
+                for t in seg.outputs.values():
+                    lib.ggml_set_output(t)
+                self._galloc.allocate(seg.graph)
             try:
                 self.compute.run(seg.graph)
                 out = {name: to_numpy(t) for name, t in seg.outputs.items()}
