@@ -26,13 +26,15 @@ class Compute:
         if not self._pool:
             raise GGMLComputeError("ggml_threadpool_new failed")
         self._work = np.empty(0, dtype=np.uint8)
+        self._work_ptr = self._work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
     def run(self, graph: ctypes.c_void_p) -> None:
         plan = lib.ggml_graph_plan(graph, self.n_threads, self._pool)
         if plan.work_size > self._work.nbytes:
             self._work = np.empty(max(plan.work_size, 2 * self._work.nbytes), dtype=np.uint8)
+            self._work_ptr = self._work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))  # made once per buffer
         if plan.work_size:
-            plan.work_data = self._work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            plan.work_data = self._work_ptr
         status = lib.ggml_graph_compute(graph, ctypes.byref(plan))
         if status != 0:
             raise GGMLComputeError(f"ggml_graph_compute failed with status {status}")

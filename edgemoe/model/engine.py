@@ -44,6 +44,26 @@ class EvalStats:
     tokens: int = 0
 
 
+class _FusedDecode:
+    """The whole-model decode graph of one KV length, kept between tokens: its inputs are rewritten in
+    place and its outputs read through views made once (each token costs no allocation in Python)."""
+
+    def __init__(self, inp: StepInputs, seg: "_Segment", moe_layers: list[int], k: int, n_ctx: int) -> None:
+        self.n_kv, self.inp, self.seg = inp.n_kv, inp, seg
+        self.logits = to_numpy(seg.outputs["logits"]).reshape(1, -1)
+        self.selected = {il: to_numpy(seg.outputs[f"selected.{il}"]).reshape(-1, k) for il in moe_layers}
+        self._v_base = None if inp.v_idx is None else np.arange(len(inp.v_idx), dtype=np.int64) * n_ctx
+
+    def set_inputs(self, token: int, pos: int) -> None:
+        """The inputs of one token at position pos (what Engine._inputs would build)."""
+        inp = self.inp
+        inp.tokens[0], inp.pos[0], inp.kv_idx[0] = token, pos, pos
+        inp.mask[0, : pos + 1] = 0
+        inp.mask[0, pos + 1 :] = -np.inf
+        if self._v_base is not None:
+            np.add(self._v_base, pos, out=inp.v_idx)
+
+
 @dataclass
 class _Segment:
     """One graph: the trunk from one MoE router (or the embeddings) to the next, or the output head."""
@@ -130,7 +150,7 @@ class Engine:
         # fuse=False keeps one graph per MoE layer with the backend called between them
         self.fuse = True
         self._fused: bool | None = None
-        self._fused_cache: tuple[int, StepInputs, _Segment] | None = None
+        self._fused_cache: _FusedDecode | None = None
 
     # ------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -166,7 +186,7 @@ class Engine:
         n_tok = len(tokens)
         p0 = self.n_past
         pos = np.arange(p0, p0 + n_tok, dtype=np.int32)
-        n_kv = min(self.n_ctx, max(KV_PAD, -(-(p0 + n_tok) // KV_PAD) * KV_PAD))
+        n_kv = self._n_kv(n_tok)
         visible = np.arange(n_kv)[None, :] <= pos[:, None]
         attn = self.kv.attn
         mask_type = np.float16 if attn.flash else np.float32  # llama.cpp: flash attention takes an F16 mask
@@ -259,7 +279,7 @@ class Engine:
                 seg.ctx.close()
             self._decode_cache = None
         if self._fused_cache is not None:
-            self._fused_cache[2].ctx.close()
+            self._fused_cache.seg.ctx.close()
             self._fused_cache = None
 
     def _fusable(self) -> bool:
@@ -308,39 +328,45 @@ class Engine:
         experts = 4 * n_tok * k * (6 * max(c.n_ff_exp, 1) + 2 * c.n_embd)
         return Context.overhead(64, GRAPH_NODES) + (c.n_layer + 1) * (self._segment_bytes(inp) + experts)
 
-    def _eval_fused(self, tokens: np.ndarray, inp: StepInputs) -> np.ndarray:
+    def _n_kv(self, n_tok: int) -> int:
+        """KV cells the next n_tok tokens attend (llama.cpp pads the used length to KV_PAD)."""
+        return min(self.n_ctx, max(KV_PAD, -(-(self.n_past + n_tok) // KV_PAD) * KV_PAD))
+
+    def _eval_fused(self, tokens: np.ndarray, logits_all: bool) -> np.ndarray:
         cfg = self.cfg
         t0 = time.perf_counter()
-        decode = len(tokens) == 1 and len(inp.out_ids) == 1
+        decode = len(tokens) == 1 and not logits_all
         cache = self._fused_cache
-        if decode and cache is not None and cache[0] == inp.n_kv:
-            for name in ("tokens", "pos", "kv_idx", "mask", "v_idx"):
-                if getattr(inp, name) is not None:
-                    np.copyto(getattr(cache[1], name), getattr(inp, name))
-            seg = cache[2]
+        if decode and cache is not None and cache.n_kv == self._n_kv(1):
+            cache.set_inputs(int(tokens[0]), self.n_past)
+            self.compute.run(cache.seg.graph)
+            logits = cache.logits.copy()
+            for il, sel in cache.selected.items():
+                self.routing[il] = sel.astype(np.int32)
         else:
+            inp = self._inputs(tokens, logits_all)
+            views = _FUSED_VIEWS * cfg.n_layer + 64
             if decode:
                 self._drop_decode_cache()
-                ctx = Context(self._fused_bytes(inp), views=_FUSED_VIEWS * cfg.n_layer + 64)
+                ctx = Context(self._fused_bytes(inp), views=views)
             else:  # headers only: the allocator places the activations, reusing memory as llama.cpp does
-                views = _FUSED_VIEWS * cfg.n_layer + 64
                 ctx = Context(Context.overhead(GRAPH_NODES + views, GRAPH_NODES), alloc=False, views=views)
             seg = self._build_fused(ctx, inp)
-            if not decode:
-                for t in seg.outputs.values():
-                    lib.ggml_set_output(t)
-                self._galloc.allocate(seg.graph)
+            try:
+                if not decode:
+                    for t in seg.outputs.values():
+                        lib.ggml_set_output(t)
+                    self._galloc.allocate(seg.graph)
+                self.compute.run(seg.graph)
+                logits = to_numpy(seg.outputs["logits"]).reshape(len(inp.out_ids), cfg.n_vocab).copy()
+                for il in self.moe_layers:
+                    sel = to_numpy(seg.outputs[f"selected.{il}"])
+                    self.routing[il] = np.array(sel.reshape(-1, cfg.n_expert_used), dtype=np.int32)
+            finally:
+                if not decode:
+                    seg.ctx.close()
             if decode:
-                self._fused_cache = (inp.n_kv, inp, seg)
-        try:
-            self.compute.run(seg.graph)
-            logits = to_numpy(seg.outputs["logits"]).reshape(len(inp.out_ids), cfg.n_vocab).copy()
-            for il in self.moe_layers:
-                sel = to_numpy(seg.outputs[f"selected.{il}"])
-                self.routing[il] = np.array(sel.reshape(-1, cfg.n_expert_used), dtype=np.int32)
-        finally:
-            if not decode:
-                seg.ctx.close()
+                self._fused_cache = _FusedDecode(inp, seg, self.moe_layers, cfg.n_expert_used, self.kv.n_ctx)
         self.stats.trunk_s += time.perf_counter() - t0
         for il in self.moe_layers:  # checks each shard's sha256 the first time the router picks it
             self.experts.graph_used(il, self.routing[il])
@@ -359,15 +385,15 @@ class Engine:
         for listener in self.eval_listeners:
             listener(self, tokens)
         cfg = self.cfg
-        inp = self._inputs(tokens, logits_all)
         self.routing = [None] * cfg.n_layer
         if self.fuse and self._fusable():  # one graph for the whole model, any prompt length (memory reused)
-            logits = self._eval_fused(tokens, inp)
+            logits = self._eval_fused(tokens, logits_all)
             self.n_past += n_tok
             self.kv.mark_used(self.n_past)
             self.stats.evals += 1
             self.stats.tokens += n_tok
             return logits
+        inp = self._inputs(tokens, logits_all)
         cached = self._decode_segments(inp) if n_tok == 1 and not logits_all else None
         state: dict[str, np.ndarray] = {}  # what the previous segment hands to the next
 
