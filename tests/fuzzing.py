@@ -39,6 +39,7 @@ def valid_fields(t: str) -> dict:
         P.UNKNOWN_PEER: {},
         P.SHADOW_HELLO: dict(name="fuzz", model="ab" * 32, pid=3, shadow_type="q4_k"),
         P.SHADOW_WELCOME: dict(heartbeat_s=1.0, n_ctx=64),
+        P.SHADOW_READY: dict(n_ctx=64),
         P.KV_ROWS: dict(lo=0),
         P.JOB: dict(gen=1, pos=0, tokens=[1, 2]),
         P.ROUTES: dict(gen=1, layer=0, experts=[1, 2]),

@@ -34,6 +34,7 @@ from edgemoe.model.engine import Engine
 from tests.experts_ref import ExpertsReference
 from edgemoe.model.generate import greedy_tokens
 from tests.cli import edgemoe as run_cli
+from tests.liveness import generate_with, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,13 +80,6 @@ def keyfile(tmp: Path, name: str, pair: K.KeyPair | None = None) -> tuple[K.KeyP
 
 def key_flags(secret: Path, server: K.KeyPair) -> list[str]:
     return [f"--key={secret}", f"--coordinator-key={server.public.decode()}"]
-
-
-def wait_until(cond, timeout: float, what: str, poll=None) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        poll() if poll else time.sleep(0.05)
 
 
 def hidden(n: int, seed: int) -> np.ndarray:
@@ -385,23 +379,6 @@ def test_relay_sees_no_activation_bytes(q8: Path, tmp_path: Path, secure: bool) 
 # -- liveness ------------------------------------------------------------------------------------
 
 
-def _generate_with(engine: Engine, n: int, at: int, action) -> tuple[list[int], list[float]]:
-    """Greedy tokens, calling action() before token `at`; per-token wall times."""
-    engine.reset()
-    logits = engine.eval(PROMPT)[0]
-    tokens, times = [], []
-    for i in range(n):
-        tok = int(np.argmax(logits))
-        tokens.append(tok)
-        if i + 1 < n:
-            if i == at:
-                action()
-            t = time.monotonic()
-            logits = engine.eval([tok])[0]
-            times.append(time.monotonic() - t)
-    return tokens, times
-
-
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
 def test_lost_worker_costs_at_most_three_heartbeats(q8: Path, reference, sig: str) -> None:
     want, _ = reference
@@ -413,7 +390,7 @@ def test_lost_worker_costs_at_most_three_heartbeats(q8: Path, reference, sig: st
         w = min(cluster.live_workers(), key=lambda x: x.worker_id)
         victim = next(p for p in engine.local_workers.procs if p.pid == w.pid)
         try:
-            tokens, times = _generate_with(engine, 16, 4, lambda: victim.send_signal(getattr(signal, sig)))
+            tokens, times = generate_with(engine, PROMPT, 16, 4, lambda: victim.send_signal(getattr(signal, sig)))
             assert tokens == want
             wait_until(lambda: not w.alive, 3 * cluster.heartbeat_s + 2, "the silent worker was not lost",
                        lambda: cluster._poll(0.1))
@@ -425,7 +402,7 @@ def test_lost_worker_costs_at_most_three_heartbeats(q8: Path, reference, sig: st
                 victim.send_signal(signal.SIGCONT)
                 wait_until(lambda: w.alive, 15, "the worker was not admitted again", lambda: cluster._poll(0.1))
                 before = w.requests
-                tokens, _ = _generate_with(engine, 16, -1, lambda: None)
+                tokens, _ = generate_with(engine, PROMPT, 16, -1, lambda: None)
                 assert tokens == want and w.requests > before, "the returning worker was not used again"
         finally:
             victim.send_signal(signal.SIGCONT)

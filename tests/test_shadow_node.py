@@ -7,6 +7,7 @@ survives malformed messages; so does the coordinator's shadow socket.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from edgemoe.format.manifest import manifest_hash
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
 from tests.cli import edgemoe
+from tests.liveness import generate_with, wait_until
 from tools.convert import plan_conversion, write_model
 
 PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
@@ -89,6 +91,12 @@ def test_node_answers_jobs_and_survives_malformed_messages(model: Path) -> None:
             hello = P.decode(frames)
             assert hello.type == P.SHADOW_HELLO and hello["model"] == manifest_hash(model)
             sock.send_multipart([ident, *P.encode(P.SHADOW_WELCOME, heartbeat_s=0.2, n_ctx=64)])
+            seen = []  # heartbeats while it builds its shadow, then shadow_ready
+            while not seen or seen[-1] != P.SHADOW_READY:
+                assert sock.poll(60000), f"no shadow_ready from the node (got {seen})"
+                msg = P.decode(sock.recv_multipart()[1:])
+                seen.append(msg.type)
+            assert msg["n_ctx"] == 64 and set(seen[:-1]) <= {P.HEARTBEAT}, seen
             for bad in ([b"\xc1garbage"], [P.msgpack.packb({"v": 1, "t": "job", "gen": 1})],
                         P.encode(P.KV_ROWS, np.zeros((2, 2, 1, 3), np.float32), lo=0),  # not this model's shape
                         P.encode(P.JOB, gen=1, pos=63, tokens=[5, 6])):  # past the context
@@ -194,4 +202,63 @@ def test_node_rejoins_a_restarted_coordinator(model: Path) -> None:
                 second.close()
         finally:
             err = stop(proc)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_silent_shadow_node_costs_at_most_three_heartbeats(model: Path, sig: str) -> None:
+    """The node is killed or stopped before token 4: the coordinator drops it within about 3 heartbeat
+    intervals, predicts without it, and no token changes; a stopped node that resumes (SIGCONT) is
+    welcomed again and its predictions are used again."""
+    with Engine(model, n_ctx=256, n_threads=1) as engine:
+        want, _ = greedy_tokens(engine, PROMPT, 16)
+    opts = ClusterOptions(workers=2, predictor="shadow", shadow_node="local", residency="off")
+    with open_engine(model, opts, n_ctx=256, n_threads=1) as engine:
+        cluster = engine.experts
+        remote: RemoteShadowPredictor = cluster.predictor
+        victim = engine.local_shadow.procs[0]
+        hb = remote.heartbeat_s
+        signalled = []
+        try:
+            def fault() -> None:
+                victim.send_signal(getattr(signal, sig))
+                signalled.append(time.monotonic())
+
+            tokens, times = generate_with(engine, PROMPT, 16, 4, fault)
+            assert tokens == want
+            wait_until(lambda: not remote.connected, 3 * hb + 2, "the silent shadow node was not dropped",
+                       lambda: remote._drain(0.1))
+            dropped_after = remote.lost_at - signalled[0]
+            assert remote.stats()["lost"] == 1 and dropped_after <= 3 * hb + 1, dropped_after
+            assert max(times) <= 3 * hb + 1.5, f"stall of {max(times):.2f} s, limit about {3 * hb:g} s"
+            if sig == "SIGSTOP":
+                victim.send_signal(signal.SIGCONT)
+                wait_until(lambda: remote.connected, 15, "the resumed shadow node was not welcomed again",
+                           lambda: remote._drain(0.1))
+                routes, predicted = remote.stats()["routes"], cluster.stats.predicted
+                tokens, _ = generate_with(engine, PROMPT, 16, -1, lambda: None)
+                assert tokens == want
+                assert remote.stats()["routes"] > routes and cluster.stats.predicted > predicted, \
+                    "the resumed shadow node's predictions were not used"
+        finally:
+            if victim.poll() is None:
+                victim.send_signal(signal.SIGCONT)
+
+
+def test_node_heartbeats_while_it_builds_its_shadow(model: Path) -> None:
+    """With heartbeats every 50 ms the node's build (the mirror and the shadow engine) lasts many
+    intervals; it still heartbeats throughout, so it is never dropped and joins at the first try."""
+    with Engine(model, n_ctx=256, n_threads=1) as engine:
+        remote = RemoteShadowPredictor(engine, 1, heartbeat_s=0.05)
+        proc = node(remote.endpoint, model)
+        try:
+            remote.wait_for_shadow(60)
+            assert remote.build_s is not None and remote.build_s > 3 * remote.heartbeat_s, remote.build_s
+            t = time.monotonic() + 1.0
+            while time.monotonic() < t:
+                remote._drain(0.05)
+            assert remote.connected and remote.stats()["lost"] == 0
+        finally:
+            err = stop(proc)
+            remote.close()
     assert proc.returncode == 0, err

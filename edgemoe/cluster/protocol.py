@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: shadow_ready (a shadow node heartbeats while it builds its shadow)
 MAX_HEADER_BYTES = 64 << 10
 MAX_TENSOR_BYTES = 256 << 20  # the decoder's absolute cap; sockets are capped lower, from the model (frame_limit)
 MAX_DIM = 1 << 24  # per tensor dimension: no legal shape comes near it, and products stay far from int64
@@ -44,6 +44,7 @@ UNKNOWN_PEER = "unknown"  # coordinator -> worker: I do not know you (I restarte
 # the shadow node (its own socket pair: the coordinator's shadow ROUTER, the node's DEALER)
 SHADOW_HELLO = "shadow_hello"  # shadow node -> coordinator: who I am
 SHADOW_WELCOME = "shadow_welcome"  # coordinator -> shadow node: accepted
+SHADOW_READY = "shadow_ready"  # shadow node -> coordinator: its shadow is built, send K/V rows and jobs
 KV_ROWS = "kv_rows"  # coordinator -> shadow node: the main model's K/V rows [lo, lo + n) of every layer
 JOB = "job"  # coordinator -> shadow node: the main model started evaluating these tokens at pos
 ROUTES = "routes"  # shadow node -> coordinator: the shadow's router choice for one layer of job gen
@@ -69,6 +70,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
     UNKNOWN_PEER: {},
     SHADOW_HELLO: {"name": _NAME, "model": _TEXT, "pid": _INT, "shadow_type": _TEXT},
     SHADOW_WELCOME: {"heartbeat_s": _NUM, "n_ctx": _INT},
+    SHADOW_READY: {"n_ctx": _INT},
     KV_ROWS: {"lo": _INT, "dtype": _DTYPE, "shape": _SHAPE},
     JOB: {"gen": _INT, "pos": _INT, "tokens": _INTS},
     ROUTES: {"gen": _INT, "layer": _INT, "experts": _INTS},

@@ -5,7 +5,10 @@ starts a token it sends the node the K/V rows the main model finished since the 
 token (`kv_rows`, `job`); the node decodes it with its shadow experts and sends each layer's router
 choice back the moment it exists (`routes`). The coordinator takes whatever has arrived whenever it
 asks (begin_token, after_router, poll): a shadow that is slow, gone or never came only means fewer
-predictions, never other results. Protocol: docs/PROTOCOL.md ("The shadow node").
+predictions, never other results. The node is held to the workers' liveness rule: silent for
+LOST_AFTER heartbeat intervals, it is dropped (nothing more is sent to it) until it says hello
+again; it heartbeats while it builds its shadow and says `shadow_ready` when done. Protocol:
+docs/PROTOCOL.md ("The shadow node").
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster.coordinator import LOST_AFTER
 from edgemoe.cluster.keys import Authenticator, ServerKeys, peer_key
 from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
@@ -53,7 +57,7 @@ class RemoteShadowPredictor(Predictor):
             raise UserError(f"cannot bind the shadow endpoint {bind}: {e}") from None
         self._peer: bytes | None = None  # the node's connection
         self._peer_key: bytes | None = None  # ... and who it is (its public key)
-        self._node_ready = False  # the node has built its shadow (its first heartbeat after the welcome)
+        self._node_ready = False  # the node has built its shadow (it said shadow_ready after the welcome)
         self._peer_name = ""
         self._last_seen = 0.0
         self._sent_to = 0  # the node holds the main model's K/V rows [0, sent_to)
@@ -61,7 +65,10 @@ class RemoteShadowPredictor(Predictor):
         self._routes: dict[int, list[int]] = {}
         self._sent_at = 0.0
         self._first_route_s: list[float] = []  # per job: from sending it to its first route
-        self._jobs = self._routes_received = self._dropped = 0
+        self._jobs = self._routes_received = self._dropped = self._lost = 0
+        self.lost_at: float | None = None  # when the node was last dropped for silence (time.monotonic())
+        self._welcomed_at = 0.0
+        self.build_s: float | None = None  # the node's last welcome to its shadow_ready
         main.eval_listeners.append(self._on_main_eval)
         log.info("serving a shadow node on %s", self.endpoint)
 
@@ -83,7 +90,7 @@ class RemoteShadowPredictor(Predictor):
             self._drain(min(left, 0.2))
 
     def _silent(self) -> bool:
-        return time.monotonic() - self._last_seen > 5 * self.heartbeat_s + 5
+        return time.monotonic() - self._last_seen > LOST_AFTER * self.heartbeat_s
 
     def _hello(self, identity: bytes, key: bytes, msg: P.Message) -> None:
         if msg["model"] != self.model_hash:
@@ -101,6 +108,7 @@ class RemoteShadowPredictor(Predictor):
         self._node_ready = False
         self._sent_to = 0  # a (re)joined node holds none of the main model's rows
         log.info("shadow node %s joined (%s shadow, pid %d)", msg["name"], msg["shadow_type"], msg["pid"])
+        self._welcomed_at = time.monotonic()
         self._send(identity, P.encode(P.SHADOW_WELCOME, heartbeat_s=self.heartbeat_s, n_ctx=self.main.n_ctx))
 
     # the main model's side ----------------------------------------------------------------------
@@ -145,8 +153,8 @@ class RemoteShadowPredictor(Predictor):
             self._dropped += 1
 
     def _drain(self, timeout_s: float) -> None:
-        if timeout_s > 0 and not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            return
+        if timeout_s > 0:
+            self.sock.poll(int(timeout_s * 1000), zmq.POLLIN)
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -162,8 +170,11 @@ class RemoteShadowPredictor(Predictor):
             except Exception:  # a bug in handling one message must not end the run; predictions are optional
                 log.exception("error handling a message on the shadow socket; dropped")
         if self._peer is not None and self._silent():
-            log.warning("shadow node %s went silent; predicting nothing until it is back", self._peer_name)
-            self._peer = None
+            log.warning("shadow node %s was silent for %.1f s (heartbeat every %g s); predicting without it until "
+                        "it is back", self._peer_name, time.monotonic() - self._last_seen, self.heartbeat_s)
+            self._peer, self._node_ready = None, False
+            self._lost += 1
+            self.lost_at = time.monotonic()
 
     def _handle(self, identity: bytes, key: bytes, frames: list) -> None:
         try:
@@ -186,12 +197,18 @@ class RemoteShadowPredictor(Predictor):
                 self._routes[msg["layer"]] = list(msg["experts"])
                 self._routes_received += 1
         elif msg.type == P.HEARTBEAT:
-            if not self._node_ready:
-                log.info("shadow node %s is ready", self._peer_name)
-            self._node_ready = True
+            pass  # liveness only (it heartbeats while it builds its shadow too)
+        elif msg.type == P.SHADOW_READY:
+            if msg["n_ctx"] != self.main.n_ctx:  # a build for an earlier welcome's context
+                log.warning("dropped a shadow_ready for context %d from %s (this coordinator's is %d)",
+                            msg["n_ctx"], self._peer_name, self.main.n_ctx)
+            elif not self._node_ready:
+                self.build_s = time.monotonic() - self._welcomed_at
+                log.info("shadow node %s is ready (%.2f s after its welcome)", self._peer_name, self.build_s)
+                self._node_ready = True
         elif msg.type == P.BYE:
             log.info("shadow node %s left", self._peer_name)
-            self._peer = None
+            self._peer, self._node_ready = None, False
         else:
             log.warning("dropped an unexpected %s message from the shadow node", msg.type)
 
@@ -201,6 +218,7 @@ class RemoteShadowPredictor(Predictor):
             "remote": self.endpoint,
             "node": self._peer_name,
             "connected": self.connected,
+            "lost": self._lost,  # times the node went silent
             "jobs": self._jobs,
             "routes": self._routes_received,
             "dropped_sends": self._dropped,

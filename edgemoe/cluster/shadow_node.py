@@ -6,8 +6,11 @@ a token) runs the same ShadowPredictor the coordinator would run in process, wit
 the main model's place: token and KV alignment work unchanged. Each layer's routing is sent back
 (`routes`) from the shadow's thread through a queue the moment it exists.
 
-Threads: main (ZeroMQ loop: DEALER to the coordinator's shadow ROUTER, heartbeats) and the shadow's
-own decoding thread inside ShadowPredictor.
+Threads: main (ZeroMQ loop: DEALER to the coordinator's shadow ROUTER, heartbeats), a builder that
+makes the mirror and the shadow after a welcome (seconds on a board: the loop keeps heartbeating
+meanwhile, so the coordinator can hold the node to the workers' 3-interval liveness rule; the
+node says `shadow_ready` when it is done), and the shadow's own decoding thread inside
+ShadowPredictor. The node cannot build before its hello: the context size comes in the welcome.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class ShadowNode:
         self.log = logging.getLogger(f"edgemoe.shadow.{name}")
         self.mirror: Engine | None = None
         self.predictor = None
+        self._want_ctx = 0  # the context the last welcome asked for
+        self._builder: threading.Thread | None = None
+        self._built: tuple[Engine, Any] | BaseException | None = None  # the builder's result, for the loop
+        self._fatal: str | None = None
         self._gens: dict[int, int] = {}  # the predictor's job gen -> the coordinator's
         self._out: queue.SimpleQueue[tuple[int, int, list[int]]] = queue.SimpleQueue()
         self._welcomed = False
@@ -98,18 +105,50 @@ class ShadowNode:
         self._wake = WakePipe()
 
     # -- the shadow ------------------------------------------------------------------------------
-    def _start_shadow(self, n_ctx: int) -> None:
-        """The mirror and the shadow predictor for a context of n_ctx (rebuilt if it changes)."""
+    def _want_shadow(self, n_ctx: int) -> None:
+        """After a welcome: say ready at once if the shadow for n_ctx exists, else build it on the
+        builder thread (one at a time; a welcome for another context while one builds waits for it)."""
+        self._want_ctx = n_ctx
+        if self.mirror is not None and self.mirror.n_ctx == n_ctx:
+            self._say_ready()
+        elif self._builder is None:
+            self._stop_shadow()
+            self._builder = threading.Thread(target=self._build, args=(n_ctx,), name="edgemoe-shadow-build", daemon=True)
+            self._builder.start()
+
+    def _build(self, n_ctx: int) -> None:
+        """On the builder thread: the mirror and the shadow predictor; the loop installs them."""
         from edgemoe.predict.shadow import ShadowPredictor
 
-        if self.mirror is not None and self.mirror.n_ctx == n_ctx:
+        mirror = None
+        try:
+            mirror = Engine(self.model_dir, n_ctx=n_ctx, n_threads=1, experts=_NoExperts(), attention=self.attention)
+            predictor = ShadowPredictor(mirror, DEPTH, self.options)
+            self._built = (mirror, predictor)
+        except BaseException as e:  # the loop reports it: this node cannot predict
+            if mirror is not None:
+                mirror.close()
+            self._built = e
+        self._wake.wake()
+
+    def _install_built(self) -> None:
+        """In the loop: take what the builder made (or the reason it could not)."""
+        if self._builder is None or self._builder.is_alive():
             return
-        self._stop_shadow()
-        self.mirror = Engine(self.model_dir, n_ctx=n_ctx, n_threads=1, experts=_NoExperts(), attention=self.attention)
-        self.predictor = ShadowPredictor(self.mirror, DEPTH, self.options)
+        self._builder.join()
+        self._builder, built, self._built = None, self._built, None
+        if isinstance(built, BaseException):
+            self._fatal = f"cannot build the shadow ({type(built).__name__}: {built})"
+            return
+        self.mirror, self.predictor = built
         self.predictor.on_publish = self._on_publish
         self.log.info("shadow ready: %s experts, context %d, alignment T%dKV%d", self.predictor.files.type,
                       self.mirror.n_ctx, self.options.align_token, self.options.align_kv)
+        self._want_shadow(self._want_ctx)  # ready, or rebuilt for a context asked for meanwhile
+
+    def _say_ready(self) -> None:
+        if self._welcomed:
+            self._send(P.SHADOW_READY, n_ctx=self.mirror.n_ctx)
 
     def _stop_shadow(self) -> None:
         if self.predictor is not None:
@@ -149,7 +188,7 @@ class ShadowNode:
     def run(self) -> int:
         self._setup()
         try:
-            while not self._stopping and self._reject is None:
+            while not self._stopping and self._reject is None and self._fatal is None:
                 now = time.monotonic()
                 due = self._next_heartbeat if self._welcomed else self._next_hello
                 events = dict(self.poller.poll(max(0, min(1000, int((due - now) * 1000) + 1))))
@@ -159,12 +198,15 @@ class ShadowNode:
                     self._on_monitor()
                 if self.dealer in events:
                     self._drain()
+                self._install_built()
                 self._send_routes()
                 self._timers()
         finally:
             self._shutdown()
         if self._reject is not None:
             raise UserError(f"the coordinator rejected this shadow node: {self._reject}")
+        if self._fatal is not None:
+            raise UserError(self._fatal)
         return 0
 
     def _on_monitor(self) -> None:
@@ -242,10 +284,11 @@ class ShadowNode:
             if not (0.01 <= hb <= 3600 and 0 < n_ctx <= 1 << 24):
                 self.log.warning("dropped a welcome with heartbeat_s %r, n_ctx %r", msg["heartbeat_s"], msg["n_ctx"])
                 return
-            self._start_shadow(n_ctx)
+            # heartbeats from now on, also while the shadow is built (the coordinator's liveness rule)
             self._heartbeat_s, self._welcomed, self._next_heartbeat = hb, True, time.monotonic()
             self._gens.clear()
             self.log.info("welcomed (heartbeat every %.3g s)", hb)
+            self._want_shadow(n_ctx)
         elif t == P.REJECT:
             self.log.error("rejected by the coordinator: %s", msg["reason"])
             self._reject = msg["reason"]
@@ -253,7 +296,7 @@ class ShadowNode:
             self.log.info("reconnect: the coordinator does not know this node (restarted?); saying hello again")
             self._welcomed, self._next_hello = False, 0.0
         elif not self._welcomed or self.mirror is None:
-            self.log.warning("dropped a %s message before being welcomed", t)
+            self.log.warning("dropped a %s message before being welcomed and ready", t)
         elif t == P.KV_ROWS:
             self._kv_rows(msg)
         elif t == P.JOB:
@@ -289,6 +332,11 @@ class ShadowNode:
         if self._reject is None:
             self.log.info("shutdown: saying bye")
             self._send(P.BYE)
+        if self._builder is not None:  # a build cannot be interrupted: let it end, then close what it made
+            self._builder.join(timeout=120)
+            built = self._built
+            if isinstance(built, tuple):
+                self.mirror, self.predictor = built
         self._stop_shadow()
         self.dealer.disable_monitor()
         self.monitor.close(linger=0)
