@@ -408,6 +408,50 @@ def test_lost_worker_costs_at_most_three_heartbeats(q8: Path, reference, sig: st
             victim.send_signal(signal.SIGCONT)
 
 
+def test_returning_worker_gets_residents_again(q8: Path, reference) -> None:
+    """Residency auto, 3 workers (the budget of 2 holds every expert): a worker SIGSTOPped mid-generation
+    is lost and the other two take its residents over; after SIGCONT it is admitted again with its share
+    of the residents (not only the room nobody needed), and computes them as hits. Then the same
+    with a restarted worker process holding the same key. Text exact throughout."""
+    want, _ = reference
+    with open_engine(q8, ClusterOptions(workers=3, predictor="reactive", residency="auto"), n_ctx=128,
+                     n_threads=1) as engine:
+        cluster: ClusterExperts = engine.experts
+        local = engine.local_workers
+        w = min(cluster.live_workers(), key=lambda x: x.worker_id)
+        victim = next(p for p in local.procs if p.pid == w.pid)
+        share = {k for k, x in cluster.placement.items() if x is w}
+        assert share and len(cluster.placement) == len(cluster._sizes)
+
+        try:
+            tokens, _ = generate_with(engine, PROMPT, 16, 4, lambda: victim.send_signal(signal.SIGSTOP))
+            assert tokens == want
+            wait_until(lambda: not w.alive, 3 * cluster.heartbeat_s + 2, "the stopped worker was not lost",
+                       lambda: cluster._poll(0.1))
+            assert w not in cluster.placement.values() and len(cluster.placement) == len(cluster._sizes)
+            for how in ("SIGCONT", "restart"):
+                if how == "SIGCONT":
+                    victim.send_signal(signal.SIGCONT)
+                else:  # a new process with the same key: the coordinator knows it as the same worker
+                    victim.kill()
+                    victim.wait(10)
+                    wait_until(lambda: not w.alive, 3 * cluster.heartbeat_s + 2, "the killed worker was not lost",
+                               lambda: cluster._poll(0.1))
+                    local.spawn(f"{w.name}-again", list(victim.args[3:]))
+                    victim = local.procs[-1]
+                wait_until(lambda: w.alive and w.resident > 0, 20, f"the worker was not re-admitted with residents ({how})",
+                           lambda: cluster._poll(0.1))
+                again = {k for k, x in cluster.placement.items() if x is w}
+                assert len(again) == w.resident and len(cluster.placement) == len(cluster._sizes)
+                assert len(again) >= len(share) // 2, (len(again), len(share))  # its share, not leftovers
+                hits = w.hits
+                tokens, _ = generate_with(engine, PROMPT, 16, -1, lambda: None)
+                assert tokens == want, how
+                assert w.hits > hits, f"the re-admitted worker computed none of its residents as hits ({how})"
+        finally:
+            victim.send_signal(signal.SIGCONT)
+
+
 def test_local_workers_end_with_their_coordinator(q8: Path, tmp_path: Path) -> None:
     """SIGKILL the coordinator process: its spawned workers end too (parent-death signal)."""
     script = ("import sys, time\n"

@@ -10,8 +10,9 @@ mini-batches that pipeline transfer and compute.
 Beyond the paper (`residency="auto"`): what the workers' budgets hold beyond their just-in-time
 slots is filled with resident experts under one placement (edgemoe.cluster.placement); a routed
 expert goes to the worker holding it, only the others are predicted and loaded just in time. A
-worker that leaves takes its residents with it: the placement is re-planned over the others. In
-decode each worker gets one compute message per layer carrying all of its experts.
+worker that leaves takes its residents with it: the placement is re-planned over the others; one
+that (re)joins takes its share back. In decode each worker gets one compute message per layer
+carrying all of its experts.
 
 Peers are known by their CURVE public key (the ZAP User-Id ZeroMQ attaches to what they send), not by
 a name they chose; without keys (loopback, or --insecure) by their connection. A worker silent for
@@ -223,14 +224,21 @@ class ClusterExperts(ExpertBackend):
         self._planning = True
         self._replan()
 
-    def _replan(self) -> None:
+    def _replan(self, joined: WorkerInfo | None = None) -> None:
         """One placement over the live workers (their resident rooms), the most routed experts first.
         Experts already resident on a live worker stay where they are (no reload); the experts of a
-        worker that left, and room that appeared, are filled anew. Each worker is sent its set."""
+        worker that left, and room that appeared, are filled anew. A worker that (re)joins takes the
+        share a fresh plan over all live workers would give it, from whoever holds those experts now
+        (after a loss the others took its experts over: without this it would get only what they
+        had no room for, often nothing). Each worker is sent its set."""
         if not self._planning or self.residency == "off":
             return
         live = self.live_workers()
-        keep = {k: w for k, w in self.placement.items() if w.alive}
+        keep = {k: w for k, w in self.placement.items() if w.alive and w is not joined}
+        if joined is not None and joined.alive:
+            fresh = plan_placement([Room(w.worker_id, w.resident_room) for w in live], self._sizes, self._counts)
+            share = {k for k, i in fresh.items() if i == joined.worker_id}
+            keep = {**{k: w for k, w in keep.items() if k not in share}, **{k: joined for k in share}}
         rooms = []
         for w in live:
             used = sum(self._sizes[k] for k, h in keep.items() if h is w)
@@ -648,10 +656,10 @@ class ClusterExperts(ExpertBackend):
             w.alive, w.last_seen, w.strikes = True, now, 0
             w.resident_room, w.jit_slots = msg["resident_room"], max(1, msg["jit_slots"])
             self.placement = {k: x for k, x in self.placement.items() if x is not w}  # it forgot them
-            log.info("worker %s rejoined (id %d)", w.name, w.worker_id)
+            log.info("worker %s rejoined (id %d); it is given its share of the residents again", w.name, w.worker_id)
         self._by_route[identity] = w
         self._send(identity, P.encode(P.WELCOME, worker_id=w.worker_id, pub=self.pub_endpoint, heartbeat_s=self.heartbeat_s))
-        self._replan()
+        self._replan(joined=w)
 
     def summary(self) -> dict:
         s = self.stats
