@@ -3,12 +3,15 @@
 Authentication: an unlisted key cannot join, cannot take over a worker, and learns nothing; a fake
 coordinator gets nothing from a worker; a relay on the link sees no activation bytes. Liveness: a
 SIGKILLed or SIGSTOPped worker costs at most about 3 heartbeat intervals and no token; SIGCONT brings
-it back. Integrity: a shard changed on disk after its first use is refused before compute.
+it back, under --residency auto with its share of the residents. Integrity: a shard changed on disk
+after its first use is refused before compute. A disk that fills during `convert` (a real tmpfs) is
+one error line and leaves nothing behind.
 Every spawned process is stopped by its pid in a finally block.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -573,6 +576,8 @@ def test_non_utf8_prompt_is_refused(q8: Path) -> None:
 
 
 def test_disk_full_during_convert_is_one_error_line(fixtures_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The CLI's ENOSPC handling, in process with a faked error: it runs where no tmpfs can be mounted
+    (the real full disk is the next test, skipped there)."""
     import errno
 
     import tools.convert
@@ -585,3 +590,58 @@ def test_disk_full_during_convert_is_one_error_line(fixtures_dir: Path, tmp_path
     assert main(["convert", str(fixtures_dir / f"{Q8}.gguf"), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "No space left" in err and err.count("\n") == 1, err
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs of its own (we are root in the test containers); skipped where mount is not permitted.
+    Always unmounted."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root and mount(8) to make a small tmpfs")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(mnt)], capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_disk_filling_during_convert_is_one_error_line(fixtures_dir: Path, small_tmpfs: Path) -> None:
+    """A real full disk: `edgemoe convert` into a 64 MiB tmpfs (the free-space check passes: the model
+    needs about 27 MiB); the moment its partial output appears, the test fills the file system (another
+    writer). One `error:` line, exit 2, no traceback, and nothing of the conversion left: no partial
+    folder, no output, not even the parent folders it made."""
+    mnt = small_tmpfs
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "convert", str(fixtures_dir / "llama-moe-q4_k_m.gguf"),
+                             str(mnt / "new" / "model"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (mnt / "new").exists() or not any((mnt / "new").iterdir()):  # the check passed: .model.partial-*
+            assert proc.poll() is None, f"convert ended before writing: {proc.communicate()}"
+            assert time.monotonic() < deadline, "convert wrote nothing within 60 s"
+            time.sleep(0.001)
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            st = os.statvfs(mnt)
+            os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize)
+            try:  # whatever is left after the reservation (tmpfs rounds in pages)
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+        finally:
+            os.close(fd)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (proc.returncode, err)
+        assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error:"), err
+        assert "No space left" in err and "disk filled" in err, err
+        assert sorted(p.name for p in mnt.iterdir()) == ["filler"], list(mnt.rglob("*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
