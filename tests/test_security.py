@@ -575,6 +575,16 @@ def test_non_utf8_prompt_is_refused(q8: Path) -> None:
     assert r.returncode == 2 and err.startswith("error:") and "UTF-8" in err and "Traceback" not in err, err
 
 
+def test_non_utf8_chat_line_is_skipped_with_one_error_line(q8: Path) -> None:
+    """`chat` reads stdin: a line that is not UTF-8 gets one error line and is skipped; the next is answered."""
+    r = subprocess.run([sys.executable, "-m", "edgemoe", "chat", str(q8), "-n", "2", "--temp", "0"],
+                       input=b"caf\xe9\nhello\n", capture_output=True, timeout=120)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert [l for l in err.splitlines() if l.startswith("error:")] == ["error: a line of input is not valid UTF-8; skipped"]
+    assert r.stdout.strip(), "the valid line after it was not answered"
+
+
 def test_disk_full_during_convert_is_one_error_line(fixtures_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """The CLI's ENOSPC handling, in process with a faked error: it runs where no tmpfs can be mounted
     (the real full disk is the next test, skipped there)."""

@@ -62,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgemoe chat: {args.model} ({COMMANDS.count(chr(10)) + 1} commands: /reset /stats /quit)", file=sys.stderr)
         while True:
             try:
-                line = input("> " if interactive else "")
+                # (stdin may decode with surrogateescape: undecodable bytes then arrive as lone surrogates)
+                line = check_text(input("> " if interactive else ""), "a line of input")
             except EOFError:
                 break
-            except UnicodeDecodeError:
+            except (UnicodeDecodeError, UserError):
                 print("error: a line of input is not valid UTF-8; skipped", file=sys.stderr)
                 continue
             line = line.strip()
