@@ -231,9 +231,11 @@ def test_no_takeover_of_a_live_worker(secured, q8: Path, tmp_path: Path) -> None
         ctx.term()
 
 
-def test_nan_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path) -> None:
-    """A listed peer that joins, heartbeats, and answers every compute with NaN: each of its results is
-    computed again by the real worker (exact); one bad answer does not condemn it, three in a row do."""
+@pytest.mark.parametrize("lie", ["nan", "shape"])
+def test_bad_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path, lie: str) -> None:
+    """A listed peer that joins, heartbeats, and answers every compute with NaN (or with a tensor of
+    the wrong shape): each of its results is computed again by the real worker at once (exact, long
+    before the request timeout); one bad answer does not condemn it, three in a row do."""
     server = K.KeyPair.generate()
     listed, secret = keyfile(tmp_path, "honest")
     liar_pair = K.KeyPair.generate()
@@ -256,7 +258,8 @@ def test_nan_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path) -> N
                 continue
             msg = P.decode(liar.recv_multipart())
             if msg.type == P.COMPUTE:
-                bad = np.full(msg.tensor.shape, np.nan, dtype=np.float32)
+                n, d = msg.tensor.shape
+                bad = np.full((n, d), np.nan, dtype=np.float32) if lie == "nan" else np.zeros((n, d // 2), np.float32)
                 liar.send_multipart(P.encode(P.RESULT, bad, req=msg["req"], layer=msg["layer"], experts=msg["experts"],
                                              rows=msg["rows"], load_s=0.0, wait_s=0.0, compute_s=0.0, hits=0))
 
@@ -269,6 +272,7 @@ def test_nan_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path) -> N
         liar_w = next(w for w in cluster.workers.values() if w.name == "liar")
         local = ExpertsReference(q8)
         lost_after = []
+        t0 = time.monotonic()
         for i in range(6):
             x = hidden(2, 20 + i)
             selected = np.array([[e, (e + 1) % 8] for e in range(2)], dtype=np.int32)
@@ -277,7 +281,7 @@ def test_nan_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path) -> N
                 for slot in range(2):
                     assert np.array_equal(got[row, slot], local.compute(i % 4, int(selected[row, slot]), x[row:row + 1])[0])
             lost_after.append((liar_w.strikes, liar_w.alive))
-        assert cluster.stats.retries > 0
+        assert cluster.stats.retries > 0 and time.monotonic() - t0 < cluster.timeout_s  # no request waited it out
         assert any(alive and strikes >= 1 for strikes, alive in lost_after), lost_after  # one strike: still in
         assert not liar_w.alive and liar_w.lost >= 1, lost_after  # three in a row: lost
     finally:

@@ -592,7 +592,11 @@ class ClusterExperts(ExpertBackend):
                 log.warning("dropped a result for unknown request %d from %s", msg["req"], w.name)
                 return
             if msg.tensor.shape != (len(r.rows), self.n_embd) or msg["experts"] != r.experts or msg["rows"] != r.counts:
-                log.warning("dropped a result of shape %s for experts %s from %s", msg.tensor.shape, msg["experts"], w.name)
+                # not the answer to what was asked: computed again elsewhere now, not after the request timeout
+                why = (f"returned a result of shape {list(msg.tensor.shape)} for experts {msg['experts']} rows "
+                       f"{msg['rows']} (asked: [{len(r.rows)}, {self.n_embd}], {r.experts}, {r.counts})")
+                self._strike(w, why)
+                self._retry(r, pending, why)
                 return
             if not P.all_finite(msg.tensor) and P.all_finite(r.hidden):
                 # finite inputs give finite outputs on a sound worker: recompute it elsewhere, unless every
