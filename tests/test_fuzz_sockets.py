@@ -25,7 +25,7 @@ from tests.experts_ref import ExpertsReference
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.util.proc import rss_bytes
 from tests.fuzzing import batches
-from tests.test_security import PROMPT, Q8, hidden, key_flags, keyfile, spawn_worker, stop
+from tests.test_security import PROMPT, Q8, hidden, key_flags, keyfile, spawn_node, spawn_worker, stop
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -209,17 +209,6 @@ def shadow_model(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def spawn_node(endpoint: str, model: Path, log: Path, *extra: str):
-    import os
-    import subprocess
-    import sys
-
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "edgemoe", "shadow", "--connect", endpoint, "--model", str(model),
-                                 "--name", "fuzz-shadow", *extra], stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GGML_NO_BACKTRACE": "1", "PYTHONUNBUFFERED": "1"})
-
-
 def test_coordinator_shadow_socket(shadow_model: Path, tmp_path: Path) -> None:
     server = K.KeyPair.generate()
     node_pair, node_secret = keyfile(tmp_path, "node")
@@ -241,7 +230,8 @@ def test_coordinator_shadow_socket(shadow_model: Path, tmp_path: Path) -> None:
         try:
             fuzz()
             assert not remote.connected
-            proc = spawn_node(remote.endpoint, shadow_model, tmp_path / "node.log", *key_flags(node_secret, server))
+            proc = spawn_node(remote.endpoint, shadow_model, tmp_path / "node.log", *key_flags(node_secret, server),
+                              name="fuzz-shadow")
             remote.wait_for_shadow(90)
             assert remote.connected and remote.stats()["node"] == "fuzz-shadow"
             assert max(rss) - rss[0] < 64 * MiB
@@ -268,7 +258,8 @@ def test_shadow_node_socket(shadow_model: Path, tmp_path: Path) -> None:
     sock.sndhwm = 100_000
     auth.arm(sock)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    proc = spawn_node(f"tcp://127.0.0.1:{port}", shadow_model, tmp_path / "node.log", *key_flags(secret, server))
+    proc = spawn_node(f"tcp://127.0.0.1:{port}", shadow_model, tmp_path / "node.log", *key_flags(secret, server),
+                      name="fuzz-shadow")
     ident: list[bytes] = []
     rss: list[int] = []
 
@@ -298,7 +289,9 @@ def test_shadow_node_socket(shadow_model: Path, tmp_path: Path) -> None:
         deadline = time.monotonic() + 90
         while not ident and time.monotonic() < deadline:
             serve(0.5)
-        serve(2.0)  # the node builds its shadow
+        deadline = time.monotonic() + 60  # the node builds its shadow (heartbeating), then says so
+        while not any(m.type == P.SHADOW_READY for m in serve(0.5)):
+            assert time.monotonic() < deadline, "no shadow_ready from the node"
         fuzz()
         serve(Relinker.AFTER_S + 2)  # after a dropped link the node makes a new one and says hello
         assert proc.poll() is None, (tmp_path / "node.log").read_text()[-3000:]

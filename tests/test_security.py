@@ -31,6 +31,7 @@ import zmq
 from edgemoe.cluster import keys as K
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.coordinator import ClusterExperts
+from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.format.manifest import expert_file_name, manifest_hash
 from edgemoe.model.engine import Engine
@@ -62,6 +63,14 @@ def spawn_worker(endpoint: str, model: Path, log: Path, *extra: str, name: str =
         return subprocess.Popen([sys.executable, "-m", "edgemoe", "worker", "--connect", endpoint, "--model", str(model),
                                  "--threads", "1", "--memory-budget", "256MiB", "--name", name, *extra],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def spawn_node(endpoint: str, model: Path, log: Path, *extra: str, name: str = "test-shadow") -> subprocess.Popen:
+    """An `edgemoe shadow` process (the shadow node), its output in log."""
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "edgemoe", "shadow", "--connect", endpoint, "--model", str(model),
+                                 "--name", name, *extra], stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -293,7 +302,10 @@ def test_bad_results_are_computed_again_elsewhere(q8: Path, tmp_path: Path, lie:
         cluster.close()
 
 
-def test_fake_coordinator_gets_nothing_from_a_worker(q8: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["worker", "shadow node"])
+def test_fake_coordinator_gets_nothing(q8: Path, shadow_model: Path, tmp_path: Path, role: str) -> None:
+    """A worker or shadow node holding the real coordinator's public key never completes a handshake
+    with another server: the impostor receives no message (no hello, no model hash)."""
     real = K.KeyPair.generate()
     _, secret = keyfile(tmp_path, "w")
     ctx = zmq.Context()
@@ -303,7 +315,8 @@ def test_fake_coordinator_gets_nothing_from_a_worker(q8: Path, tmp_path: Path) -
     fake.curve_server, fake.curve_secretkey, fake.curve_publickey = True, impostor.secret, impostor.public
     port = fake.bind_to_random_port("tcp://127.0.0.1")
     log = tmp_path / "w.log"
-    proc = spawn_worker(f"tcp://127.0.0.1:{port}", q8, log, *key_flags(secret, real))
+    spawn = spawn_worker if role == "worker" else spawn_node
+    proc = spawn(f"tcp://127.0.0.1:{port}", q8 if role == "worker" else shadow_model, log, *key_flags(secret, real))
     try:
         wait_until(lambda: "handshake with" in log.read_text(), 30, "the worker did not log the failed handshake")
         assert not fake.poll(2000), "the fake coordinator received a message"
@@ -381,6 +394,109 @@ def test_relay_sees_no_activation_bytes(q8: Path, tmp_path: Path, secure: bool) 
         stop(proc)
         relay.close()
         cluster.close()
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_relay_sees_nothing_of_the_shadow_link(shadow_model: Path, tmp_path: Path, secure: bool) -> None:
+    """The shadow link carries the main model's K/V rows and every token: with keys none of the rows'
+    bytes cross the wire in clear (without keys, the control, they do). With keys, a second connection
+    with the node's own key cannot take the node's place while it answers."""
+    server = K.KeyPair.generate()
+    pair, secret = keyfile(tmp_path, "n")
+    with Engine(shadow_model, n_ctx=64, n_threads=1) as engine:
+        remote = RemoteShadowPredictor(engine, 1, keys=K.ServerKeys(server, {pair.public: "n"}) if secure else None)
+        relay = Relay(int(remote.endpoint.rsplit(":", 1)[1]))
+        proc = spawn_node(f"tcp://127.0.0.1:{relay.port}", shadow_model, tmp_path / "n.log",
+                          *(key_flags(secret, server) if secure else []))
+        ctx = zmq.Context()
+        twin = ctx.socket(zmq.DEALER)
+        twin.linger = 0
+        try:
+            remote.wait_for_shadow(60)
+            greedy_tokens(engine, PROMPT, 4)  # the second eval sends the prompt's K/V rows
+            wait_until(lambda: remote.stats()["routes"] > 0, 30, "no routes came back", lambda: remote._drain(0.1))
+            n = len(PROMPT)
+            rows = np.concatenate([np.stack(engine.kv.read_f32(il, 0, n)).ravel() for il in range(engine.cfg.n_layer)])
+            chunks = [rows.tobytes()[i:i + 32] for i in range(0, rows.nbytes, 512)]
+            seen = bytes(relay.seen)
+            found = sum(c in seen for c in chunks)
+            assert len(seen) > rows.nbytes  # the rows did go through the relay
+            assert found == (0 if secure else len(chunks)), (found, len(chunks))
+            if secure:
+                identity = remote._peer
+                K.arm_client(twin, K.ClientKeys(pair, server.public))
+                twin.connect(remote.endpoint)
+                for _ in range(3):
+                    twin.send_multipart(P.encode(P.SHADOW_HELLO, name="twin", model=manifest_hash(shadow_model), pid=1,
+                                                 shadow_type="q4_0"))
+                    remote._drain(0.2)
+                assert remote._peer == identity and remote.connected and remote.stats()["node"] == "test-shadow"
+                assert not twin.poll(200), "the twin got an answer while the node answers"
+        finally:
+            stop(proc)
+            relay.close()
+            twin.close(0)
+            ctx.term()
+            remote.close()
+
+
+def test_insecure_off_loopback_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="edgemoe.keys"):
+        K.require_keys_or_insecure("tcp://10.1.2.3:5555", False, True, "--connect")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "INSECURE" in caplog.text
+
+
+def test_one_log_line_per_refused_key(caplog: pytest.LogCaptureFixture) -> None:
+    """ZAP's answer for an unlisted key: refused, logged once a minute per key (not once per attempt)."""
+    ctx = zmq.Context()
+    listed, a, b = K.KeyPair.generate(), K.KeyPair.generate(), K.KeyPair.generate()
+    auth = K.Authenticator(ctx, K.ServerKeys(K.KeyPair.generate(), {listed.public: "w"}))
+    try:
+        with caplog.at_level("WARNING", logger="edgemoe.keys"):
+            assert auth.callback("edgemoe", listed.public)
+            assert not any([auth.callback("edgemoe", a.public) for _ in range(5)] + [auth.callback("edgemoe", b.public)])
+        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refused) == 2 and a.public.decode() in refused[0] and b.public.decode() in refused[1], refused
+    finally:
+        auth.stop()
+        ctx.term()
+
+
+def test_keys_from_the_command_line_end_to_end(q8: Path, reference, tmp_path: Path) -> None:
+    """`edgemoe keygen` for both sides, `run --key --allow DIR --bind` and `worker --key --coordinator-key`:
+    the listed worker joins over CurveZMQ and the text is the in-process engine's; a worker with a key
+    of its own that is not in the folder is refused meanwhile."""
+    keys = tmp_path / "keys"
+    for name in ("coordinator", "pi-01", "stranger"):
+        assert run_cli("keygen", str(keys / name), "--name", name).returncode == 0
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    want = run_cli("run", str(q8), "-p", "Once upon a time", "-n", "4", "--temp", "0")
+    assert want.returncode == 0, want.stderr
+    coord = subprocess.Popen([sys.executable, "-m", "edgemoe", "run", str(q8), "-p", "Once upon a time", "-n", "4",
+                              "--temp", "0", "--bind", f"tcp://127.0.0.1:{port}", "--wait-workers", "1",
+                              "--key", str(keys / "coordinator" / "coordinator.key_secret"),
+                              "--allow", str(keys / "pi-01")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_worker(f"tcp://127.0.0.1:{port}", q8, tmp_path / "w.log", "--key",
+                        str(keys / "pi-01" / "pi-01.key_secret"), "--coordinator-key",
+                        str(keys / "coordinator" / "coordinator.key"), name="pi-01")
+    stranger = spawn_worker(f"tcp://127.0.0.1:{port}", q8, tmp_path / "s.log", "--key",
+                            str(keys / "stranger" / "stranger.key_secret"), "--coordinator-key",
+                            str(keys / "coordinator" / "coordinator.key"), name="pi-02")
+    try:
+        wait_until(lambda: "refused this node's key" in (tmp_path / "s.log").read_text(), 60,
+                   "the unlisted worker was not refused")
+        out, err = coord.communicate(timeout=120)
+        assert coord.returncode == 0, err
+        assert out == want.stdout
+        assert "welcomed as worker 0" in (tmp_path / "w.log").read_text()
+        assert "welcomed" not in (tmp_path / "s.log").read_text()
+    finally:
+        if coord.poll() is None:
+            coord.kill()
+            coord.communicate()
+        stop(proc)
+        stop(stranger)
 
 
 # -- liveness ------------------------------------------------------------------------------------

@@ -33,11 +33,9 @@ N_PREDICT = 12
 
 
 @pytest.fixture(scope="module")
-def model(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model(shadow_model: Path) -> Path:
     """A Q8_0 test model with a Q4_0 shadow of its experts."""
-    out = tmp_path_factory.mktemp("shadow-node") / "m"
-    write_model(plan_conversion(fixtures_dir / "llama-moe-q8_0.gguf", shadow_type="q4_0"), out, progress=False)
-    return out
+    return shadow_model
 
 
 def node(endpoint: str, model: Path, *extra: str) -> subprocess.Popen:
