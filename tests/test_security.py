@@ -545,6 +545,9 @@ def test_returning_worker_gets_residents_again(q8: Path, reference) -> None:
         victim = next(p for p in local.procs if p.pid == w.pid)
         share = {k for k, x in cluster.placement.items() if x is w}
         assert share and len(cluster.placement) == len(cluster._sizes)
+        # a local cluster is authenticated with no set-up: ephemeral keys, each worker known by its own
+        assert cluster.auth is not None and len({x.key for x in cluster.live_workers()}) == 3
+        assert all(x.key in cluster.auth.keys.allowed for x in cluster.live_workers())
 
         try:
             tokens, _ = generate_with(engine, PROMPT, 16, 4, lambda: victim.send_signal(signal.SIGSTOP))
@@ -575,18 +578,20 @@ def test_returning_worker_gets_residents_again(q8: Path, reference) -> None:
             victim.send_signal(signal.SIGCONT)
 
 
-def test_local_workers_end_with_their_coordinator(q8: Path, tmp_path: Path) -> None:
-    """SIGKILL the coordinator process: its spawned workers end too (parent-death signal)."""
+def test_local_daemons_end_with_their_coordinator(shadow_model: Path, tmp_path: Path) -> None:
+    """SIGKILL the coordinator process: its spawned workers and shadow node end too (parent-death signal)."""
     script = ("import sys, time\n"
               "from edgemoe.cluster.session import ClusterOptions, open_engine\n"
-              f"with open_engine({str(q8)!r}, ClusterOptions(workers=2), n_ctx=64, n_threads=1) as e:\n"
-              "    print(' '.join(str(p.pid) for p in e.local_workers.procs), flush=True)\n"
+              f"opts = ClusterOptions(workers=2, predictor='shadow', shadow_node='local')\n"
+              f"with open_engine({str(shadow_model)!r}, opts, n_ctx=64, n_threads=1) as e:\n"
+              "    procs = e.local_workers.procs + e.local_shadow.procs\n"
+              "    print(' '.join(str(p.pid) for p in procs), flush=True)\n"
               "    time.sleep(120)\n")
     coord = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pids: list[int] = []
     try:
         pids = [int(p) for p in coord.stdout.readline().split()]
-        assert len(pids) == 2
+        assert len(pids) == 3
         coord.kill()
         coord.wait(10)
         deadline = time.monotonic() + 15

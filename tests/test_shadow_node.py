@@ -216,6 +216,7 @@ def test_silent_shadow_node_costs_at_most_three_heartbeats(model: Path, sig: str
         remote: RemoteShadowPredictor = cluster.predictor
         victim = engine.local_shadow.procs[0]
         hb = remote.heartbeat_s
+        assert remote.auth is not None and remote._peer_key in remote.auth.keys.allowed  # ephemeral keys
         signalled = []
         try:
             def fault() -> None:
