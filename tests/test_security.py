@@ -134,6 +134,12 @@ def test_off_loopback_without_keys_needs_insecure(q8: Path) -> None:
     assert r.returncode == 2 and "--insecure" in r.stderr, r.stderr
     r = run_cli("worker", "--connect", "tcp://127.0.0.1:5555", "--model", str(q8), "--key", "/nonexistent")
     assert r.returncode == 2 and "--coordinator-key" in r.stderr, r.stderr
+    # the shadow node's link, from either end
+    r = run_cli("shadow", "--connect", "tcp://10.255.255.1:5555", "--model", str(q8))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--insecure" in r.stderr, r.stderr
+    r = run_cli("run", str(q8), "-p", "hi", "-n", "1", "--workers", "1", "--predictor", "shadow",
+                "--shadow-node", "tcp://0.0.0.0:0")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--insecure" in r.stderr, r.stderr
 
 
 # -- authentication ------------------------------------------------------------------------------
