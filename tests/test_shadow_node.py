@@ -88,13 +88,23 @@ def test_node_answers_jobs_and_survives_malformed_messages(model: Path) -> None:
             ident, *frames = sock.recv_multipart()
             hello = P.decode(frames)
             assert hello.type == P.SHADOW_HELLO and hello["model"] == manifest_hash(model)
-            sock.send_multipart([ident, *P.encode(P.SHADOW_WELCOME, heartbeat_s=0.2, n_ctx=64)])
-            seen = []  # heartbeats while it builds its shadow, then shadow_ready
-            while not seen or seen[-1] != P.SHADOW_READY:
-                assert sock.poll(60000), f"no shadow_ready from the node (got {seen})"
-                msg = P.decode(sock.recv_multipart()[1:])
-                seen.append(msg.type)
-            assert msg["n_ctx"] == 64 and set(seen[:-1]) <= {P.HEARTBEAT}, seen
+            def ready(n_ctx: int) -> list[str]:
+                """Welcome the node for n_ctx; what it sent until its shadow_ready."""
+                sock.send_multipart([ident, *P.encode(P.SHADOW_WELCOME, heartbeat_s=0.2, n_ctx=n_ctx)])
+                seen = []  # heartbeats while it builds its shadow, then shadow_ready
+                while not seen or seen[-1] != P.SHADOW_READY:
+                    assert sock.poll(60000), f"no shadow_ready from the node (got {seen})"
+                    msg = P.decode(sock.recv_multipart()[1:])
+                    seen.append(msg.type)
+                assert msg["n_ctx"] == n_ctx and set(seen[:-1]) <= {P.HEARTBEAT}, seen
+                return seen
+
+            ready(1 << 24)  # more than the model's 512: the engine clamps it, the node builds once
+            ready(64)  # another context: built again
+            ready(64)  # the same context again (a re-welcome): ready without a build (counted in its log below)
+            time.sleep(0.5)
+            while sock.poll(0):  # heartbeats only: no rebuild loop, no second ready
+                assert P.decode(sock.recv_multipart()[1:]).type == P.HEARTBEAT
             for bad in ([b"\xc1garbage"], [P.msgpack.packb({"v": 1, "t": "job", "gen": 1})],
                         P.encode(P.KV_ROWS, np.zeros((2, 2, 1, 3), np.float32), lo=0),  # not this model's shape
                         P.encode(P.JOB, gen=1, pos=63, tokens=[5, 6])):  # past the context
@@ -120,6 +130,7 @@ def test_node_answers_jobs_and_survives_malformed_messages(model: Path) -> None:
             ctx.term()
     assert proc.returncode == 0, err
     assert "dropped a malformed message" in err and "dropped K/V rows of shape" in err and "dropped a job" in err
+    assert err.count("shadow ready:") == 2, err  # built for 1 << 24 (clamped) and for 64; the re-welcome built nothing
 
 
 def test_node_with_another_model_is_refused(model: Path, tmp_path: Path, fixtures_dir: Path) -> None:

@@ -91,10 +91,11 @@ class ShadowNode:
         self.log = logging.getLogger(f"edgemoe.shadow.{name}")
         self.mirror: Engine | None = None
         self.predictor = None
-        self._want_ctx = 0  # the context the last welcome asked for
+        self._want_ctx = 0  # the context the last welcome asked for (0: none to build)
+        self._builder_ctx = 0  # ... the one the builder works on, and the one the built shadow was asked for
+        self._shadow_ctx = 0
         self._builder: threading.Thread | None = None
         self._built: tuple[Engine, Any] | BaseException | None = None  # the builder's result, for the loop
-        self._fatal: str | None = None
         self._gens: dict[int, int] = {}  # the predictor's job gen -> the coordinator's
         self._out: queue.SimpleQueue[tuple[int, int, list[int]]] = queue.SimpleQueue()
         self._welcomed = False
@@ -109,10 +110,11 @@ class ShadowNode:
         """After a welcome: say ready at once if the shadow for n_ctx exists, else build it on the
         builder thread (one at a time; a welcome for another context while one builds waits for it)."""
         self._want_ctx = n_ctx
-        if self.mirror is not None and self.mirror.n_ctx == n_ctx:
+        if self.mirror is not None and self._shadow_ctx == n_ctx:
             self._say_ready()
         elif self._builder is None:
             self._stop_shadow()
+            self._builder_ctx = n_ctx
             self._builder = threading.Thread(target=self._build, args=(n_ctx,), name="edgemoe-shadow-build", daemon=True)
             self._builder.start()
 
@@ -133,22 +135,28 @@ class ShadowNode:
 
     def _install_built(self) -> None:
         """In the loop: take what the builder made (or the reason it could not)."""
-        if self._builder is None or self._builder.is_alive():
+        if self._builder is None or self._built is None:  # (set as the builder's last step)
             return
         self._builder.join()
         self._builder, built, self._built = None, self._built, None
-        if isinstance(built, BaseException):
-            self._fatal = f"cannot build the shadow ({type(built).__name__}: {built})"
-            return
-        self.mirror, self.predictor = built
-        self.predictor.on_publish = self._on_publish
-        self.log.info("shadow ready: %s experts, context %d, alignment T%dKV%d", self.predictor.files.type,
-                      self.mirror.n_ctx, self.options.align_token, self.options.align_kv)
-        self._want_shadow(self._want_ctx)  # ready, or rebuilt for a context asked for meanwhile
+        if isinstance(built, BaseException):  # e.g. a context too large for this board: the node stays up
+            failed = self._builder_ctx
+            self.log.error("cannot build the shadow for a context of %d (%s: %s); not ready until a welcome with "
+                           "another context", failed, type(built).__name__, built)
+            if self._want_ctx == failed:
+                self._want_ctx = 0
+        else:
+            self.mirror, self.predictor = built
+            self._shadow_ctx = self._builder_ctx  # (the engine may have clamped it to the model's context)
+            self.predictor.on_publish = self._on_publish
+            self.log.info("shadow ready: %s experts, context %d, alignment T%dKV%d", self.predictor.files.type,
+                          self.mirror.n_ctx, self.options.align_token, self.options.align_kv)
+        if self._want_ctx:
+            self._want_shadow(self._want_ctx)  # ready, or rebuilt for a context asked for meanwhile
 
     def _say_ready(self) -> None:
         if self._welcomed:
-            self._send(P.SHADOW_READY, n_ctx=self.mirror.n_ctx)
+            self._send(P.SHADOW_READY, n_ctx=self._shadow_ctx)
 
     def _stop_shadow(self) -> None:
         if self.predictor is not None:
@@ -188,7 +196,7 @@ class ShadowNode:
     def run(self) -> int:
         self._setup()
         try:
-            while not self._stopping and self._reject is None and self._fatal is None:
+            while not self._stopping and self._reject is None:
                 now = time.monotonic()
                 due = self._next_heartbeat if self._welcomed else self._next_hello
                 events = dict(self.poller.poll(max(0, min(1000, int((due - now) * 1000) + 1))))
@@ -205,8 +213,6 @@ class ShadowNode:
             self._shutdown()
         if self._reject is not None:
             raise UserError(f"the coordinator rejected this shadow node: {self._reject}")
-        if self._fatal is not None:
-            raise UserError(self._fatal)
         return 0
 
     def _on_monitor(self) -> None:
