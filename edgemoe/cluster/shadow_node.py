@@ -15,6 +15,7 @@ ShadowPredictor. The node cannot build before its hello: the context size comes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -86,7 +87,8 @@ class ShadowNode:
             raise UserError(f"{self.model_dir}: no shadow experts; convert with `edgemoe convert SRC OUT --shadow-type TYPE`")
         self.model_hash = manifest_hash(self.model_dir)
         self.max_frame = P.frame_limit(max(P.KV_CHUNK_BYTES, _kv_row_bytes(self.model_dir)))
-        self.options = options
+        # the shadow is this node's only work: no lowered priority (on a shared host it would starve)
+        self.options = dataclasses.replace(options, yield_cpu=False)
         self.hello_interval = hello_interval
         self.log = logging.getLogger(f"edgemoe.shadow.{name}")
         self.mirror: Engine | None = None

@@ -19,6 +19,9 @@ class PredictorOptions:
     reanchor_depth: int = 1  # MoE layers re-run from the main model's true state after each layer
     shadow_threads: int = 1  # ggml threads of the shadow
     sync: bool = False  # wait for the shadow's routing instead of taking what is ready (recall benchmark)
+    # the shadow's thread runs at a lowered CPU priority, so that it never delays the trunk next to it;
+    # a shadow node, where the shadow is the only work, runs it at the usual priority
+    yield_cpu: bool = True
 
 
 class Predictor(ABC):

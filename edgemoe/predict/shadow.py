@@ -324,7 +324,7 @@ class ShadowPredictor(Predictor):
 
     # shadow thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
-        if not self.opts.sync:  # its predictions are worth less than the trunk's time: never delay it
+        if not self.opts.sync and self.opts.yield_cpu:  # its predictions are worth less than the trunk's time
             lower_thread_priority()
         while True:
             job = self._queue.get()
