@@ -402,7 +402,8 @@ def test_relay_sees_no_activation_bytes(q8: Path, tmp_path: Path, secure: bool) 
         cluster.close()
 
 
-@pytest.mark.parametrize("secure", [True, False])
+# the control (no keys: the rows are found) is slow-marked; the worker link's control runs by default
+@pytest.mark.parametrize("secure", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_relay_sees_nothing_of_the_shadow_link(shadow_model: Path, tmp_path: Path, secure: bool) -> None:
     """The shadow link carries the main model's K/V rows and every token: with keys none of the rows'
     bytes cross the wire in clear (without keys, the control, they do). With keys, a second connection

@@ -214,7 +214,8 @@ def test_node_rejoins_a_restarted_coordinator(model: Path) -> None:
     assert proc.returncode == 0, err
 
 
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+# SIGKILL is slow-marked: the same silence as SIGSTOP's (which the default run covers, with the return)
+@pytest.mark.parametrize("sig", [pytest.param("SIGKILL", marks=pytest.mark.slow), "SIGSTOP"])
 def test_silent_shadow_node_costs_at_most_three_heartbeats(model: Path, sig: str) -> None:
     """The node is killed or stopped before token 4: the coordinator drops it within about 3 heartbeat
     intervals, predicts without it, and no token changes; a stopped node that resumes (SIGCONT) is
