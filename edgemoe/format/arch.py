@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 # A routed-expert tensor: blk.<layer>.ffn_<part>_exps.<weight|bias>
 EXPERT_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_([a-z_]+?)_exps\.(weight|bias)$")
+# A shared expert's FFN weight (in the trunk): blk.<layer>.ffn_<part>_shexp.weight
+SHARED_EXPERT_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_shexp\.weight$")
+
+
+# Types ggml cannot use as the weights of a matrix product (integer and F64 tensors): never an expert's.
+NOT_EXPERT_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64"})
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,15 @@ class MoeArch:
     expert_weight_sets: tuple[frozenset[str], ...]
     shared_expert: bool = False
     description: str = ""
+    dense_layers: bool = False  # some layers may have no routed experts (a dense FFN instead)
+    # GGML type names the expert weights may have (None: any type ggml multiplies, see NOT_EXPERT_TYPES)
+    expert_types: frozenset[str] | None = None
+    expert_bias_parts: frozenset[str] = frozenset()  # parts with a stacked bias (ffn_<part>_exps.bias)
+
+    def allows_type(self, type_name: str) -> bool:
+        if self.expert_types is not None:
+            return type_name in self.expert_types
+        return type_name not in NOT_EXPERT_TYPES
 
 
 _SPLIT = frozenset({"gate", "up", "down"})
@@ -33,6 +49,10 @@ ARCHITECTURES: dict[str, MoeArch] = {
         MoeArch("qwen2moe", (_SPLIT, _FUSED), shared_expert=True, description="Qwen1.5/Qwen2 MoE, gated shared expert"),
         MoeArch("qwen3moe", (_SPLIT, _FUSED), description="Qwen3 MoE, q/k norms"),
         MoeArch("olmoe", (_SPLIT, _FUSED), description="OLMoE, q/k norms"),
+        # llama.cpp's granitemoe and ernie4_5-moe loaders know only split gate/up expert tensors
+        MoeArch("granitemoe", (_SPLIT,), description="IBM Granite 3.x MoE, scaled residuals, optional shared expert"),
+        MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_layers=True,
+                description="Baidu ERNIE 4.5 MoE, leading dense layers, expert selection bias, shared experts"),
     )
 }
 
@@ -43,3 +63,8 @@ def parse_expert_tensor_name(name: str) -> tuple[int, str, str] | None:
     if m is None:
         return None
     return int(m.group(1)), m.group(2), m.group(3)
+
+
+def has_shared_expert(tensor_names: Iterable[str]) -> bool:
+    """Whether a model has a shared expert (optional in some architectures, e.g. granitemoe)."""
+    return any(SHARED_EXPERT_RE.match(n) for n in tensor_names)

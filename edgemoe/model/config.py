@@ -22,6 +22,12 @@ class ArchTraits:
     norm_topk: bool = False  # renormalise the selected experts' weights to sum to 1
     shared_expert: bool = False  # qwen2moe: sigmoid-gated shared expert
     ff_exp_key: str = "expert_feed_forward_length"
+    # granitemoe, ernie4_5-moe: an ungated shared expert added to the routed ones, present when
+    # <arch>.expert_shared_feed_forward_length > 0 (llama.cpp's n_ff_shexp)
+    plain_shared_expert: bool = False
+    granite_scales: bool = False  # granitemoe: embedding, residual and logit multipliers (<arch>.*_scale)
+    # ernie4_5-moe: layer il is MoE iff il >= leading_dense_block_count and (il + 1) % interleave_moe_layer_step == 0
+    moe_layer_rule: bool = False
 
 
 TRAITS: dict[str, ArchTraits] = {
@@ -29,6 +35,11 @@ TRAITS: dict[str, ArchTraits] = {
     "qwen2moe": ArchTraits(ROPE_NEOX, qkv_bias=True, shared_expert=True),
     "qwen3moe": ArchTraits(ROPE_NEOX, qk_norm="head", norm_topk=True),
     "olmoe": ArchTraits(ROPE_NEOX, qk_norm="full"),
+    # granite.cpp's graph (granitemoe uses it): routing softmax, top-k renormalised; experts n_ff wide
+    "granitemoe": ArchTraits(ROPE_NORM, norm_topk=True, ff_exp_key="feed_forward_length", plain_shared_expert=True,
+                             granite_scales=True),
+    # ernie4-5-moe.cpp: leading dense layers, exp_probs_b selection bias, top-k renormalised
+    "ernie4_5-moe": ArchTraits(ROPE_NORM, norm_topk=True, plain_shared_expert=True, moe_layer_rule=True),
 }
 
 
@@ -53,6 +64,26 @@ class ModelConfig:
     rope_freq_scale: float
     kq_scale: float
     expert_weights_scale: float
+    n_ff_shexp: int = 0  # width of an ungated shared expert (plain_shared_expert archs; 0: none)
+    embedding_scale: float = 0.0  # granite multipliers; 0: not applied (llama.cpp's test)
+    residual_scale: float = 0.0
+    logit_scale: float = 0.0  # logits are divided by it
+    n_layer_dense_lead: int = 0  # moe_layer_rule archs
+    moe_layer_step: int = 1
+
+    @property
+    def shared_expert(self) -> str | None:
+        """"gated" (qwen2moe: sigmoid(gate_inp_shexp . x) * FFN), "plain" (FFN added as is) or None."""
+        if self.traits.shared_expert:
+            return "gated"
+        return "plain" if self.n_ff_shexp > 0 else None
+
+    def rule_moe_layers(self) -> list[int] | None:
+        """The MoE layers llama.cpp's graph makes for a moe_layer_rule architecture (None: by tensors)."""
+        if not self.traits.moe_layer_rule:
+            return None
+        return [il for il in range(self.n_layer)
+                if il >= self.n_layer_dense_lead and (il + 1) % self.moe_layer_step == 0]
 
     @property
     def n_embd_q(self) -> int:
@@ -95,6 +126,20 @@ class ModelConfig:
         factor = float(meta.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
         freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
         attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0) or 0.0)
+        f32 = lambda name: float(meta.get(f"{arch}.{name}", 0.0) or 0.0)  # noqa: E731
+        extra: dict[str, Any] = {}
+        if traits.plain_shared_expert and n_expert:
+            extra["n_ff_shexp"] = int(key("expert_shared_feed_forward_length", 0))
+        if traits.granite_scales:  # granite.cpp: logit_scale is required, the others optional
+            extra.update(embedding_scale=f32("embedding_scale"), residual_scale=f32("residual_scale"),
+                         logit_scale=float(key("logit_scale")))
+            if extra["logit_scale"] == 0.0:
+                raise UserError(f"{source}: {arch}.logit_scale is 0 (logits are divided by it)")
+        if traits.moe_layer_rule:
+            extra.update(n_layer_dense_lead=int(key("leading_dense_block_count", 0)),
+                         moe_layer_step=int(key("interleave_moe_layer_step")))
+            if extra["moe_layer_step"] <= 0:
+                raise UserError(f"{source}: {arch}.interleave_moe_layer_step must be > 0")
         return cls(
             arch=arch,
             traits=traits,
@@ -116,4 +161,5 @@ class ModelConfig:
             # float32 arithmetic, as llama.cpp's 1.0f/sqrtf(n_embd_head)
             kq_scale=attn_scale if attn_scale else float(np.float32(1.0) / np.sqrt(np.float32(head_dim))),
             expert_weights_scale=float(key("expert_weights_scale", 0.0)),
+            **extra,
         )

@@ -134,6 +134,10 @@ class Engine:
                 self.repacker = None
         self.trunk = Trunk(self.cfg, self.weights, self.kv, self.repacker)
         self.moe_layers = [il for il in range(self.cfg.n_layer) if self.trunk.is_moe_layer(il)]
+        rule = self.cfg.rule_moe_layers()
+        if rule is not None and rule != self.moe_layers:  # the graph llama.cpp builds would not match the tensors
+            raise UserError(f"{trunk_path}: {self.cfg.arch} metadata makes layers {rule} MoE layers "
+                            f"(leading_dense_block_count, interleave_moe_layer_step), its tensors {self.moe_layers}")
         # called as listener(engine, tokens) when eval() starts, before any layer runs (n_past is the
         # first new position): a shadow predictor starts on the token as soon as it is known
         self.eval_listeners: list[Callable[["Engine", np.ndarray], None]] = []
@@ -225,7 +229,7 @@ class Engine:
             moe = trunk.moe_combine(ctx, graph, ctx.from_numpy(carry["experts"]), ctx.from_numpy(carry["weights"]))
             if "shared" in carry:
                 moe = ctx.add(moe, ctx.from_numpy(carry["shared"]))
-            x = ctx.add(moe, ctx.from_numpy(carry["ffn_inp"]))
+            x = trunk.residual(ctx, moe, ctx.from_numpy(carry["ffn_inp"]))
         else:
             x = ctx.from_numpy(carry["resid"])
         if il == cfg.n_layer:
@@ -235,15 +239,15 @@ class Engine:
             if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
                 ids = ctx.from_numpy(inp.out_ids)
                 cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
-            ffn_inp = ctx.add(cur, x)
+            ffn_inp = trunk.residual(ctx, cur, x)
             normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
             if trunk.is_moe_layer(il):
                 outputs["ffn_inp"], outputs["normed"] = ffn_inp, normed
                 outputs["selected"], outputs["weights"] = trunk.router(ctx, il, normed)
-                if cfg.traits.shared_expert:
+                if cfg.shared_expert:
                     outputs["shared"] = trunk.shared_expert(ctx, il, normed)
             else:
-                outputs["resid"] = ctx.add(trunk.dense_ffn(ctx, il, normed), ffn_inp)
+                outputs["resid"] = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed), ffn_inp)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)
         return _Segment(ctx, graph, carry, outputs)
@@ -268,7 +272,7 @@ class Engine:
             carry: dict[str, np.ndarray] = {}
             if il > 0 and self.trunk.is_moe_layer(il - 1):
                 carry = {"experts": aligned_empty((1, k, d)), "weights": aligned_empty((1, k, 1)), "ffn_inp": aligned_empty((1, d))}
-                if cfg.traits.shared_expert:
+                if cfg.shared_expert:
                     carry["shared"] = aligned_empty((1, d))
             elif il > 0:
                 carry = {"resid": aligned_empty((1, d))}
@@ -310,18 +314,18 @@ class Engine:
             if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
                 ids = ctx.from_numpy(inp.out_ids)
                 cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
-            ffn_inp = ctx.add(cur, x)
+            ffn_inp = trunk.residual(ctx, cur, x)
             normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
             if trunk.is_moe_layer(il):
                 selected, weights = trunk.router(ctx, il, normed)
                 outputs[f"selected.{il}"] = selected
                 experts = moe_ffn(ctx, self.experts.graph_parts(il, ctx, cfg.n_embd), normed, selected)
                 moe = trunk.moe_combine(ctx, graph, experts, weights)
-                if cfg.traits.shared_expert:
+                if cfg.shared_expert:
                     moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed))
-                x = ctx.add(moe, ffn_inp)
+                x = trunk.residual(ctx, moe, ffn_inp)
             else:
-                x = ctx.add(trunk.dense_ffn(ctx, il, normed), ffn_inp)
+                x = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed), ffn_inp)
         outputs["logits"] = trunk.head(ctx, x)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)

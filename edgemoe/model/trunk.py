@@ -75,7 +75,17 @@ class Trunk:
         return ctx.mul(ctx.rms_norm(x, self.cfg.rms_eps), weight)
 
     def embed(self, ctx: Context, inp: StepInputs) -> TensorPtr:
-        return ctx.get_rows(self.w.require("token_embd.weight"), ctx.from_numpy(inp.tokens))
+        x = ctx.get_rows(self.w.require("token_embd.weight"), ctx.from_numpy(inp.tokens))
+        if self.cfg.embedding_scale:  # granite (llama.cpp's build_inp_embd; get_rows' output is contiguous)
+            x = ctx.scale(x, self.cfg.embedding_scale)
+        return x
+
+    def residual(self, ctx: Context, out: TensorPtr, skip: TensorPtr) -> TensorPtr:
+        """A block's output added to the residual stream: out + skip, out scaled first where granite's
+        residual multiplier asks (after the attention and after the FFN, as granite.cpp does)."""
+        if self.cfg.residual_scale:
+            out = ctx.scale(out, self.cfg.residual_scale)
+        return ctx.add(out, skip)
 
     def attention(self, ctx: Context, graph, il: int, x: TensorPtr, inp: StepInputs) -> TensorPtr:
         """attn_norm -> q/k/v (+bias, q/k norm) -> RoPE -> KV store -> flash attention -> wo."""
@@ -218,12 +228,14 @@ class Trunk:
                         (lw("ffn_up.bias"), lw("ffn_gate.bias"), lw("ffn_down.bias")))
 
     def shared_expert(self, ctx: Context, il: int, cur: TensorPtr) -> TensorPtr:
-        """qwen2moe: sigmoid(gate_inp_shexp . x) * FFN_shexp(x); sigmoid computed as silu(g)/g like llama.cpp."""
-        g = ctx.mul_mat(self._lw(il, "ffn_gate_inp_shexp.weight"), cur)
-        gate = ctx.div(ctx.silu(g), g)
+        """The shared expert's FFN; qwen2moe ("gated") multiplies it by sigmoid(gate_inp_shexp . x),
+        computed as silu(g)/g like llama.cpp; granitemoe and ernie4_5-moe ("plain") add it as is."""
+        if self.cfg.shared_expert == "gated":
+            g = ctx.mul_mat(self._lw(il, "ffn_gate_inp_shexp.weight"), cur)
+            gate = ctx.div(ctx.silu(g), g)
         ffn = self.ffn(ctx, cur, self._lw(il, "ffn_up_shexp.weight"), self._lw(il, "ffn_gate_shexp.weight"),
                        self._lw(il, "ffn_down_shexp.weight"))
-        return ctx.mul(ffn, gate)
+        return ctx.mul(ffn, gate) if self.cfg.shared_expert == "gated" else ffn
 
     def moe_combine(self, ctx: Context, graph, experts: TensorPtr, weights: TensorPtr) -> TensorPtr:
         """Weighted sum of the k expert outputs, added in rank order (llama.cpp's exact order)."""
@@ -241,12 +253,15 @@ class Trunk:
         return ctx.cont(out) if k == 1 else out
 
     def head(self, ctx: Context, x: TensorPtr) -> TensorPtr:
-        return ctx.mul_mat(self.output, self.norm(ctx, x, self.w.require("output_norm.weight")))
+        logits = ctx.mul_mat(self.output, self.norm(ctx, x, self.w.require("output_norm.weight")))
+        if self.cfg.logit_scale:  # granite: 1.0f / f_logit_scale, in float32 as llama.cpp computes it
+            logits = ctx.scale(logits, float(np.float32(1.0) / np.float32(self.cfg.logit_scale)))
+        return logits
 
     def activation_bytes(self, n_tok: int, n_kv: int, n_out: int) -> int:
         """A safe upper bound on one segment's context memory (ggml aborts if it runs out)."""
         c = self.cfg
         wide = max(c.n_embd, c.n_embd_q)
-        per_tok = 4 * (32 * wide + 6 * max(c.n_ff, c.n_ff_exp, 1) + 8 * max(c.n_expert, 1) + 3 * max(c.n_expert_used, 1) * c.n_embd)
+        per_tok = 4 * (32 * wide + 6 * max(c.n_ff, c.n_ff_exp, c.n_ff_shexp, 1) + 8 * max(c.n_expert, 1) + 3 * max(c.n_expert_used, 1) * c.n_embd)
         fa = 2 * 2 * n_kv * c.n_embd_kv + 4 * c.n_head * n_tok * 64  # f16 K/V copies, FA scratch
         return int(1.5 * (n_tok * per_tok + fa + 4 * n_out * (c.n_vocab + c.n_embd))) + (1 << 20)

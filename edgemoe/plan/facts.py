@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.errors import UserError
-from edgemoe.format.arch import ARCHITECTURES, parse_expert_tensor_name
+from edgemoe.format.arch import has_shared_expert, parse_expert_tensor_name
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf
 from edgemoe.format.manifest import (MANIFEST_NAME, TRUNK_NAME, Manifest, expert_file_name, load_manifest)
 
@@ -130,7 +130,7 @@ def facts_of_gguf(path: str | os.PathLike[str]) -> ModelFacts:
     return ModelFacts(
         path=str(p), kind="gguf", name=get_str(reader, "general.name") or p.stem, architecture=arch,
         n_layers=n_layers, n_embd=n_embd, n_ff_exp=n_ff, n_experts=n_expert, n_experts_used=n_used,
-        moe_layers=sorted(shard), shared_expert=ARCHITECTURES.get(arch) is not None and ARCHITECTURES[arch].shared_expert,
+        moe_layers=sorted(shard), shared_expert=has_shared_expert(t.name for t in reader.tensors),
         trunk_bytes=trunk_bytes, expert_bytes=expert_bytes, shard_bytes=shard,
         trunk_types=dict(sorted(trunk_types.items())), expert_types=dict(sorted(expert_types.items())),
         manifest="not converted (a GGUF file; edgemoe convert splits it into trunk + shards)",

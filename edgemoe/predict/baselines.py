@@ -66,11 +66,23 @@ def _tensor_f32(weights: GGUFTensors, name: str) -> np.ndarray:
     return dequantize(raw, GGMLQuantizationType(c.type)).reshape(shape).astype(np.float32)
 
 
+def select_experts(logits: np.ndarray, k: int, bias: np.ndarray | None = None) -> list[int]:
+    """The k experts the model's router (Trunk.router) picks from these router logits: top-k of the
+    softmax, plus the layer's selection bias (exp_probs_b: ernie4_5-moe) where it has one."""
+    if bias is None:
+        scores = logits  # softmax keeps the order
+    else:
+        p = np.exp(logits - logits.max())
+        scores = p / p.sum() + bias
+    return [int(e) for e in np.argsort(-scores, kind="stable")[:k]]
+
+
 class LookaheadPredictor(Predictor):
     """Applies the next layers' routers to the current residual stream (Mixtral-offloading, HOBBIT).
 
-    For each of the next `depth` MoE layers j: x = rms_norm(residual) * ffn_norm_j, top-k of
-    ffn_gate_inp_j . x. Cheap (a few small mat-vecs in numpy), no extra model needed.
+    For each of the next `depth` MoE layers j: x = rms_norm(residual) * ffn_norm_j, the experts the
+    router of j picks from ffn_gate_inp_j . x (select_experts). Cheap (a few small mat-vecs in numpy),
+    no extra model needed.
     """
 
     name = "lookahead"
@@ -79,6 +91,8 @@ class LookaheadPredictor(Predictor):
         self.cfg, self.moe_layers, self.depth = cfg, moe_layers, depth
         self.norms = {l: _tensor_f32(weights, f"blk.{l}.ffn_norm.weight").reshape(-1) for l in moe_layers}
         self.routers = {l: _tensor_f32(weights, f"blk.{l}.ffn_gate_inp.weight") for l in moe_layers}
+        self.biases = {l: _tensor_f32(weights, f"blk.{l}.exp_probs_b.bias").reshape(-1).astype(np.float64)
+                       for l in moe_layers if f"blk.{l}.exp_probs_b.bias" in weights}
 
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
         x = residual.astype(np.float64).reshape(-1)
@@ -86,8 +100,7 @@ class LookaheadPredictor(Predictor):
         out = {}
         for l in [l for l in self.moe_layers if l > layer][: self.depth]:
             logits = self.routers[l] @ (x * self.norms[l])
-            top = np.argsort(-logits, kind="stable")[: self.cfg.n_expert_used]
-            out[l] = [int(e) for e in top]
+            out[l] = select_experts(logits, self.cfg.n_expert_used, self.biases.get(l))
         return out
 
 

@@ -175,7 +175,7 @@ class ShadowEngine(Engine):
             normed = self.trunk.norm(ctx, ctx.from_numpy(x), self.trunk._lw(il, "ffn_norm.weight"))
             outputs = {"normed": normed}
             outputs["selected"], outputs["weights"] = self.trunk.router(ctx, il, normed)
-            if cfg.traits.shared_expert:
+            if cfg.shared_expert:
                 outputs["shared"] = self.trunk.shared_expert(ctx, il, normed)
             for t in outputs.values():
                 lib.ggml_build_forward_expand(graph, t)

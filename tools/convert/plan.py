@@ -177,11 +177,17 @@ def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = No
     for layer in range(n_layers):
         tensors = stacked.get(layer, [])
         weights = {t.part for t in tensors if t.kind == "weight"}
+        if not tensors and arch.dense_layers:
+            continue  # a dense layer (e.g. ernie4_5-moe's leading ones): all of it stays in the trunk
         if weights not in arch.expert_weight_sets:
             wanted = " or ".join("{" + ", ".join(f"ffn_{p}_exps" for p in sorted(s)) + "}" for s in arch.expert_weight_sets)
             have = ", ".join(sorted(f"ffn_{p}_exps" for p in weights)) or "none"
             raise UserError(f"{src}: layer {layer} has expert tensors [{have}]; {arch_name} needs {wanted}")
         for t in tensors:
+            if t.kind == "bias" and t.part not in arch.expert_bias_parts:
+                raise UserError(f"{src}: tensor {t.name}: {arch_name} experts have no {t.part} bias (llama.cpp would not load it)")
+            if t.kind == "weight" and not arch.allows_type(t.ggml_type.name):
+                raise UserError(f"{src}: tensor {t.name} has type {t.ggml_type.name}, which {arch_name} expert weights cannot have")
             if len(t.ne) < 2 or t.ne[-1] != n_experts:
                 raise UserError(f"{src}: tensor {t.name} has shape {list(t.ne)}; its last dimension must be the expert count {n_experts}")
             if int(t.tensor.n_bytes) % n_experts:

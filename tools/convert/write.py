@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from edgemoe.errors import UserError
 from edgemoe.format import keys
+from edgemoe.format.arch import has_shared_expert
 from edgemoe.format.gguf_io import copy_metadata, tensor_bytes, tensor_ne
 from edgemoe.format.manifest import (
     EXPERTS_DIR,
@@ -140,7 +141,7 @@ def _write_all(plan: ConversionPlan, root: Path, progress: bool) -> Manifest:
         n_experts_used=plan.n_experts_used,
         moe_layers=plan.moe_layers,
         expert_tensors=plan.expert_parts,
-        shared_expert=plan.arch.shared_expert,
+        shared_expert=has_shared_expert(t.name for t in plan.trunk_tensors),
         files=files,
         shadow=shadow,
     )

@@ -36,6 +36,11 @@ class ArchSpec:
     key_value_length: bool = False  # write attention.key_length / value_length
     # extra <arch>.* metadata (suffix -> (value, kind)), kind in {"u32", "f32"}
     extra_keys: tuple[tuple[str, int | float, str], ...] = field(default_factory=tuple)
+    shexp_gated: bool = True  # the shared expert has ffn_gate_inp_shexp (qwen2moe); False: added as is
+    n_dense_lead: int = 0  # leading layers with a dense FFN (ffn_{gate,up,down}) instead of experts
+    n_ff_dense: int = 0  # their FFN width
+    exp_probs_b: bool = False  # blk.N.exp_probs_b.bias: the router's expert selection bias
+    ftypes: tuple[str, ...] = ("f32", "q8_0", "q4_k_m")  # the files written (FTYPES' keys)
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -68,13 +73,22 @@ class ArchSpec:
                 out.append((p + "attn_k_norm.weight", (kv,)))
             out.append((p + "attn_output.weight", (q, E)))
             out.append((p + "ffn_norm.weight", (E,)))
+            if i < self.n_dense_lead:
+                D = self.n_ff_dense
+                out.append((p + "ffn_gate.weight", (E, D)))
+                out.append((p + "ffn_up.weight", (E, D)))
+                out.append((p + "ffn_down.weight", (D, E)))
+                continue
             out.append((p + "ffn_gate_inp.weight", (E, self.n_expert)))
+            if self.exp_probs_b:
+                out.append((p + "exp_probs_b.bias", (self.n_expert,)))
             out.append((p + "ffn_gate_exps.weight", (E, H, self.n_expert)))
             out.append((p + "ffn_up_exps.weight", (E, H, self.n_expert)))
             out.append((p + "ffn_down_exps.weight", (H, E, self.n_expert)))
             if self.n_ff_shexp:
                 S = self.n_ff_shexp
-                out.append((p + "ffn_gate_inp_shexp.weight", (E,)))
+                if self.shexp_gated:
+                    out.append((p + "ffn_gate_inp_shexp.weight", (E,)))
                 out.append((p + "ffn_gate_shexp.weight", (E, S)))
                 out.append((p + "ffn_up_shexp.weight", (E, S)))
                 out.append((p + "ffn_down_shexp.weight", (S, E)))
@@ -137,6 +151,67 @@ ARCHS: dict[str, ArchSpec] = {
             n_ff_exp=256,
             qk_norm="full",
             extra_keys=(("feed_forward_length", 256, "u32"),),
+        ),
+        # Granite 3.x MoE (granite.cpp's graph): the converter (GraniteMoeModel, a LlamaModel) writes
+        # the expert width as feed_forward_length and the multipliers as attention.scale,
+        # embedding_scale, residual_scale, logit_scale (Granite 3.0's values, attention 1/head_dim).
+        # Granite 3.x ties its output to token_embd; here it is not: the tied logits of these small
+        # random embeddings, divided by logit_scale, would be nearly constant (qwen3moe and
+        # ernie4_5-moe test the tied head). rope NORM. Routing: softmax, top-k renormalised.
+        ArchSpec(
+            name="granitemoe",
+            arch="granitemoe",
+            n_ff_exp=256,
+            ftypes=("q8_0", "q4_k_m"),
+            extra_keys=(
+                ("feed_forward_length", 256, "u32"),
+                ("attention.scale", 1.0 / 32, "f32"),
+                ("embedding_scale", 12.0, "f32"),
+                ("residual_scale", 0.22, "f32"),
+                ("logit_scale", 8.0, "f32"),
+            ),
+        ),
+        # GraniteMoeShared: the same plus an ungated shared expert (expert_shared_feed_forward_length).
+        ArchSpec(
+            name="granitemoe-shexp",
+            arch="granitemoe",
+            n_ff_exp=256,
+            n_ff_shexp=512,
+            shexp_gated=False,
+            ftypes=("q8_0", "q4_k_m"),
+            extra_keys=(
+                ("feed_forward_length", 256, "u32"),
+                ("expert_shared_feed_forward_length", 512, "u32"),
+                ("attention.scale", 1.0 / 32, "f32"),
+                ("embedding_scale", 12.0, "f32"),
+                ("residual_scale", 0.22, "f32"),
+                ("logit_scale", 8.0, "f32"),
+            ),
+        ),
+        # ERNIE-4.5-21B-A3B layout (Ernie4_5MoeModel): leading dense layer (moe_layer_start_index 1,
+        # interval 1), the selection bias exp_probs_b (e_score_correction_bias), two shared experts
+        # as one FFN of intermediate_size // num_kv_heads, tied output. rope NORM, theta 500000.
+        # Routing: softmax, top-k of probs + bias, weights from the unbiased probs, renormalised.
+        ArchSpec(
+            name="ernie4_5-moe",
+            arch="ernie4_5-moe",
+            n_ff_exp=256,
+            n_ff_shexp=256,
+            shexp_gated=False,
+            n_dense_lead=1,
+            n_ff_dense=512,
+            exp_probs_b=True,
+            rope_freq_base=500000.0,
+            tied_output=True,
+            ftypes=("q8_0", "q4_k_m"),
+            extra_keys=(
+                ("feed_forward_length", 512, "u32"),
+                ("expert_feed_forward_length", 256, "u32"),
+                ("expert_shared_feed_forward_length", 256, "u32"),
+                ("expert_shared_count", 2, "u32"),
+                ("interleave_moe_layer_step", 1, "u32"),
+                ("leading_dense_block_count", 1, "u32"),
+            ),
         ),
     )
 }

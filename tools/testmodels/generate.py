@@ -45,13 +45,13 @@ def file_name(model: str, ftype: str) -> str:
 # (name, general.architecture, file type) of every file build_all writes; the file is
 # OUT_DIR/<name>.gguf, e.g. ("llama-moe-q4_k_m", "llama", "q4_k_m")
 MODELS: list[tuple[str, str, str]] = [
-    (file_name(s.name, t)[: -len(".gguf")], s.arch, t) for s in ARCHS.values() for t in FTYPES
+    (file_name(s.name, t)[: -len(".gguf")], s.arch, t) for s in ARCHS.values() for t in s.ftypes
 ]
 # the same, with the model (family) name: (name, model, arch, ftype)
 _ENTRIES: list[tuple[str, str, str, str]] = [
     (file_name(s.name, t)[: -len(".gguf")], s.name, s.arch, t)
     for s in ARCHS.values()
-    for t in FTYPES
+    for t in s.ftypes
 ]
 
 
