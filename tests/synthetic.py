@@ -26,13 +26,20 @@ def write_moe(
     with_experts: bool = True,
     skip_tensor: str | None = None,
     bad_shape_tensor: str | None = None,
+    int8_tensor: str | None = None,
+    expert_bias: str | None = None,
+    meta_u32: dict[str, int] | None = None,
     seed: int = 0,
 ) -> Path:
+    """int8_tensor: that tensor is written as I8; expert_bias: a part ("up") whose stacked experts get a
+    bias; meta_u32: more <arch>.* keys."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
     w.add_uint32(f"{arch}.block_count", n_layers)
     w.add_uint32(f"{arch}.embedding_length", n_embd)
     w.add_uint32(f"{arch}.feed_forward_length", n_ff)
+    for k, v in (meta_u32 or {}).items():
+        w.add_uint32(f"{arch}.{k}", v)
     if with_experts:
         w.add_uint32(f"{arch}.expert_count", n_experts)
         w.add_uint32(f"{arch}.expert_used_count", 2)
@@ -46,7 +53,9 @@ def write_moe(
         if name == bad_shape_tensor:
             shape_np = (shape_np[0] + 1, *shape_np[1:])
         data = rng.standard_normal(shape_np).astype(np.float32)
-        if q == GGMLQuantizationType.F32:
+        if name == int8_tensor:
+            w.add_tensor(name, data.astype(np.int8))
+        elif q == GGMLQuantizationType.F32:
             w.add_tensor(name, data)
         else:
             w.add_tensor(name, quantize(data, q), raw_dtype=q)
@@ -65,6 +74,8 @@ def write_moe(
             add(f"blk.{layer}.ffn_gate_exps.weight", (n_experts, n_ff, n_embd), qtype)
             add(f"blk.{layer}.ffn_up_exps.weight", (n_experts, n_ff, n_embd), qtype)
         add(f"blk.{layer}.ffn_down_exps.weight", (n_experts, n_embd, n_ff), qtype)
+        if expert_bias is not None:
+            add(f"blk.{layer}.ffn_{expert_bias}_exps.bias", (n_experts, n_embd if expert_bias == "down" else n_ff))
     add("output_norm.weight", (n_embd,))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -174,7 +174,22 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "truncated": (truncated, "truncated"),
         "header-only": (header_only, "GGUF file"),
         "dense": (write_moe(tmp_path / "dense.gguf", with_experts=False), "dense model"),
-        "unsupported-arch": (write_moe(tmp_path / "gpt.gguf", arch="gptmoe"), "unsupported architecture 'gptmoe'"),
+        "unsupported-arch": (write_moe(tmp_path / "gpt.gguf", arch="gptmoe"),
+                             "unsupported architecture 'gptmoe' (supported: ernie4_5-moe, granitemoe, llama,"),
+        # llama.cpp's granitemoe loader has no fused gate_up experts; an expert weight must be a type
+        # ggml multiplies; experts of these architectures have no biases
+        "fused-granitemoe": (write_moe(tmp_path / "granite.gguf", arch="granitemoe", fused=True),
+                             "layer 0 has expert tensors [ffn_down_exps, ffn_gate_up_exps]; granitemoe needs "
+                             "{ffn_down_exps, ffn_gate_exps, ffn_up_exps}"),
+        "integer-experts": (write_moe(tmp_path / "int.gguf", arch="ernie4_5-moe", int8_tensor="blk.1.ffn_up_exps.weight"),
+                            "tensor blk.1.ffn_up_exps.weight has type I8, which ernie4_5-moe expert weights cannot have"),
+        "expert-bias": (write_moe(tmp_path / "bias.gguf", arch="granitemoe", expert_bias="up"),
+                        "tensor blk.0.ffn_up_exps.bias: granitemoe experts have no up bias"),
+        "ernie-layer-rule": (write_moe(tmp_path / "ernie2.gguf", arch="ernie4_5-moe", meta_u32={"interleave_moe_layer_step": 2}),
+                             "layers [0, 1] have experts, but ernie4_5-moe's metadata (leading_dense_block_count 0, "
+                             "interleave_moe_layer_step 2) makes [1] MoE layers"),
+        "ernie-missing-experts": (write_moe(tmp_path / "ernie.gguf", arch="ernie4_5-moe", skip_tensor="blk.1.ffn_gate_exps.weight"),
+                                  "layer 1 has expert tensors [ffn_down_exps, ffn_up_exps]; ernie4_5-moe needs"),
         "missing-expert": (
             write_moe(tmp_path / "missing.gguf", skip_tensor="blk.1.ffn_up_exps.weight"),
             "layer 1 has expert tensors [ffn_down_exps, ffn_gate_exps]",

@@ -32,6 +32,9 @@ class MoeArch:
     # GGML type names the expert weights may have (None: any type ggml multiplies, see NOT_EXPERT_TYPES)
     expert_types: frozenset[str] | None = None
     expert_bias_parts: frozenset[str] = frozenset()  # parts with a stacked bias (ffn_<part>_exps.bias)
+    # the MoE layers follow from <arch>.leading_dense_block_count and .interleave_moe_layer_step
+    # (interleaved_moe_layers): llama.cpp's graph decides by them, not by the tensors
+    moe_layer_rule: bool = False
 
     def allows_type(self, type_name: str) -> bool:
         if self.expert_types is not None:
@@ -51,7 +54,7 @@ ARCHITECTURES: dict[str, MoeArch] = {
         MoeArch("olmoe", (_SPLIT, _FUSED), description="OLMoE, q/k norms"),
         # llama.cpp's granitemoe and ernie4_5-moe loaders know only split gate/up expert tensors
         MoeArch("granitemoe", (_SPLIT,), description="IBM Granite 3.x MoE, scaled residuals, optional shared expert"),
-        MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_layers=True,
+        MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_layers=True, moe_layer_rule=True,
                 description="Baidu ERNIE 4.5 MoE, leading dense layers, expert selection bias, shared experts"),
     )
 }
@@ -68,3 +71,8 @@ def parse_expert_tensor_name(name: str) -> tuple[int, str, str] | None:
 def has_shared_expert(tensor_names: Iterable[str]) -> bool:
     """Whether a model has a shared expert (optional in some architectures, e.g. granitemoe)."""
     return any(SHARED_EXPERT_RE.match(n) for n in tensor_names)
+
+
+def interleaved_moe_layers(n_layer: int, n_dense_lead: int, step: int) -> list[int]:
+    """The MoE layers of ernie4_5-moe's graph (llama.cpp's is_moe_layer): il >= n_dense_lead and (il + 1) % step == 0."""
+    return [il for il in range(n_layer) if il >= n_dense_lead and (il + 1) % step == 0]

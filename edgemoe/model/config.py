@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemoe.errors import UserError
+from edgemoe.format.arch import interleaved_moe_layers
 
 ROPE_NORM = 0  # llama.cpp LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs
 ROPE_NEOX = 2  # LLAMA_ROPE_TYPE_NEOX: rotate the two halves
@@ -82,8 +83,7 @@ class ModelConfig:
         """The MoE layers llama.cpp's graph makes for a moe_layer_rule architecture (None: by tensors)."""
         if not self.traits.moe_layer_rule:
             return None
-        return [il for il in range(self.n_layer)
-                if il >= self.n_layer_dense_lead and (il + 1) % self.moe_layer_step == 0]
+        return interleaved_moe_layers(self.n_layer, self.n_layer_dense_lead, self.moe_layer_step)
 
     @property
     def n_embd_q(self) -> int:

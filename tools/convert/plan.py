@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.gguf_reader import ReaderTensor
 
 from edgemoe.errors import UserError
-from edgemoe.format.arch import ARCHITECTURES, MoeArch, parse_expert_tensor_name
+from edgemoe.format.arch import ARCHITECTURES, MoeArch, interleaved_moe_layers, parse_expert_tensor_name
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
 from edgemoe.format.imatrix import Imatrix, read_imatrix
 from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, sha256_file, shadow_file_name, shadow_trunk_file_name
@@ -197,6 +197,15 @@ def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = No
     extra = sorted(set(stacked) - set(range(n_layers)))
     if extra:
         raise UserError(f"{src}: expert tensors for layer {extra[0]}, but the model has {n_layers} layers")
+    if arch.moe_layer_rule:
+        step = get_int(reader, f"{arch_name}.interleave_moe_layer_step")
+        lead = get_int(reader, f"{arch_name}.leading_dense_block_count") or 0
+        if not step or step < 0:
+            raise UserError(f"{src}: {arch_name}.interleave_moe_layer_step is missing or not positive")
+        want = interleaved_moe_layers(n_layers, lead, step)
+        if sorted(stacked) != want:
+            raise UserError(f"{src}: layers {sorted(stacked)} have experts, but {arch_name}'s metadata "
+                            f"(leading_dense_block_count {lead}, interleave_moe_layer_step {step}) makes {want} MoE layers")
 
     name = get_str(reader, "general.name") or src.stem
     plan = ConversionPlan(src, reader, arch, name, n_layers, n_experts, n_used, trunk, stacked, s_type, t_type, f_type)
