@@ -20,6 +20,7 @@ from edgemoe.model.experts import LocalExperts
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.predict import PredictorOptions
 from edgemoe.predict.baselines import LookaheadPredictor
+from tests.test_engine import compare_with_llama_cpp
 from tools.convert import plan_conversion, write_model
 from tools.testmodels.archs import ARCHS
 from tools.testmodels.generate import write_f32
@@ -96,3 +97,13 @@ def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path: Path) -> Non
     src = write_f32(dataclasses.replace(spec, extra_keys=keys), tmp_path / "ernie-step2.gguf")
     with pytest.raises(UserError, match=r"makes layers \[1, 3\] MoE layers .* its tensors \[1, 2, 3\]"):
         Engine(src, n_ctx=64, n_threads=1)
+
+
+def test_ernie_ignores_attention_scale_and_output_bias_as_llama_cpp_does(tmp_path: Path) -> None:
+    """llama.cpp loads an ernie4_5-moe attn_output.bias but never adds it, and scales attention by
+    1/sqrt(head_dim) whatever attention.scale says: a file with both runs as llama.cpp runs it."""
+    spec = ARCHS["ernie4_5-moe"]
+    spec = dataclasses.replace(spec, attn_out_bias=True, extra_keys=(*spec.extra_keys, ("attention.scale", 0.5, "f32")))
+    src = write_f32(spec, tmp_path / "ernie-extras.gguf")
+    write_model(plan_conversion(src), tmp_path / "out", progress=False)
+    compare_with_llama_cpp(src, tmp_path / "out", n_predict=8)

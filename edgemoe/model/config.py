@@ -29,6 +29,9 @@ class ArchTraits:
     granite_scales: bool = False  # granitemoe: embedding, residual and logit multipliers (<arch>.*_scale)
     # ernie4_5-moe: layer il is MoE iff il >= leading_dense_block_count and (il + 1) % interleave_moe_layer_step == 0
     moe_layer_rule: bool = False
+    # ernie4-5-moe.cpp ignores attention.scale (1/sqrt(head_dim) always) and attn_output.bias (loaded, not added)
+    attn_scale_key: bool = True
+    attn_out_bias: bool = True
 
 
 TRAITS: dict[str, ArchTraits] = {
@@ -40,7 +43,8 @@ TRAITS: dict[str, ArchTraits] = {
     "granitemoe": ArchTraits(ROPE_NORM, norm_topk=True, ff_exp_key="feed_forward_length", plain_shared_expert=True,
                              granite_scales=True),
     # ernie4-5-moe.cpp: leading dense layers, exp_probs_b selection bias, top-k renormalised
-    "ernie4_5-moe": ArchTraits(ROPE_NORM, norm_topk=True, plain_shared_expert=True, moe_layer_rule=True),
+    "ernie4_5-moe": ArchTraits(ROPE_NORM, norm_topk=True, plain_shared_expert=True, moe_layer_rule=True,
+                               attn_scale_key=False, attn_out_bias=False),
 }
 
 
@@ -125,7 +129,7 @@ class ModelConfig:
             raise UserError(f"{source}: RoPE scaling '{scaling}' is not supported (only none and linear)")
         factor = float(meta.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
         freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
-        attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0) or 0.0)
+        attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0) or 0.0) if traits.attn_scale_key else 0.0
         f32 = lambda name: float(meta.get(f"{arch}.{name}", 0.0) or 0.0)  # noqa: E731
         extra: dict[str, Any] = {}
         if traits.plain_shared_expert and n_expert:

@@ -124,7 +124,7 @@ class Trunk:
         if attn.rot_v:  # rotate the output back (the matrix is its own inverse)
             cur = self._rotate(ctx, cur, attn.rot_v)
         cur = ctx.mul_mat(self._lw(il, "attn_output.weight"), cur)
-        wo_b = self._lw(il, "attn_output.bias")
+        wo_b = self._lw(il, "attn_output.bias") if tr.attn_out_bias else None
         return ctx.add(cur, wo_b) if wo_b is not None else cur
 
     def _rotate(self, ctx: Context, x: TensorPtr, n: int) -> TensorPtr:

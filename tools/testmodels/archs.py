@@ -41,6 +41,7 @@ class ArchSpec:
     n_ff_dense: int = 0  # their FFN width
     exp_probs_b: bool = False  # blk.N.exp_probs_b.bias: the router's expert selection bias
     ftypes: tuple[str, ...] = ("f32", "q8_0", "q4_k_m")  # the files written (FTYPES' keys)
+    attn_out_bias: bool = False  # blk.N.attn_output.bias
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -72,6 +73,8 @@ class ArchSpec:
                 out.append((p + "attn_q_norm.weight", (q,)))
                 out.append((p + "attn_k_norm.weight", (kv,)))
             out.append((p + "attn_output.weight", (q, E)))
+            if self.attn_out_bias:
+                out.append((p + "attn_output.bias", (E,)))
             out.append((p + "ffn_norm.weight", (E,)))
             if i < self.n_dense_lead:
                 D = self.n_ff_dense
