@@ -184,10 +184,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "integer-experts": (write_moe(tmp_path / "int.gguf", arch="ernie4_5-moe", int8_tensor="blk.1.ffn_up_exps.weight"),
                             "tensor blk.1.ffn_up_exps.weight has type I8, which ernie4_5-moe expert weights cannot have"),
         "expert-bias": (write_moe(tmp_path / "bias.gguf", arch="granitemoe", expert_bias="up"),
-                        "tensor blk.0.ffn_up_exps.bias: granitemoe experts have no up bias"),
+                        "tensor blk.0.ffn_up_exps.bias: granitemoe has no expert biases"),
         "ernie-layer-rule": (write_moe(tmp_path / "ernie2.gguf", arch="ernie4_5-moe", meta_u32={"interleave_moe_layer_step": 2}),
                              "layers [0, 1] have experts, but ernie4_5-moe's metadata (leading_dense_block_count 0, "
                              "interleave_moe_layer_step 2) makes [1] MoE layers"),
+        "ernie-dense-lead": (write_moe(tmp_path / "ernie3.gguf", arch="ernie4_5-moe",
+                                       meta_u32={"leading_dense_block_count": 1, "interleave_moe_layer_step": 1}),
+                             "layer 0 has expert tensors (blk.0.ffn_gate_exps.weight), but "
+                             "ernie4_5-moe.leading_dense_block_count makes layers 0-0 dense"),
         "ernie-missing-experts": (write_moe(tmp_path / "ernie.gguf", arch="ernie4_5-moe", skip_tensor="blk.1.ffn_gate_exps.weight"),
                                   "layer 1 has expert tensors [ffn_down_exps, ffn_up_exps]; ernie4_5-moe needs"),
         "missing-expert": (

@@ -28,13 +28,14 @@ class MoeArch:
     expert_weight_sets: tuple[frozenset[str], ...]
     shared_expert: bool = False
     description: str = ""
-    dense_layers: bool = False  # some layers may have no routed experts (a dense FFN instead)
+    # metadata key (<arch>.<key>) counting the leading dense layers, which have no expert tensors
+    dense_lead_key: str | None = None
+    expert_biases: bool = False  # ffn_*_exps.bias tensors, sliced into the shards like the weights
+    # the MoE layers follow from <arch>.leading_dense_block_count and .interleave_moe_layer_step
+    # (interleaved_moe_layers): llama.cpp's graph decides by them; the other layers have a dense FFN
+    moe_layer_rule: bool = False
     # GGML type names the expert weights may have (None: any type ggml multiplies, see NOT_EXPERT_TYPES)
     expert_types: frozenset[str] | None = None
-    expert_bias_parts: frozenset[str] = frozenset()  # parts with a stacked bias (ffn_<part>_exps.bias)
-    # the MoE layers follow from <arch>.leading_dense_block_count and .interleave_moe_layer_step
-    # (interleaved_moe_layers): llama.cpp's graph decides by them, not by the tensors
-    moe_layer_rule: bool = False
 
     def allows_type(self, type_name: str) -> bool:
         if self.expert_types is not None:
@@ -54,7 +55,7 @@ ARCHITECTURES: dict[str, MoeArch] = {
         MoeArch("olmoe", (_SPLIT, _FUSED), description="OLMoE, q/k norms"),
         # llama.cpp's granitemoe and ernie4_5-moe loaders know only split gate/up expert tensors
         MoeArch("granitemoe", (_SPLIT,), description="IBM Granite 3.x MoE, scaled residuals, optional shared expert"),
-        MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_layers=True, moe_layer_rule=True,
+        MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_lead_key="leading_dense_block_count", moe_layer_rule=True,
                 description="Baidu ERNIE 4.5 MoE, leading dense layers, expert selection bias, shared experts"),
     )
 }

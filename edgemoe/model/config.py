@@ -77,11 +77,10 @@ class ModelConfig:
     moe_layer_step: int = 1
 
     @property
-    def shared_expert(self) -> str | None:
-        """"gated" (qwen2moe: sigmoid(gate_inp_shexp . x) * FFN), "plain" (FFN added as is) or None."""
-        if self.traits.shared_expert:
-            return "gated"
-        return "plain" if self.n_ff_shexp > 0 else None
+    def shared_expert(self) -> bool:
+        """Whether the MoE layers have a shared expert (Trunk.shared_expert): always in qwen2moe, where
+        <arch>.expert_shared_feed_forward_length > 0 in granitemoe and ernie4_5-moe."""
+        return self.traits.shared_expert or self.n_ff_shexp > 0
 
     def rule_moe_layers(self) -> list[int] | None:
         """The MoE layers llama.cpp's graph makes for a moe_layer_rule architecture (None: by tensors)."""

@@ -228,14 +228,16 @@ class Trunk:
                         (lw("ffn_up.bias"), lw("ffn_gate.bias"), lw("ffn_down.bias")))
 
     def shared_expert(self, ctx: Context, il: int, cur: TensorPtr) -> TensorPtr:
-        """The shared expert's FFN; qwen2moe ("gated") multiplies it by sigmoid(gate_inp_shexp . x),
-        computed as silu(g)/g like llama.cpp; granitemoe and ernie4_5-moe ("plain") add it as is."""
-        if self.cfg.shared_expert == "gated":
-            g = ctx.mul_mat(self._lw(il, "ffn_gate_inp_shexp.weight"), cur)
-            gate = ctx.div(ctx.silu(g), g)
+        """FFN_shexp(x); qwen2moe gates it: sigmoid(gate_inp_shexp . x) * FFN_shexp(x), the sigmoid
+        computed as silu(g)/g like llama.cpp (deepseek2's shared experts have no gate)."""
         ffn = self.ffn(ctx, cur, self._lw(il, "ffn_up_shexp.weight"), self._lw(il, "ffn_gate_shexp.weight"),
                        self._lw(il, "ffn_down_shexp.weight"))
-        return ctx.mul(ffn, gate) if self.cfg.shared_expert == "gated" else ffn
+        gate_w = self._lw(il, "ffn_gate_inp_shexp.weight")
+        if gate_w is None:
+            return ffn
+        g = ctx.mul_mat(gate_w, cur)
+        gate = ctx.div(ctx.silu(g), g)
+        return ctx.mul(ffn, gate)
 
     def moe_combine(self, ctx: Context, graph, experts: TensorPtr, weights: TensorPtr) -> TensorPtr:
         """Weighted sum of the k expert outputs, added in rank order (llama.cpp's exact order)."""

@@ -174,24 +174,29 @@ def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = No
     if not n_layers or not n_used:
         raise UserError(f"{src}: missing {arch_name}.block_count or {arch_name}.expert_used_count")
 
+    n_dense = get_int(reader, f"{arch_name}.{arch.dense_lead_key}") or 0 if arch.dense_lead_key else 0
     for layer in range(n_layers):
         tensors = stacked.get(layer, [])
+        if layer < n_dense:  # leading dense layers: an FFN in the trunk, no experts
+            if tensors:
+                raise UserError(f"{src}: layer {layer} has expert tensors ({tensors[0].name}), but "
+                                f"{arch_name}.{arch.dense_lead_key} makes layers 0-{n_dense - 1} dense")
+            continue
+        if not tensors and arch.moe_layer_rule:
+            continue  # a dense layer between MoE layers: whether it should be one is checked below
         weights = {t.part for t in tensors if t.kind == "weight"}
-        if not tensors and arch.dense_layers:
-            continue  # a dense layer (e.g. ernie4_5-moe's leading ones): all of it stays in the trunk
         if weights not in arch.expert_weight_sets:
             wanted = " or ".join("{" + ", ".join(f"ffn_{p}_exps" for p in sorted(s)) + "}" for s in arch.expert_weight_sets)
             have = ", ".join(sorted(f"ffn_{p}_exps" for p in weights)) or "none"
             raise UserError(f"{src}: layer {layer} has expert tensors [{have}]; {arch_name} needs {wanted}")
         for t in tensors:
-            if t.kind == "bias" and t.part not in arch.expert_bias_parts:
-                raise UserError(f"{src}: tensor {t.name}: {arch_name} experts have no {t.part} bias (llama.cpp would not load it)")
             if t.kind == "weight" and not arch.allows_type(t.ggml_type.name):
                 raise UserError(f"{src}: tensor {t.name} has type {t.ggml_type.name}, which {arch_name} expert weights cannot have")
             if len(t.ne) < 2 or t.ne[-1] != n_experts:
                 raise UserError(f"{src}: tensor {t.name} has shape {list(t.ne)}; its last dimension must be the expert count {n_experts}")
             if int(t.tensor.n_bytes) % n_experts:
                 raise UserError(f"{src}: tensor {t.name} ({t.tensor.n_bytes} bytes) does not split evenly into {n_experts} experts")
+        _check_expert_biases(src, arch, tensors)
         _check_expert_shapes(src, layer, tensors)
         tensors.sort(key=lambda t: (t.kind != "weight", _PART_ORDER.get(t.part, 9), t.part))
     extra = sorted(set(stacked) - set(range(n_layers)))
@@ -239,6 +244,22 @@ def _checked_imatrix(path: str | os.PathLike[str], weights: list[StackedExpertTe
             raise UserError(f"{path}: {t.name} has {sums.shape[0]} matrices of {sums.shape[1]} columns, "
                             f"the model has {n_experts} experts of {t.ne[0]}")
     return im
+
+
+def _check_expert_biases(src: Path, arch: MoeArch, tensors: list[StackedExpertTensor]) -> None:
+    """Expert biases only where the architecture has them: F32 [n_out, n_expert], one per weight."""
+    weights = {t.part: t for t in tensors if t.kind == "weight"}
+    for t in tensors:
+        if t.kind != "bias":
+            continue
+        if not arch.expert_biases:
+            raise UserError(f"{src}: tensor {t.name}: {arch.name} has no expert biases")
+        if t.ggml_type != GGMLQuantizationType.F32:
+            raise UserError(f"{src}: tensor {t.name} has type {t.ggml_type.name}; expert biases must be F32")
+        w = weights.get(t.part)
+        if w is None or len(t.ne) != 2 or t.ne[0] != w.ne[1]:
+            raise UserError(f"{src}: tensor {t.name} has shape {list(t.ne)}; expected "
+                            f"{[w.ne[1], w.ne[-1]] if w else '[n_out, n_expert]'} to match ffn_{t.part}_exps.weight")
 
 
 def _check_expert_shapes(src: Path, layer: int, tensors: list[StackedExpertTensor]) -> None:

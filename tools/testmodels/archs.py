@@ -39,7 +39,7 @@ class ArchSpec:
     shexp_gated: bool = True  # the shared expert has ffn_gate_inp_shexp (qwen2moe); False: added as is
     n_dense_lead: int = 0  # leading layers with a dense FFN (ffn_{gate,up,down}) instead of experts
     n_ff_dense: int = 0  # their FFN width
-    exp_probs_b: bool = False  # blk.N.exp_probs_b.bias: the router's expert selection bias
+    probs_bias: bool = False  # blk.N.exp_probs_b.bias: the router's expert selection bias
     ftypes: tuple[str, ...] = ("f32", "q8_0", "q4_k_m")  # the files written (FTYPES' keys)
     attn_out_bias: bool = False  # blk.N.attn_output.bias
 
@@ -83,7 +83,7 @@ class ArchSpec:
                 out.append((p + "ffn_down.weight", (D, E)))
                 continue
             out.append((p + "ffn_gate_inp.weight", (E, self.n_expert)))
-            if self.exp_probs_b:
+            if self.probs_bias:
                 out.append((p + "exp_probs_b.bias", (self.n_expert,)))
             out.append((p + "ffn_gate_exps.weight", (E, H, self.n_expert)))
             out.append((p + "ffn_up_exps.weight", (E, H, self.n_expert)))
@@ -203,7 +203,7 @@ ARCHS: dict[str, ArchSpec] = {
             shexp_gated=False,
             n_dense_lead=1,
             n_ff_dense=512,
-            exp_probs_b=True,
+            probs_bias=True,
             rope_freq_base=500000.0,
             tied_output=True,
             ftypes=("q8_0", "q4_k_m"),
