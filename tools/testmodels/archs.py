@@ -4,7 +4,9 @@ Shapes are written in ggml order (``ne``: fastest dimension first), as llama.cpp
 them (``create_tensor(name, {ne0, ne1, ne2})``). numpy shapes are the reverse.
 
 Everything here was checked against llama.cpp as bundled in llama-cpp-python 0.3.36
-(``src/models/{llama,qwen2moe,qwen3moe,olmoe}.cpp`` and ``llama_model_base::load_hparams``).
+(``src/models/{llama,qwen2moe,qwen3moe,olmoe,granite,granite-moe,ernie4-5,ernie4-5-moe}.cpp`` and
+``llama_model_base::load_hparams``), and the metadata against the official converter
+(``conversion/{granite,ernie}.py``).
 """
 
 from __future__ import annotations

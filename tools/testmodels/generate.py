@@ -267,7 +267,7 @@ def _spec(name: str) -> ArchSpec:
 def build_model(arch_name: str, ftype: str, out_path: Path | str) -> Path:
     """Write one test model.
 
-    arch_name: a model name (llama-moe, qwen2moe, qwen3moe, olmoe) or its general.architecture
+    arch_name: a model name (llama-moe, qwen2moe, ..., see ARCHS) or its general.architecture
     (llama, ...); ftype: f32, q8_0 or q4_k_m. A quantized file is made from a temporary F32 one.
     """
     spec = _spec(arch_name)
