@@ -97,6 +97,12 @@ def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path: Path) -> Non
     src = write_f32(dataclasses.replace(spec, extra_keys=keys), tmp_path / "ernie-step2.gguf")
     with pytest.raises(UserError, match=r"makes layers \[1, 3\] MoE layers .* its tensors \[1, 2, 3\]"):
         Engine(src, n_ctx=64, n_threads=1)
+    # granitemoe's shared expert exists for llama.cpp only with its width in the metadata
+    spec = ARCHS["granitemoe-shexp"]
+    keys = tuple(k for k in spec.extra_keys if k[0] != "expert_shared_feed_forward_length")
+    src = write_f32(dataclasses.replace(spec, extra_keys=keys), tmp_path / "granite-no-shexp-width.gguf")
+    with pytest.raises(UserError, match=r"shared-expert tensors \(ffn_\*_shexp\) but no granitemoe.expert_shared_feed_forward_length"):
+        Engine(src, n_ctx=64, n_threads=1)
 
 
 def test_ernie_ignores_attention_scale_and_output_bias_as_llama_cpp_does(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from edgemoe.errors import UserError
+from edgemoe.format.arch import has_shared_expert
 from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check_model_files, load_manifest
 from edgemoe.ggml import Compute, Context, TensorPtr, lib
 from edgemoe.ggml.alloc import GraphAllocator
@@ -134,6 +135,9 @@ class Engine:
                 self.repacker = None
         self.trunk = Trunk(self.cfg, self.weights, self.kv, self.repacker)
         self.moe_layers = [il for il in range(self.cfg.n_layer) if self.trunk.is_moe_layer(il)]
+        if self.moe_layers and not self.cfg.shared_expert and has_shared_expert(self.weights.names()):
+            raise UserError(f"{trunk_path}: shared-expert tensors (ffn_*_shexp) but no "
+                            f"{self.cfg.arch}.expert_shared_feed_forward_length: llama.cpp would not load it either")
         rule = self.cfg.rule_moe_layers()
         if rule is not None and rule != self.moe_layers:  # the graph llama.cpp builds would not match the tensors
             raise UserError(f"{trunk_path}: {self.cfg.arch} metadata makes layers {rule} MoE layers "
