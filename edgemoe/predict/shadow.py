@@ -441,6 +441,18 @@ class ShadowPredictor(Predictor):
     def reset(self) -> None:
         """A new sequence: the next eval at position 0 rewinds the shadow (nothing to do here)."""
 
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until every token handed to the shadow is finished or skipped (the shadow runs behind
+        the main model): stats read afterwards count them all. False if it did not settle in time."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._done_gen < self._gen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
     def stats(self) -> dict:
         s = self._st
         return {
