@@ -335,14 +335,27 @@ class ClusterExperts(ExpertBackend):
         return self.compute_layer(layer, hidden, selected)[:, 0]
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None) -> np.ndarray:
+                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
         n_tok = hidden.shape[0]
-        decode = n_tok == 1
+        decode = n_tok == 1 or n_seq > 1
         for e in selected.reshape(-1).tolist():  # online routing counts, for the next re-plan
             self._counts[(layer, e)] = self._counts.get((layer, e), 0.0) + 1.0
-        if decode:
+        if n_seq > 1:  # one step of several sequences: the predictor and prefetch see all their rows
+            predictor = self.predictor if self.predictor is not None and not self.predictor.follows_one_sequence else None
             if layer == self.moe_layers[0]:
-                self._begin_token()
+                self._begin_token(predictor)
+            for row in selected:
+                self.recall.record(self._step, self._predicted.get(layer), row)
+            if predictor is not None and residual is not None:
+                union: dict[int, set[int]] = {}
+                for r in range(n_tok):
+                    for l, experts in predictor.after_router(layer, residual[r], selected[r]).items():
+                        union.setdefault(l, set()).update(experts)
+                self._prefetch({l: sorted(e) for l, e in union.items()}, layer)
+            requests = self._plan_batch(layer, hidden, selected)
+        elif decode:
+            if layer == self.moe_layers[0]:
+                self._begin_token(self.predictor)
             self.recall.record(self._step, self._predicted.get(layer), selected[0])
             if self.predictor is not None and residual is not None:
                 self._prefetch(self.predictor.after_router(layer, residual[0], selected[0]), layer)
@@ -355,12 +368,12 @@ class ClusterExperts(ExpertBackend):
             self._assigned.pop((layer, e), None)
         return out
 
-    def _begin_token(self) -> None:
+    def _begin_token(self, predictor: Predictor | None) -> None:
         self._step += 1
         self._assigned.clear()
         self._predicted.clear()
-        if self.predictor is not None:
-            self._prefetch(self.predictor.begin_token(self._step), -1)
+        if predictor is not None:
+            self._prefetch(predictor.begin_token(self._step), -1)
 
     def reset(self) -> None:
         """A new sequence: predictions restart (recall keeps accumulating)."""
@@ -445,6 +458,55 @@ class ClusterExperts(ExpertBackend):
         n = len(items)
         return self._request(layer, [e for _, e in items], [1] * n, np.zeros(n, dtype=np.intp),
                              np.array([slot for slot, _ in items]), np.repeat(hidden[:1], n, axis=0), w)
+
+    def _plan_batch(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
+        """A step of several sequences: each routed expert to a worker as in decode (holder, else the
+        worker it was prefetched to, else the least busy of the layer's group), computed once for
+        every row routed to it; one message per worker carrying all of its experts' rows (split at
+        the message's row limit and at its just-in-time slots of cold experts)."""
+        group = self.group_of(layer)
+        chosen: list[tuple[int, WorkerInfo]] = []
+        taken: list[WorkerInfo] = []
+        misses = []
+        for e in np.unique(selected).tolist():
+            w = self.holder(layer, e)
+            if w is None:
+                w = self._assigned.get((layer, e))
+                if w is None or not w.alive:
+                    misses.append(e)
+                    continue
+            chosen.append((e, w))
+            taken.append(w)
+        for e in misses:
+            w = min(group, key=lambda w: (taken.count(w), w.worker_id))
+            taken.append(w)
+            chosen.append((e, w))
+        by_worker: dict[int, tuple[WorkerInfo, list[int]]] = {}
+        for e, w in chosen:
+            by_worker.setdefault(w.worker_id, (w, []))[1].append(e)
+        requests = []
+        for w, experts in by_worker.values():
+            parts: list[tuple[int, np.ndarray, np.ndarray]] = []
+            n_rows = cold = 0
+
+            def flush() -> None:
+                rows = np.concatenate([r for _, r, _ in parts])
+                requests.append(self._request(layer, [e for e, _, _ in parts], [len(r) for _, r, _ in parts], rows,
+                                              np.concatenate([s for _, _, s in parts]), np.ascontiguousarray(hidden[rows]), w))
+
+            for e in experts:
+                rows, slots = np.nonzero(selected == e)
+                is_cold = self.holder(layer, e) is not w
+                for i in range(0, len(rows), P.MAX_ROWS):
+                    r, s = rows[i:i + P.MAX_ROWS], slots[i:i + P.MAX_ROWS]
+                    if parts and (n_rows + len(r) > P.MAX_ROWS or (is_cold and cold + 1 > w.jit_slots)):
+                        flush()
+                        parts, n_rows, cold = [], 0, 0
+                    parts.append((e, r, s))
+                    n_rows += len(r)
+                    cold += int(is_cold)
+            flush()
+        return requests
 
     def _plan_prefill(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
         live = self._live_or_wait("no live workers")

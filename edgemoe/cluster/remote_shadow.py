@@ -35,6 +35,7 @@ class RemoteShadowPredictor(Predictor):
     """Predictions from a shadow node; construct, then wait_for_shadow()."""
 
     name = "shadow"
+    follows_one_sequence = True
 
     def __init__(self, main, depth: int, bind: str = "tcp://127.0.0.1:0", heartbeat_s: float = 1.0,
                  keys: ServerKeys | None = None) -> None:

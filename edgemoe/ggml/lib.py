@@ -117,6 +117,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_is_contiguous": (c_bool, [T]),
     # views and shapes
     "ggml_view_1d": (T, [CTX, T, I64, c_size_t]),
+    "ggml_concat": (T, [CTX, T, T, c_int]),
     "ggml_view_2d": (T, [CTX, T, I64, I64, c_size_t, c_size_t]),
     "ggml_view_3d": (T, [CTX, T, I64, I64, I64, c_size_t, c_size_t, c_size_t]),
     "ggml_view_4d": (T, [CTX, T, I64, I64, I64, I64, c_size_t, c_size_t, c_size_t, c_size_t]),

@@ -4,6 +4,12 @@ One eval() call runs a batch of tokens (the whole prompt, or one decode token) t
 for every MoE layer the trunk graph stops after the router, the expert backend computes the selected
 experts, and the next layer's graph starts by combining their outputs, exactly as llama.cpp's
 build_moe_ffn does inside one graph.
+
+Several sequences (n_seq > 1, llama-server's slots) share one KV cache as llama.cpp's unified cache
+does with seq_id: sequence s owns cells [s * n_ctx, (s + 1) * n_ctx), its tokens keep their own
+positions, and the attention mask lets each row see only its own sequence's cells. eval_batch() takes
+the next tokens of several sequences (a decode token of some, a whole prompt of others) through the
+trunk together, and each MoE layer's experts once for all rows routed to them.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -34,8 +40,7 @@ LLAMA_CPP_POLL = 50  # llama.cpp's default threadpool polling level (cpu_params.
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
 _FUSED_VIEWS = 24  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
-_SEGMENT_TENSORS = 4096  # nodes of one layer's graph (a segment), headers only
-_SEGMENT_VIEWS = 256  # tensors over outside memory (weights, inputs, carry, KV cache) in one segment
+_CACHED_GRAPHS = 4  # decode graphs kept (one per batch size and KV length in use)
 
 
 @dataclass
@@ -100,14 +105,15 @@ class Engine:
                  experts: ExpertBackend | Callable[["Engine"], ExpertBackend] | None = None,
                  compute: Compute | None = None, weights: GGUFTensors | None = None,
                  resident_experts: bool = True, attention: AttentionOptions | Attention | None = None,
-                 repack: bool = False) -> None:
+                 repack: bool = False, n_seq: int = 1) -> None:
         """weights: trunk tensors already mapped (another engine's, or a shadow trunk of the same model):
         used instead of opening model's trunk, and left open on close().
         attention: KV cache types and flash attention (default llama.cpp's: F16 cache, flash attention
         auto); an Attention already resolved (another engine's) is taken as it is.
         repack: llama.cpp's repacked weights (CPU_REPACK) for the trunk and resident in-process experts,
         where this CPU can run them (edgemoe.util.extra_bufts' probe) and ggml has kernels for the type
-        (not with just-in-time local experts, which are computed from the shards as they are)."""
+        (not with just-in-time local experts, which are computed from the shards as they are).
+        n_seq: sequences held at once (eval_batch), each with n_ctx positions of its own."""
         if weights is None:
             trunk_path, self.manifest = resolve_model(model)
             self.weights = GGUFTensors(trunk_path)
@@ -125,7 +131,10 @@ class Engine:
         self.compute = compute or Compute(n_threads, poll=LLAMA_CPP_POLL if experts is None else 0)
         if not isinstance(attention, Attention):
             attention = (attention or AttentionOptions()).resolve(self.cfg)
-        self.kv = KVCache(self.cfg, self.n_ctx, attention)
+        if n_seq < 1:
+            raise UserError(f"the number of sequences must be at least 1, not {n_seq}")
+        self.n_seq = n_seq
+        self.kv = KVCache(self.cfg, self.n_ctx * n_seq, attention)
         self.repacker: Repacker | None = None
         jit_local = experts is None and not resident_experts and self.cfg.n_expert > 0  # experts not in the graph: not repacked
         if repack and not jit_local and extra_bufts_usable():
@@ -153,29 +162,50 @@ class Engine:
         if callable(experts) and not isinstance(experts, ExpertBackend):  # a factory that needs the loaded model
             experts = experts(self)
         self.experts = experts
-        self.n_past = 0
+        self.seq_past = [0] * n_seq  # positions filled per sequence
         self.stats = EvalStats()
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
-        self._galloc = GraphAllocator()  # the fused prompt graph's activations share memory, as llama.cpp's
-        self._decode_cache: tuple[int, StepInputs, list[_Segment]] | None = None
+        self._arena = aligned_empty(1 << 20, np.uint8)
+        # graphs for batches of one token per sequence, by (rows, n_kv): only new input values per step
+        self._decode_cache: dict[tuple[int, int], tuple[StepInputs, list[_Segment]]] = {}
         # one graph per token for the whole model where the experts allow it (see _build_fused);
         # fuse=False keeps one graph per MoE layer with the backend called between them
         self.fuse = True
         self._fused: bool | None = None
-        self._fused_cache: _FusedDecode | None = None
+        self._fused_cache: dict[tuple[int, int], tuple[StepInputs, _Segment]] = {}
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        """Positions filled in sequence 0 (the only one of a single-sequence engine)."""
+        return self.seq_past[0]
+
+    @n_past.setter
+    def n_past(self, value: int) -> None:
+        self.seq_past[0] = value
+
     def reset(self) -> None:
-        self.n_past = 0
+        self.seq_past = [0] * self.n_seq
         self.kv.clear()
         if self.experts is not None:
             self.experts.reset()
 
-    def truncate(self, n_tokens: int) -> None:
+    def reset_seq(self, seq: int) -> None:
+        """Sequence seq starts over; the others keep their state. Its old cells are masked, never
+        read, until they are overwritten (llama.cpp's llama_memory_seq_rm)."""
+        self._check_seq(seq)
+        self.seq_past[seq] = 0
+
+    def truncate(self, n_tokens: int, seq: int = 0) -> None:
         """Forget every position from n_tokens on (their cache rows are overwritten when reused)."""
-        if not 0 <= n_tokens <= self.n_past:
-            raise ValueError(f"cannot truncate {self.n_past} tokens to {n_tokens}")
-        self.n_past = n_tokens
+        self._check_seq(seq)
+        if not 0 <= n_tokens <= self.seq_past[seq]:
+            raise ValueError(f"cannot truncate {self.seq_past[seq]} tokens to {n_tokens}")
+        self.seq_past[seq] = n_tokens
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.n_seq:
+            raise ValueError(f"sequence {seq} out of range: the engine holds {self.n_seq}")
 
     def close(self) -> None:
         self._drop_decode_cache()
@@ -195,26 +225,42 @@ class Engine:
         self.close()
 
     def _inputs(self, tokens: np.ndarray, logits_all: bool) -> StepInputs:
-        n_tok = len(tokens)
-        p0 = self.n_past
-        pos = np.arange(p0, p0 + n_tok, dtype=np.int32)
-        n_kv = self._n_kv(n_tok)
-        visible = np.arange(n_kv)[None, :] <= pos[:, None]
+        """Inputs for tokens of sequence 0 at its next positions."""
+        return self._batch_inputs([(0, np.asarray(tokens, dtype=np.int32))], logits_all)
+
+    def _batch_inputs(self, items: list[tuple[int, np.ndarray]], logits_all: bool) -> StepInputs:
+        """Inputs for a batch: each item's tokens at its sequence's next positions, in its own cells."""
+        pos = np.concatenate([np.arange(self.seq_past[s], self.seq_past[s] + len(t), dtype=np.int32) for s, t in items])
+        first = np.concatenate([np.full(len(t), s * self.n_ctx, dtype=np.int64) for s, t in items])
+        cells = first + pos
+        n_tok = len(pos)
+        n_cells = self.kv.n_ctx
+        n_kv = min(n_cells, max(KV_PAD, -(-int(cells.max() + 1) // KV_PAD) * KV_PAD))
+        kv_cells = np.arange(n_kv)[None, :]
+        visible = (kv_cells >= first[:, None]) & (kv_cells <= cells[:, None])  # its own sequence, causal
         attn = self.kv.attn
         mask_type = np.float16 if attn.flash else np.float32  # llama.cpp: flash attention takes an F16 mask
         mask = np.where(visible, mask_type(0), mask_type(-np.inf)).astype(mask_type)
-        out_ids = np.arange(n_tok, dtype=np.int32) if logits_all else np.array([n_tok - 1], dtype=np.int32)
+        lens = [len(t) for _, t in items]
+        ends = np.cumsum(lens) - 1
+        out_ids = np.arange(n_tok, dtype=np.int32) if logits_all else ends.astype(np.int32)
+        groups = out_groups = None
+        if len(items) > 1:
+            groups = [(int(e) + 1 - n, n) for e, n in zip(ends, lens)]
+            out_groups = groups if logits_all else [(i, 1) for i in range(len(items))]
         v_idx = None
-        if attn.v_trans:  # element j of token i goes to j * n_ctx + cell (llama.cpp's set_input_v_idxs)
+        if attn.v_trans:  # element j of token i goes to j * n_cells + cell (llama.cpp's set_input_v_idxs)
             j = np.arange(self.cfg.n_embd_kv, dtype=np.int64)
-            v_idx = aligned_copy((pos.astype(np.int64)[:, None] + j[None, :] * self.kv.n_ctx).reshape(-1))
+            v_idx = aligned_copy((cells[:, None] + j[None, :] * n_cells).reshape(-1))
         return StepInputs(
-            tokens=aligned_copy(tokens.astype(np.int32)),
+            tokens=aligned_copy(np.concatenate([t for _, t in items]).astype(np.int32)),
             pos=aligned_copy(pos),
-            kv_idx=aligned_copy(pos.astype(np.int64)),
+            kv_idx=aligned_copy(cells),
             mask=aligned_copy(mask),
             out_ids=aligned_copy(out_ids),
             v_idx=v_idx,
+            groups=groups,
+            out_groups=out_groups,
         )
 
     def _segment_bytes(self, inp: StepInputs) -> int:
@@ -237,62 +283,74 @@ class Engine:
         else:
             x = ctx.from_numpy(carry["resid"])
         if il == cfg.n_layer:
-            outputs["logits"] = trunk.head(ctx, x)
+            outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
         else:
             cur = trunk.attention(ctx, graph, il, x, inp)
+            groups = inp.groups
             if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
                 ids = ctx.from_numpy(inp.out_ids)
                 cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
+                groups = inp.out_groups
             ffn_inp = trunk.residual(ctx, cur, x)
             normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
             if trunk.is_moe_layer(il):
                 outputs["ffn_inp"], outputs["normed"] = ffn_inp, normed
-                outputs["selected"], outputs["weights"] = trunk.router(ctx, il, normed)
+                outputs["selected"], outputs["weights"] = trunk.router(ctx, il, normed, groups)
                 if cfg.shared_expert:
-                    outputs["shared"] = trunk.shared_expert(ctx, il, normed)
+                    outputs["shared"] = trunk.shared_expert(ctx, il, normed, groups)
             else:
-                outputs["resid"] = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed), ffn_inp)
+                outputs["resid"] = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed, groups), ffn_inp)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)
         return _Segment(ctx, graph, carry, outputs)
 
+    @staticmethod
+    def _refill(cached: StepInputs, inp: StepInputs) -> None:
+        """Write a step's input values into the arrays a cached graph views."""
+        for name in ("tokens", "pos", "kv_idx", "mask", "out_ids", "v_idx"):
+            if getattr(inp, name) is not None:
+                np.copyto(getattr(cached, name), getattr(inp, name))
+
+    def _evict(self, cache: dict) -> None:
+        """Keep the newest few cached graphs (a batch size or KV length no longer in use is dropped)."""
+        while len(cache) >= _CACHED_GRAPHS:
+            _, segs = cache.pop(next(iter(cache)))
+            for seg in segs if isinstance(segs, list) else [segs]:
+                seg.ctx.close()
+
     def _decode_segments(self, inp: StepInputs) -> list[_Segment]:
-        """Graphs for one-token decode, built once per KV length (n_kv grows in steps of 256) and reused:
-        each step only writes new values into their input arrays."""
-        cache = self._decode_cache
-        if cache is not None and cache[0] == inp.n_kv:
-            np.copyto(cache[1].tokens, inp.tokens)
-            np.copyto(cache[1].pos, inp.pos)
-            np.copyto(cache[1].kv_idx, inp.kv_idx)
-            np.copyto(cache[1].mask, inp.mask)
-            if inp.v_idx is not None:
-                np.copyto(cache[1].v_idx, inp.v_idx)
-            return cache[2]
-        self._drop_decode_cache()
+        """Graphs for a decode step (one token per sequence), built once per batch size and KV length
+        (n_kv grows in steps of 256) and reused: each step only writes new values into their inputs."""
+        key = (len(inp.tokens), inp.n_kv)
+        hit = self._decode_cache.get(key)
+        if hit is not None:
+            self._refill(hit[0], inp)
+            return hit[1]
+        self._evict(self._decode_cache)
         cfg = self.cfg
-        k, d = cfg.n_expert_used, cfg.n_embd
+        k, d, n = cfg.n_expert_used, cfg.n_embd, len(inp.tokens)
         segments = []
         for il in range(cfg.n_layer + 1):
             carry: dict[str, np.ndarray] = {}
             if il > 0 and self.trunk.is_moe_layer(il - 1):
-                carry = {"experts": aligned_empty((1, k, d)), "weights": aligned_empty((1, k, 1)), "ffn_inp": aligned_empty((1, d))}
+                carry = {"experts": aligned_empty((n, k, d)), "weights": aligned_empty((n, k, 1)), "ffn_inp": aligned_empty((n, d))}
                 if cfg.shared_expert:
-                    carry["shared"] = aligned_empty((1, d))
+                    carry["shared"] = aligned_empty((n, d))
             elif il > 0:
-                carry = {"resid": aligned_empty((1, d))}
+                carry = {"resid": aligned_empty((n, d))}
             ctx = Context(self._segment_bytes(inp))
             segments.append(self._build_segment(ctx, il, inp, carry))
-        self._decode_cache = (inp.n_kv, inp, segments)
+        self._decode_cache[key] = (inp, segments)
         return segments
 
     def _drop_decode_cache(self) -> None:
-        if self._decode_cache is not None:
-            for seg in self._decode_cache[2]:
+        for _, segs in self._decode_cache.values():
+            for seg in segs:
                 seg.ctx.close()
-            self._decode_cache = None
-        if self._fused_cache is not None:
-            self._fused_cache.seg.ctx.close()
-            self._fused_cache = None
+        self._decode_cache.clear()
+        for _, seg in self._fused_cache.values():
+            seg.ctx.close()
+        self._fused_cache.clear()
 
     def _fusable(self) -> bool:
         """Whether the experts can run inside the trunk's graph (resident in-process experts)."""
@@ -315,22 +373,24 @@ class Engine:
         x = trunk.embed(ctx, inp)
         for il in range(cfg.n_layer):
             cur = trunk.attention(ctx, graph, il, x, inp)
+            groups = inp.groups
             if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
                 ids = ctx.from_numpy(inp.out_ids)
                 cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
+                groups = inp.out_groups
             ffn_inp = trunk.residual(ctx, cur, x)
             normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
             if trunk.is_moe_layer(il):
-                selected, weights = trunk.router(ctx, il, normed)
+                selected, weights = trunk.router(ctx, il, normed, groups)
                 outputs[f"selected.{il}"] = selected
                 experts = moe_ffn(ctx, self.experts.graph_parts(il, ctx, cfg.n_embd), normed, selected)
                 moe = trunk.moe_combine(ctx, graph, experts, weights)
                 if cfg.shared_expert:
-                    moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed))
+                    moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed, groups))
                 x = trunk.residual(ctx, moe, ffn_inp)
             else:
-                x = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed), ffn_inp)
-        outputs["logits"] = trunk.head(ctx, x)
+                x = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed, groups), ffn_inp)
+        outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)
         return _Segment(ctx, graph, {}, outputs)
@@ -340,27 +400,20 @@ class Engine:
         experts = 4 * n_tok * k * (6 * max(c.n_ff_exp, 1) + 2 * c.n_embd)
         return Context.overhead(64, GRAPH_NODES) + (c.n_layer + 1) * (self._segment_bytes(inp) + experts)
 
-    def _n_kv(self, n_tok: int) -> int:
-        """KV cells the next n_tok tokens attend (llama.cpp pads the used length to KV_PAD)."""
-        return min(self.n_ctx, max(KV_PAD, -(-(self.n_past + n_tok) // KV_PAD) * KV_PAD))
-
-    def _eval_fused(self, tokens: np.ndarray, logits_all: bool) -> np.ndarray:
+    def _eval_fused(self, inp: StepInputs, decode: bool) -> np.ndarray:
         cfg = self.cfg
         t0 = time.perf_counter()
-        decode = len(tokens) == 1 and not logits_all
-        cache = self._fused_cache
-        if decode and cache is not None and cache.n_kv == self._n_kv(1):
-            cache.set_inputs(int(tokens[0]), self.n_past)
-            self.compute.run(cache.seg.graph)
-            logits = cache.logits.copy()
-            for il, sel in cache.selected.items():
-                self.routing[il] = sel.astype(np.int32)
+        key = (len(inp.tokens), inp.n_kv)
+        hit = self._fused_cache.get(key) if decode else None
+        if hit is not None:
+            self._refill(hit[0], inp)
+            seg = hit[1]
         else:
             inp = self._inputs(tokens, logits_all)
             views = _FUSED_VIEWS * cfg.n_layer + 64
             if decode:
-                self._drop_decode_cache()
-                ctx = Context(self._fused_bytes(inp), views=views)
+                self._evict(self._fused_cache)
+                ctx = Context(self._fused_bytes(inp), views=_FUSED_VIEWS * cfg.n_layer + 64)
             else:  # headers only: the allocator places the activations, reusing memory as llama.cpp does
                 ctx = Context(Context.overhead(GRAPH_NODES + views, GRAPH_NODES), alloc=False, views=views)
             seg = self._build_fused(ctx, inp)
@@ -378,35 +431,75 @@ class Engine:
                 if not decode:
                     seg.ctx.close()
             if decode:
-                self._fused_cache = _FusedDecode(inp, seg, self.moe_layers, cfg.n_expert_used, self.kv.n_ctx)
+                self._fused_cache[key] = (inp, seg)
+        try:
+            self.compute.run(seg.graph)
+            logits = to_numpy(seg.outputs["logits"]).reshape(len(inp.out_ids), cfg.n_vocab).copy()
+            for il in self.moe_layers:
+                sel = to_numpy(seg.outputs[f"selected.{il}"])
+                self.routing[il] = np.array(sel.reshape(-1, cfg.n_expert_used), dtype=np.int32)
+        finally:
+            if not decode:
+                seg.ctx.close()
         self.stats.trunk_s += time.perf_counter() - t0
         for il in self.moe_layers:  # checks each shard's sha256 the first time the router picks it
             self.experts.graph_used(il, self.routing[il])
         return logits
 
     def eval(self, tokens: list[int] | np.ndarray, *, logits_all: bool = False) -> np.ndarray:
-        """Run tokens at the next positions; returns float32 logits [n_out, n_vocab] (last token, or all)."""
-        tokens = np.asarray(tokens, dtype=np.int32)
-        n_tok = len(tokens)
-        if n_tok == 0:
-            raise UserError("nothing to evaluate (empty token list)")
-        if self.n_past + n_tok > self.n_ctx:
-            raise UserError(f"{self.n_past + n_tok} tokens do not fit the context of {self.n_ctx} tokens")
-        if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
-            raise UserError(f"token id out of range [0, {self.cfg.n_vocab})")
-        for listener in self.eval_listeners:
-            listener(self, tokens)
+        """Run tokens of sequence 0 at its next positions; returns float32 logits [n_out, n_vocab]
+        (last token, or all)."""
+        return self.eval_batch([(0, tokens)], logits_all=logits_all)[0]
+
+    def eval_batch(self, items: Sequence[tuple[int, list[int] | np.ndarray]], *,
+                   logits_all: bool = False) -> list[np.ndarray]:
+        """One step for several sequences: items are (sequence, its next tokens), each sequence at most
+        once; all rows go through the trunk together and each layer's experts are computed once for
+        the rows routed to them. Returns each item's float32 logits [n_out, n_vocab] (its last token,
+        or all its tokens). Eval listeners (a shadow predictor following one sequence) hear only
+        single-item batches of sequence 0."""
+        batch = [(int(s), np.asarray(t, dtype=np.int32).reshape(-1)) for s, t in items]
+        if not batch:
+            raise UserError("nothing to evaluate (no sequences)")
+        seqs = [s for s, _ in batch]
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"a sequence appears twice in one batch: {seqs}")
+        for s, tokens in batch:
+            self._check_seq(s)
+            if len(tokens) == 0:
+                raise UserError("nothing to evaluate (empty token list)")
+            if self.seq_past[s] + len(tokens) > self.n_ctx:
+                raise UserError(f"{self.seq_past[s] + len(tokens)} tokens do not fit the context of {self.n_ctx} tokens")
+            if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
+                raise UserError(f"token id out of range [0, {self.cfg.n_vocab})")
+        if len(batch) == 1 and seqs[0] == 0:
+            for listener in self.eval_listeners:
+                listener(self, batch[0][1])
         cfg = self.cfg
+        inp = self._batch_inputs(batch, logits_all)
+        n_tok = len(inp.tokens)
+        decode = n_tok == len(batch)  # one token per sequence: graphs cached and reused
         self.routing = [None] * cfg.n_layer
-        if self.fuse and self._fusable():  # one graph for the whole model, any prompt length (memory reused)
-            logits = self._eval_fused(tokens, logits_all)
-            self.n_past += n_tok
-            self.kv.mark_used(self.n_past)
-            self.stats.evals += 1
-            self.stats.tokens += n_tok
-            return logits
-        inp = self._inputs(tokens, logits_all)
-        cached = self._decode_segments(inp) if n_tok == 1 and not logits_all else None
+        # one graph holds every intermediate at once (no buffer reuse): long prompts go layer by layer
+        if self.fuse and self._fusable() and self._fused_bytes(inp) <= FUSED_MAX_BYTES:
+            logits = self._eval_fused(inp, decode)
+        else:
+            logits = self._eval_segments(inp, decode, len(batch))
+        for s, tokens in batch:
+            self.seq_past[s] += len(tokens)
+            self.kv.mark_used(s * self.n_ctx + self.seq_past[s])
+        self.stats.evals += 1
+        self.stats.tokens += n_tok
+        if logits_all:
+            ends = np.cumsum([0] + [len(t) for _, t in batch])
+            return [logits[a:b] for a, b in zip(ends[:-1], ends[1:])]
+        return [logits[i:i + 1] for i in range(len(batch))]
+
+    def _eval_segments(self, inp: StepInputs, decode: bool, n_seq: int) -> np.ndarray:
+        """One graph per MoE layer, the expert backend called between them (a cluster, or experts
+        that cannot sit in the trunk's graph)."""
+        cfg = self.cfg
+        cached = self._decode_segments(inp) if decode else None
         state: dict[str, np.ndarray] = {}  # what the previous segment hands to the next
 
         for il in range(cfg.n_layer + 1):
@@ -445,11 +538,8 @@ class Engine:
             self.stats.trunk_s += t1 - t0
             if il < cfg.n_layer and "selected" in seg.outputs:
                 self.routing[il] = sel
-                state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"]))
+                # several sequences: the backend sees one step of each (a cluster plans it as one message per worker)
+                kw = {"n_seq": n_seq} if n_seq > 1 else {}
+                state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"], **kw))
                 self.stats.experts_s += time.perf_counter() - t1
-
-        self.n_past += n_tok
-        self.kv.mark_used(self.n_past)
-        self.stats.evals += 1
-        self.stats.tokens += n_tok
         return logits

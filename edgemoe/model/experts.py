@@ -39,9 +39,10 @@ class ExpertBackend(ABC):
         """hidden: float32 [n, n_embd] (the FFN-normed inputs) -> float32 [n, n_embd]."""
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None) -> np.ndarray:
+                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
         """hidden [T, n_embd] (FFN-normed), selected int32 [T, k] -> outputs float32 [T, k, n_embd]
-        (unweighted). residual [T, n_embd] is the layer's FFN input, for backends that predict."""
+        (unweighted). residual [T, n_embd] is the layer's FFN input, for backends that predict.
+        n_seq: how many sequences the rows belong to (> 1: one step of several sequences at once)."""
         n_tok, k = selected.shape
         out = np.empty((n_tok, k, hidden.shape[1]), dtype=np.float32)
         for expert in np.unique(selected):
@@ -129,7 +130,7 @@ class LocalExperts(ExpertBackend):
                 self._checked.add((layer, e))
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None) -> np.ndarray:
+                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
         t0 = time.perf_counter()
         entry = self.layer(layer, hidden.shape[1])
         used = [int(e) for e in np.unique(selected)]

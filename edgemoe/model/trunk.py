@@ -8,6 +8,7 @@ results equal to llama.cpp's: the same ggml kernels run on the same inputs.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,11 @@ _YARN_BETA_FAST = 32.0  # llama.cpp hparams defaults; only used by YaRN, which e
 _YARN_BETA_SLOW = 1.0
 GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
 _WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16
+# Weight types whose product with one activation column takes another kernel than with several: ggml
+# runs a mat-vec (ggml_vec_dot_*) for one column and llamafile's tinyBLAS sgemm for two or more, which
+# sums in another order (measured: F32 router products differ by ~1e-6). Quantized types without
+# repacking take the same vec_dot either way (measured bitwise equal).
+_COLUMN_SENSITIVE = {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
 
 
 @dataclass
@@ -36,6 +42,9 @@ class StepInputs:
     mask: np.ndarray  # [T, n_kv]: 0 where visible, -inf elsewhere (float16 for flash attention, else float32)
     out_ids: np.ndarray  # int32 [n_out]: rows whose output is needed after the last layer
     v_idx: np.ndarray | None = None  # int64 [T * n_embd_kv]: element indices into a transposed V cache
+    # rows of each sequence in a batch of several, (first row, rows); None: one sequence
+    groups: list[tuple[int, int]] | None = None
+    out_groups: list[tuple[int, int]] | None = None  # the same for the output rows (after out_ids)
 
     @property
     def n_kv(self) -> int:
@@ -61,7 +70,28 @@ class Trunk:
                 if repacker.supports(t.type, ne):
                     self._packed[name] = repacker.repack(t.type, ne, t.data)
         self.output = self._packed.get("output.weight") or weights.get("output.weight") or weights.require("token_embd.weight")
+        self._packed_addrs = {ctypes.addressof(t.contents) for t in self._packed.values()}
         self._rot: dict[int, np.ndarray] = {}  # Walsh-Hadamard matrices by size: graph inputs, kept alive here
+
+    def matmul(self, ctx: Context, w: TensorPtr, cur: TensorPtr, groups: list[tuple[int, int]] | None) -> TensorPtr:
+        """w x cur; with rows of several sequences (groups), weights whose kernel depends on the number
+        of columns (see _COLUMN_SENSITIVE; repacked weights: gemv or 4-row gemm) get one product per
+        sequence, so that each sequence's rows see exactly the kernels they would alone."""
+        if not groups or len(groups) < 2 or not self._column_sensitive(w):
+            return ctx.mul_mat(w, cur)
+        c = cur.contents
+        out = None
+        for lo, n in groups:
+            part = ctx.mul_mat(w, ctx.view_2d(cur, c.ne[0], n, c.nb[1], lo * c.nb[1]))
+            out = part if out is None else ctx.concat(out, part, 1)
+        return out
+
+    def _column_sensitive(self, w: TensorPtr) -> bool:
+        addr = ctypes.addressof(w.contents)
+        if addr in self._packed_addrs:
+            return True
+        t = int(w.contents.type)
+        return t in {int(x) for x in _COLUMN_SENSITIVE}
 
     def is_moe_layer(self, il: int) -> bool:
         return f"blk.{il}.ffn_gate_inp.weight" in self.w
@@ -94,7 +124,7 @@ class Trunk:
         cur = self.norm(ctx, x, self._lw(il, "attn_norm.weight"))
 
         def proj(name: str) -> TensorPtr:
-            t = ctx.mul_mat(self._lw(il, f"attn_{name}.weight"), cur)
+            t = self.matmul(ctx, self._lw(il, f"attn_{name}.weight"), cur, inp.groups)
             b = self._lw(il, f"attn_{name}.bias")
             return ctx.add(t, b) if b is not None else t
 
@@ -123,7 +153,7 @@ class Trunk:
         cur = self._attend(ctx, graph, il, q, k, v, inp)
         if attn.rot_v:  # rotate the output back (the matrix is its own inverse)
             cur = self._rotate(ctx, cur, attn.rot_v)
-        cur = ctx.mul_mat(self._lw(il, "attn_output.weight"), cur)
+        cur = self.matmul(ctx, self._lw(il, "attn_output.weight"), cur, inp.groups)
         wo_b = self._lw(il, "attn_output.bias") if tr.attn_out_bias else None
         return ctx.add(cur, wo_b) if wo_b is not None else cur
 
@@ -191,11 +221,12 @@ class Trunk:
         c = cur.contents
         return ctx.cont_2d(cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
 
-    def router(self, ctx: Context, il: int, cur: TensorPtr) -> tuple[TensorPtr, TensorPtr]:
+    def router(self, ctx: Context, il: int, cur: TensorPtr,
+               groups: list[tuple[int, int]] | None = None) -> tuple[TensorPtr, TensorPtr]:
         """Softmax gating, top-k, and the selected experts' weights: (selected [k,T] i32, weights [1,k,T])."""
         cfg = self.cfg
         n_tok = cur.contents.ne[1]
-        logits = ctx.mul_mat(self._lw(il, "ffn_gate_inp.weight"), cur)
+        logits = self.matmul(ctx, self._lw(il, "ffn_gate_inp.weight"), cur, groups)
         probs = ctx.soft_max(logits)
         b = self._lw(il, "exp_probs_b.bias")
         selection = ctx.add(probs, b) if b is not None else probs
@@ -210,32 +241,33 @@ class Trunk:
         return selected, weights
 
     def ffn(self, ctx: Context, cur: TensorPtr, up: TensorPtr, gate: TensorPtr, down: TensorPtr,
-            biases: tuple[TensorPtr | None, ...] = (None, None, None)) -> TensorPtr:
+            biases: tuple[TensorPtr | None, ...] = (None, None, None),
+            groups: list[tuple[int, int]] | None = None) -> TensorPtr:
         """SwiGLU FFN with parallel gate (llama.cpp build_ffn, LLM_FFN_SILU + LLM_FFN_PAR)."""
         up_b, gate_b, down_b = biases
-        tmp = ctx.mul_mat(up, cur)
+        tmp = self.matmul(ctx, up, cur, groups)
         if up_b is not None:
             tmp = ctx.add(tmp, up_b)
-        g = ctx.mul_mat(gate, cur)
+        g = self.matmul(ctx, gate, cur, groups)
         if gate_b is not None:
             g = ctx.add(g, gate_b)
-        out = ctx.mul_mat(down, ctx.swiglu_split(g, tmp))
+        out = self.matmul(ctx, down, ctx.swiglu_split(g, tmp), groups)
         return ctx.add(out, down_b) if down_b is not None else out
 
-    def dense_ffn(self, ctx: Context, il: int, cur: TensorPtr) -> TensorPtr:
+    def dense_ffn(self, ctx: Context, il: int, cur: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
         lw = lambda n: self._lw(il, n)  # noqa: E731
         return self.ffn(ctx, cur, lw("ffn_up.weight"), lw("ffn_gate.weight"), lw("ffn_down.weight"),
-                        (lw("ffn_up.bias"), lw("ffn_gate.bias"), lw("ffn_down.bias")))
+                        (lw("ffn_up.bias"), lw("ffn_gate.bias"), lw("ffn_down.bias")), groups)
 
-    def shared_expert(self, ctx: Context, il: int, cur: TensorPtr) -> TensorPtr:
+    def shared_expert(self, ctx: Context, il: int, cur: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
         """FFN_shexp(x); qwen2moe gates it: sigmoid(gate_inp_shexp . x) * FFN_shexp(x), the sigmoid
         computed as silu(g)/g like llama.cpp (deepseek2's shared experts have no gate)."""
         ffn = self.ffn(ctx, cur, self._lw(il, "ffn_up_shexp.weight"), self._lw(il, "ffn_gate_shexp.weight"),
-                       self._lw(il, "ffn_down_shexp.weight"))
+                       self._lw(il, "ffn_down_shexp.weight"), groups=groups)
         gate_w = self._lw(il, "ffn_gate_inp_shexp.weight")
         if gate_w is None:
             return ffn
-        g = ctx.mul_mat(gate_w, cur)
+        g = self.matmul(ctx, gate_w, cur, groups)
         gate = ctx.div(ctx.silu(g), g)
         return ctx.mul(ffn, gate)
 
@@ -254,8 +286,8 @@ class Trunk:
             lib.ggml_build_forward_expand(graph, out)
         return ctx.cont(out) if k == 1 else out
 
-    def head(self, ctx: Context, x: TensorPtr) -> TensorPtr:
-        logits = ctx.mul_mat(self.output, self.norm(ctx, x, self.w.require("output_norm.weight")))
+    def head(self, ctx: Context, x: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
+        logits = self.matmul(ctx, self.output, self.norm(ctx, x, self.w.require("output_norm.weight")), groups)
         if self.cfg.logit_scale:  # granite: 1.0f / f_logit_scale, in float32 as llama.cpp computes it
             logits = ctx.scale(logits, float(np.float32(1.0) / np.float32(self.cfg.logit_scale)))
         return logits

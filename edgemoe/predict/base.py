@@ -36,6 +36,9 @@ class Predictor(ABC):
     # set by the cluster when no prediction can change a load (every expert resident somewhere):
     # a predictor working in the background may then skip its work
     idle: bool = False
+    # a predictor that follows one sequence's tokens (a shadow model with its own KV cache) is not
+    # asked during steps of several sequences at once
+    follows_one_sequence: bool = False
 
     def reset(self) -> None:
         """A new sequence begins."""

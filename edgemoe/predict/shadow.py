@@ -234,6 +234,7 @@ class ShadowPredictor(Predictor):
     """SEP: a shadow engine decodes alongside the main model in a background thread; see the module doc."""
 
     name = "shadow"
+    follows_one_sequence = True
 
     def __init__(self, main, depth: int, options: PredictorOptions | None = None) -> None:
         self.main = main
