@@ -75,10 +75,11 @@ class _Recorder(ExpertBackend):
         return self.inner.compute(layer, expert, hidden)
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
+                      residual: np.ndarray | None = None,
+                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         if hidden.shape[0] == 1 and residual is not None:
             self.calls.append((layer, np.array(residual[0], dtype=np.float32), np.array(selected[0], dtype=np.int32)))
-        return self.inner.compute_layer(layer, hidden, selected, residual, n_seq)
+        return self.inner.compute_layer(layer, hidden, selected, residual, groups)
 
     def close(self) -> None:
         self.inner.close()

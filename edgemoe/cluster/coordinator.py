@@ -40,6 +40,8 @@ from edgemoe.cluster.placement import Key, Room, plan_placement, worker_sets
 from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_hash
+from edgemoe.ggml.columns import mul_mat_id_limit
+from edgemoe.model.expert_ffn import ShardLayout
 from edgemoe.model.experts import ExpertBackend, ExpertStats
 from edgemoe.predict.base import Predictor, RecallMeter
 from edgemoe.util.proc import peak_rss_bytes
@@ -158,6 +160,7 @@ class ClusterExperts(ExpertBackend):
         self._next_watch = 0.0
         self._groups: tuple[tuple[int, ...], list[list[WorkerInfo]]] | None = None  # (live ids, groups of them)
         self._layer_index = {l: i for i, l in enumerate(moe_layers)}
+        self._limits: dict[int, int] = {}  # layer -> rows per expert on the one-row kernel (edgemoe.ggml.columns)
         self.recall = RecallMeter(k)
         self.workers: dict[bytes, WorkerInfo] = {}
         self._next_id = 0
@@ -335,8 +338,10 @@ class ClusterExperts(ExpertBackend):
         return self.compute_layer(layer, hidden, selected)[:, 0]
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
+                      residual: np.ndarray | None = None,
+                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         n_tok = hidden.shape[0]
+        n_seq = len(groups) if groups else 1
         decode = n_tok == 1 or n_seq > 1
         for e in selected.reshape(-1).tolist():  # online routing counts, for the next re-plan
             self._counts[(layer, e)] = self._counts.get((layer, e), 0.0) + 1.0
@@ -352,7 +357,7 @@ class ClusterExperts(ExpertBackend):
                     for l, experts in predictor.after_router(layer, residual[r], selected[r]).items():
                         union.setdefault(l, set()).update(experts)
                 self._prefetch({l: sorted(e) for l, e in union.items()}, layer)
-            requests = self._plan_batch(layer, hidden, selected)
+            requests = self._plan_batch(layer, hidden, selected, groups)
         elif decode:
             if layer == self.moe_layers[0]:
                 self._begin_token(self.predictor)
@@ -459,11 +464,15 @@ class ClusterExperts(ExpertBackend):
         return self._request(layer, [e for _, e in items], [1] * n, np.zeros(n, dtype=np.intp),
                              np.array([slot for slot, _ in items]), np.repeat(hidden[:1], n, axis=0), w)
 
-    def _plan_batch(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
+    def _plan_batch(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
+                    groups: list[tuple[int, int]]) -> list[_Request]:
         """A step of several sequences: each routed expert to a worker as in decode (holder, else the
-        worker it was prefetched to, else the least busy of the layer's group), computed once for
-        every row routed to it; one message per worker carrying all of its experts' rows (split at
-        the message's row limit and at its just-in-time slots of cold experts)."""
+        worker it was prefetched to, else the least busy of the layer's group), computed once for all
+        rows routed to it; one message per worker carrying all of its experts' rows. Where ggml's
+        kernel depends on how many rows an expert has (edgemoe.ggml.columns), an expert's rows are
+        split so that each sequence's rows see the kernel they see alone: a sequence with more rows
+        than the limit on its own (as its prefill alone would be), the rest in runs within the limit;
+        the runs of one expert then go in separate messages."""
         group = self.group_of(layer)
         chosen: list[tuple[int, WorkerInfo]] = []
         taken: list[WorkerInfo] = []
@@ -481,32 +490,45 @@ class ClusterExperts(ExpertBackend):
             w = min(group, key=lambda w: (taken.count(w), w.worker_id))
             taken.append(w)
             chosen.append((e, w))
-        by_worker: dict[int, tuple[WorkerInfo, list[int]]] = {}
+        seq_of = np.concatenate([np.full(n, i) for i, (_, n) in enumerate(groups)])
+        limit = min(self._row_limit(layer), P.MAX_ROWS)
+        messages: dict[int, list[dict]] = {}  # worker id -> messages: {"parts": [(e, rows, slots)], "rows": n, "cold": n}
         for e, w in chosen:
-            by_worker.setdefault(w.worker_id, (w, []))[1].append(e)
+            rows, slots = np.nonzero(selected == e)
+            counts = np.bincount(seq_of[rows], minlength=len(groups))
+            own = counts[seq_of[rows]] > limit
+            runs = []
+            for s_ in np.unique(seq_of[rows][own]):  # as that sequence's prefill alone: its own mini-batches
+                mine = np.nonzero(own & (seq_of[rows] == s_))[0]
+                runs += [mine[i:i + self.prefill_batch] for i in range(0, len(mine), self.prefill_batch)]
+            shared = np.nonzero(~own)[0]
+            runs += [shared[i:i + limit] for i in range(0, len(shared), limit)]
+            is_cold = self.holder(layer, e) is not w
+            box = messages.setdefault(w.worker_id, [])
+            for run in runs:
+                m = next((m for m in box if all(x != e for x, _, _ in m["parts"]) and m["rows"] + len(run) <= P.MAX_ROWS
+                          and (not is_cold or m["cold"] < w.jit_slots)), None)
+                if m is None:
+                    m = {"parts": [], "rows": 0, "cold": 0, "worker": w}
+                    box.append(m)
+                m["parts"].append((e, rows[run], slots[run]))
+                m["rows"] += len(run)
+                m["cold"] += int(is_cold)
         requests = []
-        for w, experts in by_worker.values():
-            parts: list[tuple[int, np.ndarray, np.ndarray]] = []
-            n_rows = cold = 0
-
-            def flush() -> None:
-                rows = np.concatenate([r for _, r, _ in parts])
-                requests.append(self._request(layer, [e for e, _, _ in parts], [len(r) for _, r, _ in parts], rows,
-                                              np.concatenate([s for _, _, s in parts]), np.ascontiguousarray(hidden[rows]), w))
-
-            for e in experts:
-                rows, slots = np.nonzero(selected == e)
-                is_cold = self.holder(layer, e) is not w
-                for i in range(0, len(rows), P.MAX_ROWS):
-                    r, s = rows[i:i + P.MAX_ROWS], slots[i:i + P.MAX_ROWS]
-                    if parts and (n_rows + len(r) > P.MAX_ROWS or (is_cold and cold + 1 > w.jit_slots)):
-                        flush()
-                        parts, n_rows, cold = [], 0, 0
-                    parts.append((e, r, s))
-                    n_rows += len(r)
-                    cold += int(is_cold)
-            flush()
+        for box in messages.values():
+            for m in box:
+                parts = m["parts"]
+                r = np.concatenate([p[1] for p in parts])
+                requests.append(self._request(layer, [p[0] for p in parts], [len(p[1]) for p in parts], r,
+                                              np.concatenate([p[2] for p in parts]), np.ascontiguousarray(hidden[r]), m["worker"]))
         return requests
+
+    def _row_limit(self, layer: int) -> int:
+        """Rows one expert of this layer may have in a compute with every row on its one-row kernel."""
+        if layer not in self._limits:
+            layout = ShardLayout.read(self.model_dir / expert_file_name(layer, 0))
+            self._limits[layer] = mul_mat_id_limit([t.ggml_type for t in layout.tensors.values()])
+        return self._limits[layer]
 
     def _plan_prefill(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
         live = self._live_or_wait("no live workers")

@@ -65,14 +65,16 @@ def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[tuple[int, 
 @contextlib.contextmanager
 def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
                 resident_experts: bool = True, attention: AttentionOptions | None = None,
-                repack: bool = False, on_cluster: Callable[[ClusterExperts], None] | None = None) -> Iterator[Engine]:
+                repack: bool = False, on_cluster: Callable[[ClusterExperts], None] | None = None,
+                n_seq: int = 1) -> Iterator[Engine]:
     """An Engine; with opts.enabled its experts are computed by cluster workers (they hold no KV cache:
     attention, the KV cache types and flash attention, is the coordinator's and the shadow's). on_cluster
-    is handed the coordinator before the workers are waited for (a server reports who has joined)."""
+    is handed the coordinator before the workers are waited for (a server reports who has joined).
+    n_seq: sequences the engine holds at once (Engine.eval_batch)."""
     attention = attention or AttentionOptions()
     if not opts.enabled:
         with Engine(model, n_ctx=n_ctx, n_threads=n_threads, resident_experts=resident_experts,
-                    attention=attention, repack=repack) as engine:
+                    attention=attention, repack=repack, n_seq=n_seq) as engine:
             yield engine
         return
     if not Path(model).is_dir():
@@ -111,7 +113,7 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
             raise
         return cluster
 
-    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend, attention=attention)
+    engine = Engine(model, n_ctx=n_ctx, n_threads=n_threads, experts=make_backend, attention=attention, n_seq=n_seq)
     try:
         assert cluster is not None
         if on_cluster is not None:

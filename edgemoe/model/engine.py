@@ -27,12 +27,13 @@ from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check
 from edgemoe.ggml import Compute, Context, TensorPtr, lib
 from edgemoe.ggml.alloc import GraphAllocator
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
+from edgemoe.ggml.columns import mul_mat_id_limit
 from edgemoe.ggml.repack import Repacker
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.expert_ffn import moe_ffn
 from edgemoe.model.experts import ExpertBackend, LocalExperts
 from edgemoe.model.kvcache import Attention, AttentionOptions, KVCache
-from edgemoe.model.trunk import StepInputs, Trunk
+from edgemoe.model.trunk import StepInputs, Trunk, concat_rows, split_rows
 from edgemoe.model.weights import GGUFTensors
 from edgemoe.util.extra_bufts import extra_bufts_usable
 
@@ -383,7 +384,13 @@ class Engine:
             if trunk.is_moe_layer(il):
                 selected, weights = trunk.router(ctx, il, normed, groups)
                 outputs[f"selected.{il}"] = selected
-                experts = moe_ffn(ctx, self.experts.graph_parts(il, ctx, cfg.n_embd), normed, selected)
+                parts = self.experts.graph_parts(il, ctx, cfg.n_embd)
+                if groups and len(groups) > 1:  # runs of rows that keep each sequence on its own kernels
+                    limit = mul_mat_id_limit([int(t.contents.type) for t in parts.values()], self.repacker is not None)
+                    experts = concat_rows(ctx, [moe_ffn(ctx, parts, x_part, sel_part) for x_part, sel_part in zip(
+                        split_rows(ctx, normed, groups, limit), split_rows(ctx, selected, groups, limit))], dim=2)
+                else:
+                    experts = moe_ffn(ctx, parts, normed, selected)
                 moe = trunk.moe_combine(ctx, graph, experts, weights)
                 if cfg.shared_expert:
                     moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed, groups))
@@ -484,7 +491,7 @@ class Engine:
         if self.fuse and self._fusable() and self._fused_bytes(inp) <= FUSED_MAX_BYTES:
             logits = self._eval_fused(inp, decode)
         else:
-            logits = self._eval_segments(inp, decode, len(batch))
+            logits = self._eval_segments(inp, decode)
         for s, tokens in batch:
             self.seq_past[s] += len(tokens)
             self.kv.mark_used(s * self.n_ctx + self.seq_past[s])
@@ -495,7 +502,7 @@ class Engine:
             return [logits[a:b] for a, b in zip(ends[:-1], ends[1:])]
         return [logits[i:i + 1] for i in range(len(batch))]
 
-    def _eval_segments(self, inp: StepInputs, decode: bool, n_seq: int) -> np.ndarray:
+    def _eval_segments(self, inp: StepInputs, decode: bool) -> np.ndarray:
         """One graph per MoE layer, the expert backend called between them (a cluster, or experts
         that cannot sit in the trunk's graph)."""
         cfg = self.cfg
@@ -539,7 +546,8 @@ class Engine:
             if il < cfg.n_layer and "selected" in seg.outputs:
                 self.routing[il] = sel
                 # several sequences: the backend sees one step of each (a cluster plans it as one message per worker)
-                kw = {"n_seq": n_seq} if n_seq > 1 else {}
+                groups = inp.out_groups if il == cfg.n_layer - 1 else inp.groups
+                kw = {"groups": groups} if groups else {}
                 state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"], **kw))
                 self.stats.experts_s += time.perf_counter() - t1
         return logits

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgemoe.format.manifest import Manifest, check_file_hash, expert_file_name
 from edgemoe.ggml import Compute, Context, TensorPtr, lib
+from edgemoe.ggml.columns import mul_mat_id_limit, row_chunks
 from edgemoe.ggml.repack import Repacker
 from edgemoe.model.expert_ffn import ExpertFFN, LayerExperts, MappedShard, MoEGraph, ShardLayout
 
@@ -39,10 +40,13 @@ class ExpertBackend(ABC):
         """hidden: float32 [n, n_embd] (the FFN-normed inputs) -> float32 [n, n_embd]."""
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
+                      residual: np.ndarray | None = None,
+                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         """hidden [T, n_embd] (FFN-normed), selected int32 [T, k] -> outputs float32 [T, k, n_embd]
         (unweighted). residual [T, n_embd] is the layer's FFN input, for backends that predict.
-        n_seq: how many sequences the rows belong to (> 1: one step of several sequences at once)."""
+        groups: rows of each sequence, (first row, rows), when they come from several sequences'
+        steps at once (the engine's eval_batch); a backend keeps each sequence on the kernels it gets
+        alone (edgemoe.ggml.columns)."""
         n_tok, k = selected.shape
         out = np.empty((n_tok, k, hidden.shape[1]), dtype=np.float32)
         for expert in np.unique(selected):
@@ -130,7 +134,15 @@ class LocalExperts(ExpertBackend):
                 self._checked.add((layer, e))
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
+                      residual: np.ndarray | None = None,
+                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
+        if groups and len(groups) > 1:  # several sequences: runs of rows on the kernels each gets alone
+            entry = self.layer(layer, hidden.shape[1])
+            layouts = [entry[0].layouts[0]] if entry is not None else list(self._uneven[layer].values())
+            limit = mul_mat_id_limit([t.ggml_type for lay in layouts for t in lay.tensors.values()], self.repacker is not None)
+            runs = row_chunks(groups, limit)
+            if len(runs) > 1:
+                return np.concatenate([self.compute_layer(layer, hidden[lo:lo + n], selected[lo:lo + n]) for lo, n in runs])
         t0 = time.perf_counter()
         entry = self.layer(layer, hidden.shape[1])
         used = [int(e) for e in np.unique(selected)]

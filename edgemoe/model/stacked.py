@@ -68,7 +68,8 @@ class StackedExperts(ExpertBackend):
         return _Graph(ctx, graph, x, ids_arr, out)
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None, n_seq: int = 1) -> np.ndarray:
+                      residual: np.ndarray | None = None,
+                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         n_tok, k = selected.shape
         key = (layer, n_tok, k)

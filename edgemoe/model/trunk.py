@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemoe.ggml import Context, GGMLType, TensorPtr, lib
+from edgemoe.ggml.columns import mul_mat_limit, row_chunks
 from edgemoe.ggml.context import aligned_empty
 from edgemoe.ggml.lib import GGMLPrec
 from edgemoe.ggml.repack import Repacker
@@ -25,11 +26,6 @@ _YARN_BETA_FAST = 32.0  # llama.cpp hparams defaults; only used by YaRN, which e
 _YARN_BETA_SLOW = 1.0
 GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
 _WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16
-# Weight types whose product with one activation column takes another kernel than with several: ggml
-# runs a mat-vec (ggml_vec_dot_*) for one column and llamafile's tinyBLAS sgemm for two or more, which
-# sums in another order (measured: F32 router products differ by ~1e-6). Quantized types without
-# repacking take the same vec_dot either way (measured bitwise equal).
-_COLUMN_SENSITIVE = {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
 
 
 @dataclass
@@ -49,6 +45,23 @@ class StepInputs:
     @property
     def n_kv(self) -> int:
         return self.mask.shape[1]
+
+
+def split_rows(ctx: Context, x: TensorPtr, groups: list[tuple[int, int]], limit: int) -> list[TensorPtr]:
+    """Views of x's rows (dim 1) in runs that keep each sequence on its own kernels (row_chunks)."""
+    c = x.contents
+    runs = row_chunks(groups, limit)
+    if len(runs) == 1:
+        return [x]
+    return [ctx.view_2d(x, c.ne[0], n, c.nb[1], lo * c.nb[1]) for lo, n in runs]
+
+
+def concat_rows(ctx: Context, parts: list[TensorPtr], dim: int = 1) -> TensorPtr:
+    """The runs' results side by side again."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = ctx.concat(out, p, dim)
+    return out
 
 
 class Trunk:
@@ -74,24 +87,14 @@ class Trunk:
         self._rot: dict[int, np.ndarray] = {}  # Walsh-Hadamard matrices by size: graph inputs, kept alive here
 
     def matmul(self, ctx: Context, w: TensorPtr, cur: TensorPtr, groups: list[tuple[int, int]] | None) -> TensorPtr:
-        """w x cur; with rows of several sequences (groups), weights whose kernel depends on the number
-        of columns (see _COLUMN_SENSITIVE; repacked weights: gemv or 4-row gemm) get one product per
-        sequence, so that each sequence's rows see exactly the kernels they would alone."""
-        if not groups or len(groups) < 2 or not self._column_sensitive(w):
+        """w x cur; with rows of several sequences (groups: (first row, rows) each), one product per
+        run of rows that keeps each sequence on the kernels it gets alone (edgemoe.ggml.columns)."""
+        if not groups or len(groups) < 2:
             return ctx.mul_mat(w, cur)
-        c = cur.contents
-        out = None
-        for lo, n in groups:
-            part = ctx.mul_mat(w, ctx.view_2d(cur, c.ne[0], n, c.nb[1], lo * c.nb[1]))
-            out = part if out is None else ctx.concat(out, part, 1)
-        return out
+        return concat_rows(ctx, [ctx.mul_mat(w, part) for part in split_rows(ctx, cur, groups, self._limit(w))])
 
-    def _column_sensitive(self, w: TensorPtr) -> bool:
-        addr = ctypes.addressof(w.contents)
-        if addr in self._packed_addrs:
-            return True
-        t = int(w.contents.type)
-        return t in {int(x) for x in _COLUMN_SENSITIVE}
+    def _limit(self, w: TensorPtr) -> int:
+        return mul_mat_limit(int(w.contents.type), repacked=ctypes.addressof(w.contents) in self._packed_addrs)
 
     def is_moe_layer(self, il: int) -> bool:
         return f"blk.{il}.ffn_gate_inp.weight" in self.w
