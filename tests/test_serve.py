@@ -276,6 +276,129 @@ def test_disconnect_frees_the_engine(server: ServerProcess, reference: dict[str,
     assert _completion(server.client()) == reference["run"]
 
 
+@pytest.fixture(scope="module")
+def server4(model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """--parallel 4: up to four sequences decoded together."""
+    s = ServerProcess(model, "--api-key", KEY, "--parallel", "4", "--queue-size", "2",
+                      log=tmp_path_factory.mktemp("serve4") / "server.log")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+# requests of different kinds and lengths, so that sequences start and end at different steps
+PARALLEL_REQUESTS = [("completion", PROMPT, N), ("chat", QUESTION, N), ("completion", "The quick brown fox", 7),
+                     ("completion", "In a distant land, long ago,", 16), ("chat", "Name three colours.", 5),
+                     ("completion", "def add(a, b):", 10)]
+
+
+def _ask(client: openai.OpenAI, kind: str, text: str, n: int, stream: bool) -> str:
+    if kind == "chat":
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}], max_tokens=n,
+                                           temperature=0, stream=stream)
+        return "".join(c.choices[0].delta.content or "" for c in r if c.choices) if stream else r.choices[0].message.content
+    r = client.completions.create(model="m", prompt=text, max_tokens=n, temperature=0, stream=stream)
+    return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+
+def test_parallel_clients_each_equal_the_request_alone(server: ServerProcess, server4: ServerProcess) -> None:
+    """Six concurrent clients against --parallel 4 (so two also wait in the queue): every answer equals
+    the same request served alone (by the one-sequence server), and sequences did share steps."""
+    alone = [_ask(server.client(), kind, text, n, False) for kind, text, n in PARALLEL_REQUESTS]
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+    most = [0]
+    done = threading.Event()
+
+    def ask(i: int) -> None:
+        try:
+            kind, text, n = PARALLEL_REQUESTS[i]
+            got[i] = _ask(server4.client(), kind, text, n, stream=i % 2 == 1)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    def watch() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], httpx.get(server4.url + "/health").json()["queue"]["active"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PARALLEL_REQUESTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    done.set()
+    watcher.join(10)
+    assert not errors, errors
+    assert [got[i] for i in range(len(PARALLEL_REQUESTS))] == alone
+    assert most[0] >= 2, "the sequences never shared a step"
+    assert most[0] <= 4
+
+
+def test_parallel_disconnect_frees_its_slot(server4: ServerProcess) -> None:
+    """Four long streams fill the slots and a fifth request waits; when one client goes away, the
+    waiting request starts within a second (plus the step in flight); a full queue is 503."""
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    first_token: list[float] = []
+
+    def waiting() -> None:
+        with httpx.Client(timeout=120) as c, c.stream("POST", server4.url + "/v1/completions",
+                                                      json={**body, "max_tokens": 3}, headers=headers) as r:
+            for ln in r.iter_lines():
+                if ln.startswith("data:"):
+                    first_token.append(time.monotonic())
+                    break
+
+    with httpx.Client(timeout=60) as c:
+        streams, lines, arrivals = [], [], []
+        try:
+            for _ in range(4):
+                cm = c.stream("POST", server4.url + "/v1/completions", json=body, headers=headers)
+                r = cm.__enter__()
+                streams.append(cm)
+                assert r.status_code == 200
+                lines.append(r.iter_lines())
+            for it in lines:  # every slot is generating
+                while not next(it).startswith("data:"):
+                    pass
+            for _ in range(3):  # the step time, as measured in this very stream
+                while not next(lines[0]).startswith("data:"):
+                    pass
+                arrivals.append(time.monotonic())
+            step = max(b - a for a, b in zip(arrivals, arrivals[1:]))
+            assert httpx.get(server4.url + "/health").json()["queue"]["active"] == 4
+            t = threading.Thread(target=waiting)
+            t.start()
+            deadline = time.monotonic() + 10
+            while httpx.get(server4.url + "/health").json()["queue"]["waiting"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            second = threading.Thread(target=waiting)  # fills the queue (--queue-size 2) with the first
+            second.start()
+            while httpx.get(server4.url + "/health").json()["queue"]["waiting"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            r = httpx.post(server4.url + "/v1/completions", json={**body, "stream": False}, headers=headers)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            assert not first_token  # still waiting: every slot is taken
+            gone = time.monotonic()
+            streams.pop(0).__exit__(None, None, None)  # a client goes away mid-stream
+            t.join(60)
+            assert first_token, "the waiting request never started"
+            assert first_token[0] - gone < 1.0 + 2 * step
+        finally:
+            for cm in streams:
+                cm.__exit__(None, None, None)
+    second.join(60)
+    _wait_idle(server4, 5)
+    assert _completion(server4.client()) == _completion(server4.client())  # still serving
+
+
 def test_full_queue_answers_503_with_retry_after(server: ServerProcess) -> None:
     body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}

@@ -16,9 +16,9 @@ HELP = "serve the model over an OpenAI-compatible HTTP API, with a chat page and
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help=HELP, description=HELP + ". One sequence is generated at a time; "
-                       "further requests wait in a bounded queue. The sampling options are the defaults of "
-                       "requests that do not set their own.")
+    p = sub.add_parser("serve", help=HELP, description=HELP + ". Up to --parallel sequences are generated "
+                       "together (their tokens share each engine step); further requests wait in a bounded queue. "
+                       "The sampling options are the defaults of requests that do not set their own.")
     p.add_argument("model", metavar="MODEL", help="converted model directory (edgemoe convert), or a dense GGUF file")
     g = p.add_argument_group("HTTP")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -29,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="read API keys from FILE, one a line (# comments); may be given several times")
     g.add_argument("--queue-size", type=int, default=8, metavar="N",
                    help="requests that may wait for the engine; more are answered 503 with Retry-After (default 8)")
+    g.add_argument("--parallel", "-np", type=int, default=1, metavar="N",
+                   help="sequences decoded together, each with the whole --ctx-size (llama-server's -np divides "
+                   "it instead); their tokens go through the trunk together and each layer's experts are "
+                   "loaded once for all of them (default 1)")
     g.add_argument("--alias", metavar="NAME", help="the model's name in /v1/models (default: the directory's name)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--n-predict", "-n", type=int, default=512,
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port}: expected 0-65535")
     if args.queue_size < 1:
         raise UserError("--queue-size must be at least 1")
+    if not 1 <= args.parallel <= 64:
+        raise UserError(f"--parallel {args.parallel}: expected 1-64")
     defaults = sampling_from_args(args)
     keys = read_api_keys(args.api_key, args.api_key_file)
     if not Path(args.model).exists():
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     runner = Runner(args.model, opts, n_ctx=args.ctx_size, n_threads=args.threads,
                     resident_experts=args.resident_experts, attention=attention_from_args(args),
                     repack=repack_from_args(args, cluster=opts.enabled), queue_size=args.queue_size,
-                    n_predict=args.n_predict)
+                    n_predict=args.n_predict, parallel=args.parallel)
     name = args.alias or Path(args.model).resolve().name.removesuffix(".gguf")
     server = Server(runner, model_name=name, api_keys=keys, defaults=defaults)
     config = uvicorn.Config(make_app(server), host=args.host, port=args.port, log_level=args.log_level.lower(),

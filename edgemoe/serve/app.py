@@ -151,7 +151,7 @@ class Server:
             if why is None and up < r.expected_workers:
                 body["status"] = "degraded"
                 body["reason"] = f"{up} of {r.expected_workers} workers are up; the others' experts are served by them"
-        body["queue"] = {"waiting": r.queue_depth, "size": r.queue_size, "busy": r.busy}
+        body["queue"] = {"waiting": r.queue_depth, "size": r.queue_size, "busy": r.busy, "slots": r.parallel, "active": r.active}
         return JSONResponse(body, status_code=200 if why is None else 503)
 
     async def metrics(self, request: Request) -> Response:

@@ -22,6 +22,8 @@ class RunnerCollector(Collector):
         r, t = self.runner, self.runner.totals
         yield GaugeMetricFamily("edgemoe_ready", "1 when requests can be served", value=float(r.unavailable() is None))
         yield GaugeMetricFamily("edgemoe_busy", "1 while a sequence is being generated", value=float(r.busy))
+        yield GaugeMetricFamily("edgemoe_slots_active", "sequences being generated now", value=r.active)
+        yield GaugeMetricFamily("edgemoe_slots", "sequences that may be generated together (--parallel)", value=r.parallel)
         yield GaugeMetricFamily("edgemoe_queue_depth", "requests waiting for the engine", value=r.queue_depth)
         yield GaugeMetricFamily("edgemoe_queue_size", "most requests that may wait (--queue-size)", value=r.queue_size)
         yield CounterMetricFamily("edgemoe_generations", "generations finished", value=t.requests)

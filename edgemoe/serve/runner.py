@@ -1,13 +1,18 @@
-"""The engine's thread: it opens the engine (and cluster), then serves queued requests one at a time.
+"""The engine's thread: it opens the engine (and cluster), then decodes up to `parallel` requests
+together, as llama-server's slots do.
 
 One thread owns the engine and its ZeroMQ sockets for their whole life (ZeroMQ sockets are not
-thread-safe; the engine holds one sequence). The HTTP side puts Jobs into a bounded queue and reads
-their events from an asyncio queue; a job's `cancelled` flag (a client that went away) is checked
-before every token, so the engine is free again one decode step later.
+thread-safe). The HTTP side puts Jobs into a bounded queue and reads their events from an asyncio
+queue. Between engine steps the thread admits queued jobs into free slots (engine sequences); each
+step then takes every active slot's next tokens (a new request's whole prompt, the others' last
+sampled token) through Engine.eval_batch, so the routed experts of a layer are loaded and computed
+once for all of them. A job's `cancelled` flag (a client that went away) is checked before every
+step, so its slot is free again one step later.
 
-Generation is edgemoe.model.generate with the request's SamplingParams, exactly as `edgemoe run` and
-`edgemoe chat` call it, so temperature 0 gives their text. Stop strings and cancellation end it
-early by raising from the token tap (generate itself has no such hook).
+Each slot is an edgemoe.model.generate.Decoder with the request's SamplingParams, the token loop
+`edgemoe run` and `edgemoe chat` use, and each sequence's logits equal those it gets alone
+(tests/test_batch.py), so temperature 0 gives their text. Stop strings and cancellation end a slot
+early by raising from the token tap.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.errors import UserError
-from edgemoe.model.generate import generate
+from edgemoe.model.generate import Decoder
 from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.model.tokenizer import Tokenizer
 from edgemoe.serve.api import ApiError, GenRequest
@@ -135,8 +140,12 @@ class Runner:
 
     def __init__(self, model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_threads: int,
                  resident_experts: bool = True, attention: AttentionOptions | None = None, repack: bool = False,
-                 queue_size: int = 8, n_predict: int = 512) -> None:
+                 queue_size: int = 8, n_predict: int = 512, parallel: int = 1) -> None:
+        """parallel: sequences decoded together (llama-server's -np); each has the whole n_ctx."""
+        if parallel < 1:
+            raise UserError("--parallel must be at least 1")
         self.model, self.opts = model, opts
+        self.parallel = parallel
         self.attention, self.repack = attention, repack
         self.n_ctx_requested, self.n_threads, self.resident_experts = n_ctx, n_threads, resident_experts
         self.n_predict = n_predict
@@ -148,10 +157,14 @@ class Runner:
         self.engine = None  # set in the engine's thread; only that thread calls it
         self.n_ctx = 0
         self.tokenizer: Tokenizer | None = None  # the HTTP side's own (vocab-only) tokenizer
-        self.busy = False
+        self.active = 0  # slots generating now
         self.totals = Totals()
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size + parallel)
         self.queue_size = queue_size
+        # jobs queued or in a slot: at most parallel + queue_size (a request finding a slot free never
+        # counts against the queue, even before the engine's thread has picked it up)
+        self._held = 0
+        self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="edgemoe-engine", daemon=True)
@@ -181,6 +194,10 @@ class Runner:
         return None
 
     @property
+    def busy(self) -> bool:
+        return self.active > 0
+
+    @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
@@ -188,12 +205,18 @@ class Runner:
         why = self.unavailable()
         if why is not None:
             raise ApiError(503, why, type="server_error", code="unavailable", headers={"Retry-After": "5"})
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            wait = max(1, math.ceil(self.totals.last_job_s * (self.queue_size + 1)))
-            raise ApiError(503, f"the server is busy: {self.queue_size} requests are already waiting", type="server_error",
-                           code="queue_full", headers={"Retry-After": str(wait)}) from None
+        with self._held_lock:
+            if self._held >= self.queue_size + self.parallel:
+                wait = max(1, math.ceil(self.totals.last_job_s * (self.queue_size + 1) / self.parallel))
+                raise ApiError(503, f"the server is busy: {self.queue_size} requests are already waiting",
+                               type="server_error", code="queue_full", headers={"Retry-After": str(wait)})
+            self._held += 1
+            self._queue.put_nowait(job)  # cannot be full: it holds at most _held jobs
+
+    def _release(self) -> None:
+        """A job left the server (finished, failed, cancelled): room for another."""
+        with self._held_lock:
+            self._held -= 1
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
@@ -207,21 +230,35 @@ class Runner:
         try:
             with open_engine(self.model, self.opts, n_ctx=self.n_ctx_requested, n_threads=self.n_threads,
                              resident_experts=self.resident_experts, attention=self.attention, repack=self.repack,
-                             on_cluster=self._on_cluster) as engine, \
+                             on_cluster=self._on_cluster, n_seq=self.parallel) as engine, \
                     Tokenizer(engine.weights.path) as tok, Tokenizer(engine.weights.path) as http_tok:
                 self.local_workers = getattr(engine, "local_workers", None)
                 self.engine, self.n_ctx, self.tokenizer = engine, engine.n_ctx, http_tok
                 self.state, self.reason = "ready", ""
                 self._ready.set()
-                log.info("ready: %s, context %d tokens", self.model, self.n_ctx)
-                while not self._stop.is_set():
-                    try:
-                        job = self._queue.get(timeout=0.1)
-                    except queue.Empty:
-                        if self.cluster is not None:  # heartbeats, hellos, goodbyes while idle
-                            self.cluster.poll_idle(0)
-                        continue
-                    self._serve(engine, tok, job)
+                log.info("ready: %s, context %d tokens, %d sequence(s) at once", self.model, self.n_ctx, self.parallel)
+                slots: list[_Slot | None] = [None] * self.parallel
+                try:
+                    while not self._stop.is_set():
+                        self._admit(engine, tok, slots)
+                        if not any(slots):
+                            try:
+                                job = self._queue.get(timeout=0.1)
+                            except queue.Empty:
+                                if self.cluster is not None:  # heartbeats, hellos, goodbyes while idle
+                                    self.cluster.poll_idle(0)
+                                continue
+                            self._start(engine, tok, slots, job)
+                            continue
+                        self._step(engine, slots)
+                finally:
+                    for i, slot in enumerate(slots):
+                        if slot is not None:
+                            slot.dec.close()
+                            slot.job.emit("error", ApiError(503, "the server is shutting down", type="server_error",
+                                                            code="unavailable"))
+                            slots[i] = None
+                    self.active = 0
                 self.state, self.reason = "stopped", "the server is shutting down"
         except UserError as e:
             self.state, self.reason = "failed", str(e)
@@ -240,59 +277,134 @@ class Runner:
                     break
                 job.emit("error", ApiError(503, self.reason, type="server_error", code="unavailable"))
 
-    def _serve(self, engine, tok: Tokenizer, job: Job) -> None:
+    def _admit(self, engine, tok: Tokenizer, slots: list["_Slot | None"]) -> None:
+        """Queued jobs into free slots, between steps."""
+        while None in slots:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._start(engine, tok, slots, job)
+
+    def _start(self, engine, tok: Tokenizer, slots: list["_Slot | None"], job: Job) -> None:
+        if not self._begin(engine, tok, slots, job):
+            self._release()
+
+    def _begin(self, engine, tok: Tokenizer, slots: list["_Slot | None"], job: Job) -> bool:
+        """job into a free slot; False where it ends at once (cancelled, unavailable, a bad prompt)."""
         if job.cancelled.is_set():
             self.totals.cancelled += 1
-            return
-        t_start = time.monotonic()
-        queued_s = t_start - job.enqueued_at
+            return False
         why = self.unavailable()
         if why is not None:
             job.emit("error", ApiError(503, why, type="server_error", code="unavailable"))
-            return
+            return False
         req = job.req
         n_prompt = len(req.prompt_tokens)
+        if not n_prompt or n_prompt > engine.n_ctx:
+            job.emit("error", ApiError(400, f"the prompt is {n_prompt} tokens; the context holds {engine.n_ctx}"))
+            self.totals.failed += 1
+            return False
         n_predict = req.max_tokens or self.n_predict
         if req.kind == "chat":  # as `edgemoe chat` bounds an answer
             n_predict = min(n_predict, engine.n_ctx - n_prompt - 1)
+        i = slots.index(None)
         stops = StopMatcher(req.stop)
         tap = _Tap(tok, job, stops)
-        self.busy = True
+        if self.parallel == 1:
+            engine.reset()  # also restarts a predictor that follows the one sequence
+        else:
+            engine.reset_seq(i)
+        dec = Decoder(tap, req.prompt_tokens, n_predict=n_predict, n_ctx=engine.n_ctx,  # type: ignore[arg-type]
+                      sampling=req.sampling, on_text=tap.on_text)
+        slots[i] = _Slot(job, tap, stops, dec, list(req.prompt_tokens), time.monotonic(), time.perf_counter())
+        self.active = sum(s is not None for s in slots)
+        return True
+
+    def _step(self, engine, slots: list["_Slot | None"]) -> None:
+        """One engine step for every active slot; slots whose client went away are freed first."""
+        for i, slot in enumerate(slots):
+            if slot is not None and slot.job.cancelled.is_set():
+                self._free(slots, i)
+                self.totals.cancelled += 1
+                log.info("a client went away after %d tokens; its slot is free", slot.tap.count)
+        live = [i for i, s in enumerate(slots) if s is not None]
+        self.active = len(live)
+        if not live:
+            return
         try:
-            engine.reset()
-            t0 = time.perf_counter()
+            logits = engine.eval_batch([(i, slots[i].next) for i in live])
+        except (UserError, RuntimeError) as e:  # e.g. every worker is gone: no slot's token can finish
+            code, kind = (400, "invalid_request_error") if isinstance(e, UserError) else (503, "server_error")
+            log.warning("step failed: %s", e)
+            for i in live:
+                self.totals.failed += 1
+                slots[i].job.emit("error", ApiError(code, str(e), type=kind,
+                                                    code=None if code == 400 else "workers_unavailable"))
+                self._free(slots, i)
+            return
+        for i, lg in zip(live, logits):
+            slot = slots[i]
             try:
-                gen = generate(engine, tap, req.prompt_tokens, n_predict=n_predict, sampling=req.sampling,
-                               on_text=tap.on_text)  # type: ignore[arg-type]  (a Tokenizer, tapped)
-                finish = "stop" if gen.stop == "eos" else "length"
+                nxt = slot.dec.feed(lg[0], engine.seq_past[i])
             except _Halt as h:
                 if str(h) == "cancelled":
                     self.totals.cancelled += 1
-                    log.info("a client went away after %d tokens; the engine is free", tap.count)
-                    return
-                finish = "stop"
-            tail = stops.flush()
-            if tail:
-                job.emit("text", tail)
-            prefill_s = (tap.first_at if tap.count else time.perf_counter()) - t0  # to the first token
-            decode_s = tap.last_at - tap.first_at if tap.count > 1 else 0.0
-            result = Result(finish, n_prompt, tap.count, prefill_s, decode_s, queued_s)
-            t = self.totals
-            t.requests += 1
-            t.prompt_tokens += n_prompt
-            t.completion_tokens += tap.count
-            t.decode_steps += max(tap.count - 1, 0)
-            t.decode_s += decode_s
-            t.prefill_s += result.prefill_s
-            t.last_decode_tok_s = result.decode_tok_s
-            job.emit("done", result)
-        except UserError as e:
-            self.totals.failed += 1
-            job.emit("error", ApiError(400, str(e)))
-        except RuntimeError as e:  # e.g. every worker is gone: the coordinator cannot finish the token
-            self.totals.failed += 1
-            log.warning("request failed: %s", e)
-            job.emit("error", ApiError(503, str(e), type="server_error", code="workers_unavailable"))
-        finally:
-            self.busy = False
-            self.totals.last_job_s = time.monotonic() - t_start
+                    log.info("a client went away after %d tokens; its slot is free", slot.tap.count)
+                    self._free(slots, i)
+                    continue
+                nxt, slot.finish = None, "stop"
+            if nxt is not None:
+                slot.next = [nxt]
+                continue
+            if not slot.finish:
+                slot.finish = "stop" if slot.dec.gen.stop == "eos" else "length"
+            self._done(slot)
+            self._free(slots, i)
+
+    def _free(self, slots: list["_Slot | None"], i: int) -> None:
+        slot = slots[i]
+        if slot is not None:
+            slot.dec.close()
+            self._release()
+        slots[i] = None
+        self.active = sum(s is not None for s in slots)
+
+    def _done(self, slot: "_Slot") -> None:
+        """A finished slot's tail text and result."""
+        tap, job = slot.tap, slot.job
+        try:
+            slot.dec.finish()
+        except _Halt:  # the detokenizer's tail completed a stop string
+            slot.finish = "stop"
+        tail = slot.stops.flush()
+        if tail:
+            job.emit("text", tail)
+        prefill_s = (tap.first_at if tap.count else time.perf_counter()) - slot.t0  # to the first token
+        decode_s = tap.last_at - tap.first_at if tap.count > 1 else 0.0
+        result = Result(slot.finish, len(job.req.prompt_tokens), tap.count, prefill_s, decode_s,
+                        slot.started_at - job.enqueued_at)
+        t = self.totals
+        t.requests += 1
+        t.prompt_tokens += result.n_prompt
+        t.completion_tokens += tap.count
+        t.decode_steps += max(tap.count - 1, 0)
+        t.decode_s += decode_s
+        t.prefill_s += result.prefill_s
+        t.last_decode_tok_s = result.decode_tok_s
+        t.last_job_s = time.monotonic() - slot.started_at
+        job.emit("done", result)
+
+
+@dataclass
+class _Slot:
+    """One sequence being generated: its job, token loop and the tokens its next step evaluates."""
+
+    job: Job
+    tap: _Tap
+    stops: StopMatcher
+    dec: Decoder
+    next: list[int]
+    started_at: float  # monotonic, when it left the queue
+    t0: float  # perf_counter at the same moment
+    finish: str = ""
