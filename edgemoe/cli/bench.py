@@ -68,6 +68,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print the full result as JSON")
     c.set_defaults(handler=run_cluster)
 
+    v = kinds.add_parser("serve", help="aggregate decode tok/s and time to first token of `edgemoe serve` for 1-8 clients",
+                         description="Starts `edgemoe serve --parallel N` (in process, or with --workers local budget-limited "
+                         "workers) and measures, as its HTTP client on loopback, aggregate decode tok/s and time to "
+                         "first token for each number of concurrent streaming completions; the single-request time to "
+                         "first token is compared with `edgemoe run`'s (same code path, same options, in this process), "
+                         "runs alternating. Medians over repeats; compare the ratios on a shared machine.")
+    v.add_argument("model", metavar="MODEL", help="converted model directory")
+    v.add_argument("--workers", type=int, default=0, help="local worker processes (default 0: in process)")
+    v.add_argument("--memory-budget", metavar="SIZE", help="each worker's memory budget, e.g. 192MiB")
+    v.add_argument("--predictor", default="lookahead", help="the cluster's expert predictor (default lookahead)")
+    v.add_argument("--streams", default="1,2,4,8", metavar="A,B,...",
+                   help="concurrent streams per level (default 1,2,4,8); the server runs --parallel of the largest")
+    v.add_argument("--threads", "-t", type=int, default=1, help="ggml threads of the server and of the run (default 1)")
+    v.add_argument("--n-predict", "-n", type=int, default=32, help="tokens per stream (default 32)")
+    v.add_argument("--repeat", type=int, default=3, help="measured rounds (default 3, after one warm-up)")
+    v.add_argument("--json", action="store_true", help="print the full result as JSON")
+    v.set_defaults(handler=run_serve)
+
     r = kinds.add_parser("recall", help="recall of the expert predictors against the main model's routing (paper eq. 2-3)",
                          description="Recall (OD-MoE eq. 2-3) of each expert predictor, measured in-process against the "
                          "main model's actual routing over greedy decodes of the prompts: overall, per lead (MoE layers "
@@ -202,6 +220,43 @@ def run_cluster(args: argparse.Namespace) -> int:
     print(f"greedy tokens identical: {'yes' if r.tokens_match else 'NO'}")
     if args.plot:
         print(f"plot: {args.plot}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        streams = tuple(int(x) for x in args.streams.split(","))
+    except ValueError:
+        raise UserError(f"--streams {args.streams}: expected comma-separated numbers such as 1,2,4,8") from None
+    if not streams or min(streams) < 1 or max(streams) > 64:
+        raise UserError(f"--streams {args.streams}: each must be 1-64")
+    if args.workers < 0 or args.threads < 1 or args.n_predict < 2 or args.repeat < 1:
+        raise UserError("--workers must be 0 or more, --threads and --repeat at least 1, --n-predict at least 2")
+    if args.memory_budget:
+        if not args.workers:
+            raise UserError("--memory-budget limits workers: give --workers N")
+        from edgemoe.cluster.budget import parse_size
+
+        parse_size(args.memory_budget, "--memory-budget")
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model}: not a converted model directory")
+    from edgemoe.bench.serve import bench_serve
+
+    r = bench_serve(args.model, workers=args.workers, memory_budget=args.memory_budget, predictor=args.predictor,
+                    streams=streams, n_predict=args.n_predict, repeats=args.repeat, threads=args.threads)
+    s = r.summary()
+    if args.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    where = f"{r.workers} workers (budget {r.memory_budget or 'none'}, predictor {r.predictor})" if r.workers else "in process"
+    print(f"edgemoe serve --parallel {r.parallel}, {where}, {r.threads} thread(s), {r.n_predict} tokens a stream, "
+          f"median of {r.repeats}")
+    print("streams  aggregate decode tok/s  vs 1 stream  median TTFT")
+    for lv in r.levels:
+        print(f"{lv.streams:7d}  {lv.median_tok_s:22.1f}  {s.get(f'speedup_{lv.streams}', 0.0):10.2f}x  "
+              f"{1e3 * lv.median_ttft_s:8.0f} ms")
+    print(f"time to first token of one request: serve {1e3 * s['serve_ttft_s']:.0f} ms, edgemoe run "
+          f"{1e3 * s['run_ttft_s']:.0f} ms (ratio {s['ttft_ratio']:.2f})")
     return 0
 
 
