@@ -17,6 +17,7 @@ import pytest
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.errors import UserError
 from edgemoe.model.engine import Engine
+from edgemoe.model.kvcache import AttentionOptions
 
 N_CTX = 128
 STEPS = 10  # tokens generated per sequence
@@ -103,6 +104,16 @@ def test_sequences_together_equal_each_alone(converted_models: dict[str, Path], 
     with Engine(model, n_ctx=N_CTX, n_threads=1) as one, Engine(model, n_ctx=N_CTX, n_threads=1, n_seq=n_seq) as many:
         one.fuse = many.fuse = fuse
         check(one, many, plan)
+
+
+@pytest.mark.parametrize("cache", [("f16", "f16", "off"), ("f32", "f32", "off"), ("q8_0", "q4_0", "on")])
+def test_every_attention_mode_together_equals_alone(converted_models: dict[str, Path], cache: tuple[str, str, str]) -> None:
+    """Without flash attention an F16 cache's K*Q takes another kernel for several rows: per sequence."""
+    attention = AttentionOptions(*cache)
+    model = converted_models["olmoe-q8_0"]
+    with Engine(model, n_ctx=N_CTX, n_threads=1, attention=attention) as one, \
+            Engine(model, n_ctx=N_CTX, n_threads=1, n_seq=9, attention=attention) as many:
+        check(one, many, WIDE)
 
 
 @pytest.mark.parametrize("name,plan,n_seq", [("qwen2moe-q8_0", PLAN, 3), ("llama-moe-q4_k_m", WIDE, 9)])
@@ -199,3 +210,16 @@ def test_bad_batches_are_refused(converted_models: dict[str, Path]) -> None:
             engine.eval_batch([])
         with pytest.raises(UserError):
             Engine(converted_models["llama-moe-q8_0"], n_ctx=16, n_seq=0)
+
+
+def test_repacked_weights_together_equal_alone(converted_models: dict[str, Path]) -> None:
+    """llama.cpp's repacked kernels (gemv for one row, gemm for four) get each sequence's rows alone."""
+    from edgemoe.util.extra_bufts import extra_bufts_usable
+
+    if not extra_bufts_usable():
+        pytest.skip("this CPU cannot run llama.cpp's repacked kernels")
+    model = converted_models["llama-moe-q4_k_m"]
+    with Engine(model, n_ctx=N_CTX, n_threads=1, repack=True) as one, \
+            Engine(model, n_ctx=N_CTX, n_threads=1, n_seq=9, repack=True) as many:
+        assert one.repacker is not None and many.trunk._packed
+        check(one, many, WIDE)

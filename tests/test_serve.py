@@ -597,3 +597,32 @@ def test_bad_command_lines_are_one_error_line(model: Path, tmp_path: Path) -> No
         r = edgemoe("serve", str(model), *args, timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     taken.close()
+
+
+def test_bench_serve_measures_each_level(model: Path) -> None:
+    """`edgemoe bench serve` on the test model, briefly: every level measured, the TTFTs compared."""
+    r = edgemoe("bench", "serve", str(model), "--streams", "1,2", "-n", "4", "--repeat", "1", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [lv["streams"] for lv in out["levels"]] == [1, 2] and out["parallel"] == 2
+    for lv in out["levels"]:
+        assert len(lv["aggregate_decode_tok_s"]) == 1 and lv["aggregate_decode_tok_s"][0] > 0
+        assert lv["ttft_s"][0] > 0 and lv["tokens"][0] >= lv["streams"]
+    s = out["summary"]
+    assert s["run_ttft_s"] > 0 and s["serve_ttft_s"] > 0 and s["ttft_ratio"] == pytest.approx(s["serve_ttft_s"] / s["run_ttft_s"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--streams", "1,x"], "--streams"), (["--streams", "0"], "1-64"), (["--memory-budget", "1MiB"], "--workers"),
+    (["-n", "1"], "--n-predict"), (["--parallel-typo"], "unrecognized"),
+])
+def test_bench_serve_bad_command_lines(model: Path, args: list[str], message: str) -> None:
+    r = edgemoe("bench", "serve", str(model), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_parallel_out_of_range_is_one_error_line(model: Path) -> None:
+    for n in ("0", "65"):
+        r = edgemoe("serve", str(model), "--parallel", n, "--port", "0")
+        assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--parallel" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

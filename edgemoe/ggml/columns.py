@@ -9,6 +9,9 @@ Measured with the pinned ggml on this CPU (tests/test_batch.py re-measures every
   llamafile's tinyBLAS sgemm. K-quants (Q2_K..Q6_K): up to 7 columns every column equals its own
   mat-vec, from 8 on another kernel. Q4_1 and Q8_0: the same vec_dot for any number.
 - ggml_mul_mat_id (routed experts): per expert, K-quants as above (7 rows); F32, Q4_1, Q8_0: any.
+- Attention without flash attention: K*Q of an F16 cache is a mat-vec for one row, tinyBLAS for
+  more (an F32 cache's stays a vec_dot, its activations need no conversion); the engine computes it
+  per sequence. Flash attention treats every row on its own and skips masked cells: no limit.
 - Types not measured, and repacked weights (CPU_REPACK: gemv per row, gemm per 4 rows), count as 1.
 
 A limit L means: a product whose rows number at most L gives every row its mat-vec result.

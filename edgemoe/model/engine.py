@@ -386,7 +386,7 @@ class Engine:
                 outputs[f"selected.{il}"] = selected
                 parts = self.experts.graph_parts(il, ctx, cfg.n_embd)
                 if groups and len(groups) > 1:  # runs of rows that keep each sequence on its own kernels
-                    limit = mul_mat_id_limit([int(t.contents.type) for t in parts.values()], self.repacker is not None)
+                    limit = mul_mat_id_limit([int(t.contents.type) for t in parts.values()], self.experts.graph_repacked(il))
                     experts = concat_rows(ctx, [moe_ffn(ctx, parts, x_part, sel_part) for x_part, sel_part in zip(
                         split_rows(ctx, normed, groups, limit), split_rows(ctx, selected, groups, limit))], dim=2)
                 else:

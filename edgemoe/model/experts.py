@@ -62,6 +62,10 @@ class ExpertBackend(ABC):
     def graph_used(self, layer: int, selected: np.ndarray) -> None:
         """After a graph that used graph_parts ran: the experts the router chose (int32 [T, k])."""
 
+    def graph_repacked(self, layer: int) -> bool:
+        """Whether graph_parts hands repacked (CPU_REPACK) tensors for this layer."""
+        return False
+
     def reset(self) -> None:
         """A new sequence begins."""
 
@@ -139,7 +143,7 @@ class LocalExperts(ExpertBackend):
         if groups and len(groups) > 1:  # several sequences: runs of rows on the kernels each gets alone
             entry = self.layer(layer, hidden.shape[1])
             layouts = [entry[0].layouts[0]] if entry is not None else list(self._uneven[layer].values())
-            limit = mul_mat_id_limit([t.ggml_type for lay in layouts for t in lay.tensors.values()], self.repacker is not None)
+            limit = mul_mat_id_limit([t.ggml_type for lay in layouts for t in lay.tensors.values()], bool(self._packed.get(layer)))
             runs = row_chunks(groups, limit)
             if len(runs) > 1:
                 return np.concatenate([self.compute_layer(layer, hidden[lo:lo + n], selected[lo:lo + n]) for lo, n in runs])
@@ -190,6 +194,9 @@ class LocalExperts(ExpertBackend):
         if self.repacker is not None:
             parts.update(self._repacked(layer, view))
         return parts
+
+    def graph_repacked(self, layer: int) -> bool:
+        return bool(self._packed.get(layer))
 
     def _repacked(self, layer: int, view: LayerExperts) -> dict[str, TensorPtr]:
         """The layer's parts that ggml can repack, copied once into CPU_REPACK buffers (every shard is

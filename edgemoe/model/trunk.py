@@ -216,13 +216,29 @@ class Trunk:
             lib.ggml_prec_set_acc(att, GGMLPrec.F32)
             ac = att.contents
             return ctx.reshape_2d(att, ac.ne[0] * ac.ne[1], ac.ne[2] * ac.ne[3])
-        kq = ctx.mul_mat(kp, q)  # [n_kv, T, n_head]
-        lib.ggml_prec_set_acc(kq, GGMLPrec.F32)
-        kq = ctx.soft_max_ext(kq, mask, cfg.kq_scale, 0.0)
-        kqv = ctx.mul_mat(vp, kq)  # [d, T, n_head]
+        limit = min(mul_mat_limit(int(attn.type_k)), mul_mat_limit(int(attn.type_v)))
+        if inp.groups and len(inp.groups) > 1 and len(row_chunks(inp.groups, limit)) > 1:
+            # several sequences: K*Q and V*kq per run of rows, as each sequence's alone (a one-row
+            # K*Q of an F16 cache is a mat-vec, a wider one tinyBLAS: see edgemoe.ggml.columns)
+            qc, mc = q.contents, inp.mask
+            parts = []
+            for lo, n in row_chunks(inp.groups, limit):
+                q_part = ctx.view_3d(q, qc.ne[0], n, qc.ne[2], qc.nb[1], qc.nb[2], lo * qc.nb[1])
+                m_part = ctx.view_2d(mask, mc.shape[1], n, mc.strides[0], lo * mc.strides[0])
+                parts.append(self._kq_v(ctx, kp, vp, q_part, m_part))
+            kqv = concat_rows(ctx, parts)
+        else:
+            kqv = self._kq_v(ctx, kp, vp, q, mask)
         cur = ctx.permute(kqv, 0, 2, 1, 3)
         c = cur.contents
         return ctx.cont_2d(cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
+
+    def _kq_v(self, ctx: Context, kp: TensorPtr, vp: TensorPtr, q: TensorPtr, mask: TensorPtr) -> TensorPtr:
+        """Attention without flash attention: softmax(K*Q * scale + mask), times V: [d, T, n_head]."""
+        kq = ctx.mul_mat(kp, q)  # [n_kv, T, n_head]
+        lib.ggml_prec_set_acc(kq, GGMLPrec.F32)
+        kq = ctx.soft_max_ext(kq, mask, self.cfg.kq_scale, 0.0)
+        return ctx.mul_mat(vp, kq)  # [d, T, n_head]
 
     def router(self, ctx: Context, il: int, cur: TensorPtr,
                groups: list[tuple[int, int]] | None = None) -> tuple[TensorPtr, TensorPtr]:
