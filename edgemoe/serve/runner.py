@@ -332,6 +332,9 @@ class Runner:
         self.active = len(live)
         if not live:
             return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step: %d sequence(s), %d prompt(s), %d rows", len(live), sum(len(slots[i].next) > 1 for i in live),
+                      sum(len(slots[i].next) for i in live))
         try:
             logits = engine.eval_batch([(i, slots[i].next) for i in live])
         except (UserError, RuntimeError) as e:  # e.g. every worker is gone: no slot's token can finish
