@@ -41,6 +41,8 @@ LLAMA_CPP_POLL = 50  # llama.cpp's default threadpool polling level (cpu_params.
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
 _FUSED_VIEWS = 24  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
+_SEGMENT_TENSORS = 4096  # nodes of one layer's graph (a segment), headers only
+_SEGMENT_VIEWS = 256  # tensors over outside memory (weights, inputs, carry, KV cache) in one segment
 _CACHED_GRAPHS = 4  # decode graphs kept (one per batch size and KV length in use)
 
 
@@ -53,23 +55,31 @@ class EvalStats:
 
 
 class _FusedDecode:
-    """The whole-model decode graph of one KV length, kept between tokens: its inputs are rewritten in
-    place and its outputs read through views made once (each token costs no allocation in Python)."""
+    """The whole-model graph of a decode step (one token per sequence) for one batch size and KV length,
+    kept between steps: its inputs are rewritten in place and its outputs read through views made
+    once (a step costs no allocation in Python)."""
 
-    def __init__(self, inp: StepInputs, seg: "_Segment", moe_layers: list[int], k: int, n_ctx: int) -> None:
-        self.n_kv, self.inp, self.seg = inp.n_kv, inp, seg
-        self.logits = to_numpy(seg.outputs["logits"]).reshape(1, -1)
+    def __init__(self, inp: StepInputs, seg: "_Segment", moe_layers: list[int], k: int, n_cells: int) -> None:
+        self.inp, self.seg = inp, seg
+        n = len(inp.tokens)
+        self.logits = to_numpy(seg.outputs["logits"]).reshape(n, -1)
         self.selected = {il: to_numpy(seg.outputs[f"selected.{il}"]).reshape(-1, k) for il in moe_layers}
-        self._v_base = None if inp.v_idx is None else np.arange(len(inp.v_idx), dtype=np.int64) * n_ctx
+        self._n_kv_row = None if inp.v_idx is None else len(inp.v_idx) // n
+        self._v_base = None if inp.v_idx is None else np.arange(self._n_kv_row, dtype=np.int64) * n_cells
 
-    def set_inputs(self, token: int, pos: int) -> None:
-        """The inputs of one token at position pos (what Engine._inputs would build)."""
+    def set_inputs(self, rows: list[tuple[int, int, int]]) -> None:
+        """Each row's (token, position, first cell of its sequence): what Engine._batch_inputs builds."""
         inp = self.inp
-        inp.tokens[0], inp.pos[0], inp.kv_idx[0] = token, pos, pos
-        inp.mask[0, : pos + 1] = 0
-        inp.mask[0, pos + 1 :] = -np.inf
-        if self._v_base is not None:
-            np.add(self._v_base, pos, out=inp.v_idx)
+        for r, (token, pos, first) in enumerate(rows):
+            cell = first + pos
+            inp.tokens[r], inp.pos[r], inp.kv_idx[r] = token, pos, cell
+            m = inp.mask[r]
+            m[:first] = -np.inf
+            m[first:cell + 1] = 0
+            m[cell + 1:] = -np.inf
+            if self._v_base is not None:
+                e = self._n_kv_row
+                np.add(self._v_base, cell, out=inp.v_idx[r * e:(r + 1) * e])
 
 
 @dataclass
@@ -166,14 +176,14 @@ class Engine:
         self.seq_past = [0] * n_seq  # positions filled per sequence
         self.stats = EvalStats()
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
-        self._arena = aligned_empty(1 << 20, np.uint8)
+        self._galloc = GraphAllocator()  # the fused prompt graph's activations share memory, as llama.cpp's
         # graphs for batches of one token per sequence, by (rows, n_kv): only new input values per step
         self._decode_cache: dict[tuple[int, int], tuple[StepInputs, list[_Segment]]] = {}
         # one graph per token for the whole model where the experts allow it (see _build_fused);
         # fuse=False keeps one graph per MoE layer with the backend called between them
         self.fuse = True
         self._fused: bool | None = None
-        self._fused_cache: dict[tuple[int, int], tuple[StepInputs, _Segment]] = {}
+        self._fused_cache: dict[tuple[int, int], _FusedDecode] = {}
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -236,7 +246,7 @@ class Engine:
         cells = first + pos
         n_tok = len(pos)
         n_cells = self.kv.n_ctx
-        n_kv = min(n_cells, max(KV_PAD, -(-int(cells.max() + 1) // KV_PAD) * KV_PAD))
+        n_kv = self._n_kv(int(cells.max()) + 1)
         kv_cells = np.arange(n_kv)[None, :]
         visible = (kv_cells >= first[:, None]) & (kv_cells <= cells[:, None])  # its own sequence, causal
         attn = self.kv.attn
@@ -312,11 +322,12 @@ class Engine:
             if getattr(inp, name) is not None:
                 np.copyto(getattr(cached, name), getattr(inp, name))
 
-    def _evict(self, cache: dict) -> None:
+    @staticmethod
+    def _evict(cache: dict) -> None:
         """Keep the newest few cached graphs (a batch size or KV length no longer in use is dropped)."""
         while len(cache) >= _CACHED_GRAPHS:
-            _, segs = cache.pop(next(iter(cache)))
-            for seg in segs if isinstance(segs, list) else [segs]:
+            entry = cache.pop(next(iter(cache)))
+            for seg in [entry.seg] if isinstance(entry, _FusedDecode) else entry[1]:
                 seg.ctx.close()
 
     def _decode_segments(self, inp: StepInputs) -> list[_Segment]:
@@ -349,8 +360,8 @@ class Engine:
             for seg in segs:
                 seg.ctx.close()
         self._decode_cache.clear()
-        for _, seg in self._fused_cache.values():
-            seg.ctx.close()
+        for entry in self._fused_cache.values():
+            entry.seg.ctx.close()
         self._fused_cache.clear()
 
     def _fusable(self) -> bool:
@@ -407,20 +418,31 @@ class Engine:
         experts = 4 * n_tok * k * (6 * max(c.n_ff_exp, 1) + 2 * c.n_embd)
         return Context.overhead(64, GRAPH_NODES) + (c.n_layer + 1) * (self._segment_bytes(inp) + experts)
 
-    def _eval_fused(self, inp: StepInputs, decode: bool) -> np.ndarray:
+    def _n_kv(self, top: int) -> int:
+        """KV cells a step attends whose highest used cell is top - 1 (llama.cpp pads to KV_PAD)."""
+        return min(self.kv.n_ctx, max(KV_PAD, -(-top // KV_PAD) * KV_PAD))
+
+    def _eval_fused(self, batch: list[tuple[int, np.ndarray]], logits_all: bool) -> np.ndarray:
         cfg = self.cfg
         t0 = time.perf_counter()
-        key = (len(inp.tokens), inp.n_kv)
-        hit = self._fused_cache.get(key) if decode else None
+        decode = all(len(t) == 1 for _, t in batch)  # one token per sequence: its graph is kept
+        hit = None
+        if decode:
+            rows = [(int(t[0]), self.seq_past[s], s * self.n_ctx) for s, t in batch]
+            key = (len(rows), self._n_kv(max(first + pos for _, pos, first in rows) + 1))
+            hit = self._fused_cache.get(key)
         if hit is not None:
-            self._refill(hit[0], inp)
-            seg = hit[1]
+            hit.set_inputs(rows)
+            self.compute.run(hit.seg.graph)
+            logits = hit.logits.copy()
+            for il, sel in hit.selected.items():
+                self.routing[il] = sel.astype(np.int32)
         else:
-            inp = self._inputs(tokens, logits_all)
+            inp = self._batch_inputs(batch, logits_all)
             views = _FUSED_VIEWS * cfg.n_layer + 64
             if decode:
                 self._evict(self._fused_cache)
-                ctx = Context(self._fused_bytes(inp), views=_FUSED_VIEWS * cfg.n_layer + 64)
+                ctx = Context(self._fused_bytes(inp), views=views)
             else:  # headers only: the allocator places the activations, reusing memory as llama.cpp does
                 ctx = Context(Context.overhead(GRAPH_NODES + views, GRAPH_NODES), alloc=False, views=views)
             seg = self._build_fused(ctx, inp)
@@ -438,16 +460,7 @@ class Engine:
                 if not decode:
                     seg.ctx.close()
             if decode:
-                self._fused_cache[key] = (inp, seg)
-        try:
-            self.compute.run(seg.graph)
-            logits = to_numpy(seg.outputs["logits"]).reshape(len(inp.out_ids), cfg.n_vocab).copy()
-            for il in self.moe_layers:
-                sel = to_numpy(seg.outputs[f"selected.{il}"])
-                self.routing[il] = np.array(sel.reshape(-1, cfg.n_expert_used), dtype=np.int32)
-        finally:
-            if not decode:
-                seg.ctx.close()
+                self._fused_cache[key] = _FusedDecode(inp, seg, self.moe_layers, cfg.n_expert_used, self.kv.n_ctx)
         self.stats.trunk_s += time.perf_counter() - t0
         for il in self.moe_layers:  # checks each shard's sha256 the first time the router picks it
             self.experts.graph_used(il, self.routing[il])
@@ -483,15 +496,12 @@ class Engine:
             for listener in self.eval_listeners:
                 listener(self, batch[0][1])
         cfg = self.cfg
-        inp = self._batch_inputs(batch, logits_all)
-        n_tok = len(inp.tokens)
-        decode = n_tok == len(batch)  # one token per sequence: graphs cached and reused
+        n_tok = sum(len(t) for _, t in batch)
         self.routing = [None] * cfg.n_layer
-        # one graph holds every intermediate at once (no buffer reuse): long prompts go layer by layer
-        if self.fuse and self._fusable() and self._fused_bytes(inp) <= FUSED_MAX_BYTES:
-            logits = self._eval_fused(inp, decode)
+        if self.fuse and self._fusable():  # one graph for the whole model, any prompt length (memory reused)
+            logits = self._eval_fused(batch, logits_all)
         else:
-            logits = self._eval_segments(inp, decode)
+            logits = self._eval_segments(self._batch_inputs(batch, logits_all), n_tok == len(batch))
         for s, tokens in batch:
             self.seq_past[s] += len(tokens)
             self.kv.mark_used(s * self.n_ctx + self.seq_past[s])
