@@ -366,7 +366,7 @@ def test_parallel_disconnect_frees_its_slot(server4: ServerProcess) -> None:
             for it in lines:  # every slot is generating
                 while not next(it).startswith("data:"):
                     pass
-            for _ in range(3):  # the step time, as measured in this very stream
+            for _ in range(8):  # the step time, as measured in this very stream (the first chunks may come bunched)
                 while not next(lines[0]).startswith("data:"):
                     pass
                 arrivals.append(time.monotonic())
@@ -388,9 +388,13 @@ def test_parallel_disconnect_frees_its_slot(server4: ServerProcess) -> None:
             assert not first_token  # still waiting: every slot is taken
             gone = time.monotonic()
             streams.pop(0).__exit__(None, None, None)  # a client goes away mid-stream
+            # the server sees it when it writes the next chunk (a step), frees the slot before the step
+            # after, and admits the first waiting request into it: within a second beyond those steps
+            while httpx.get(server4.url + "/health").json()["queue"]["waiting"] > 1:
+                assert time.monotonic() - gone < 1.0 + 2 * step, f"no slot freed {time.monotonic() - gone:.2f} s later"
+                time.sleep(0.01)
             t.join(60)
             assert first_token, "the waiting request never started"
-            assert first_token[0] - gone < 1.0 + 2 * step
         finally:
             for cm in streams:
                 cm.__exit__(None, None, None)
