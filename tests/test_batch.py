@@ -97,7 +97,8 @@ WIDE = [(i // 3, [2 + i, 30 + 7 * i, 5][: 1 + i % 3]) for i in range(9)]
 
 @pytest.mark.parametrize("name,fuse,plan,n_seq", [("llama-moe-q4_k_m", True, PLAN, 3), ("qwen2moe-f32", True, PLAN, 3),
                                                   ("olmoe-q8_0", False, PLAN, 3), ("qwen3moe-q4_k_m", False, PLAN, 3),
-                                                  ("llama-moe-q4_k_m", True, WIDE, 9), ("qwen3moe-q4_k_m", False, WIDE, 9)])
+                                                  ("llama-moe-q4_k_m", True, WIDE, 9), ("qwen3moe-q4_k_m", False, WIDE, 9),
+                                                  ("granitemoe-shexp-q4_k_m", True, WIDE, 9), ("ernie4_5-moe-q8_0", False, PLAN, 3)])
 def test_sequences_together_equal_each_alone(converted_models: dict[str, Path], name: str, fuse: bool,
                                              plan: list, n_seq: int) -> None:
     model = converted_models[name]
