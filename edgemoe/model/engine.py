@@ -277,6 +277,20 @@ class Engine:
     def _segment_bytes(self, inp: StepInputs) -> int:
         return Context.overhead(4096) + self.trunk.activation_bytes(len(inp.tokens), inp.n_kv, len(inp.out_ids))
 
+    def _attend_and_norm(self, ctx: Context, graph: object, il: int, x: TensorPtr,
+                         inp: StepInputs) -> tuple[TensorPtr, TensorPtr, list[tuple[int, int]] | None]:
+        """Layer il from its input to its FFN input: attention, the residual add and the FFN norm. After
+        the last layer's attention only the output rows go on. Returns (ffn_inp, normed, row groups)."""
+        trunk = self.trunk
+        cur = trunk.attention(ctx, graph, il, x, inp)
+        groups = inp.groups
+        if il == self.cfg.n_layer - 1:  # only the output rows continue past the last attention
+            ids = ctx.from_numpy(inp.out_ids)
+            cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
+            groups = inp.out_groups
+        ffn_inp = trunk.residual(ctx, cur, x)
+        return ffn_inp, trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight")), groups
+
     def _build_segment(self, ctx: Context, il: int, inp: StepInputs, carry: dict[str, np.ndarray]) -> _Segment:
         """Add segment il's nodes to a new graph: combine what enters it, then layer il up to its
         router (or through its dense FFN); il == n_layer is the output head. carry holds the numpy
@@ -296,14 +310,7 @@ class Engine:
         if il == cfg.n_layer:
             outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
         else:
-            cur = trunk.attention(ctx, graph, il, x, inp)
-            groups = inp.groups
-            if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
-                ids = ctx.from_numpy(inp.out_ids)
-                cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
-                groups = inp.out_groups
-            ffn_inp = trunk.residual(ctx, cur, x)
-            normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
+            ffn_inp, normed, groups = self._attend_and_norm(ctx, graph, il, x, inp)
             if trunk.is_moe_layer(il):
                 outputs["ffn_inp"], outputs["normed"] = ffn_inp, normed
                 outputs["selected"], outputs["weights"] = trunk.router(ctx, il, normed, groups)
@@ -384,14 +391,7 @@ class Engine:
         outputs: dict[str, TensorPtr] = {}
         x = trunk.embed(ctx, inp)
         for il in range(cfg.n_layer):
-            cur = trunk.attention(ctx, graph, il, x, inp)
-            groups = inp.groups
-            if il == cfg.n_layer - 1:  # only the output rows continue past the last attention
-                ids = ctx.from_numpy(inp.out_ids)
-                cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
-                groups = inp.out_groups
-            ffn_inp = trunk.residual(ctx, cur, x)
-            normed = trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight"))
+            ffn_inp, normed, groups = self._attend_and_norm(ctx, graph, il, x, inp)
             if trunk.is_moe_layer(il):
                 selected, weights = trunk.router(ctx, il, normed, groups)
                 outputs[f"selected.{il}"] = selected
