@@ -131,8 +131,9 @@ def test_budget_between_jit_and_all_resident(converted_models: dict[str, Path]) 
 
 
 def test_lost_worker_holding_residents_is_replanned(converted_models: dict[str, Path]) -> None:
-    """A worker killed mid-generation while holding resident experts: its residents are re-planned
-    over the others, the lost requests recomputed, the answer unchanged."""
+    """A worker killed mid-generation while holding resident experts, the moment a compute request is
+    sent to it (so that request is certainly lost): its residents are re-planned over the others, the
+    lost request recomputed elsewhere, the answer unchanged."""
     model = converted_models["olmoe-q8_0"]
     want_tokens, want_logits = in_process(model)
     with open_engine(model, ClusterOptions(workers=3, predictor="lookahead", request_timeout_s=2.0),
@@ -143,10 +144,21 @@ def test_lost_worker_holding_residents_is_replanned(converted_models: dict[str, 
         assert victim_info.resident > 0
         victim = engine.local_workers.procs[0]
         plan_before = cluster._plan_id
+        dispatch = cluster._dispatch
+        armed = False
+        killed_on: list[int] = []
+
+        def kill_then_dispatch(r) -> None:  # the request goes out to a worker that is already gone
+            if armed and not killed_on and r.worker is victim_info:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(timeout=10)
+                killed_on.append(r.req)
+            dispatch(r)
+
+        cluster._dispatch = kill_then_dispatch
         engine.reset()
         logits0 = engine.eval(PROMPT)[0]
-        victim.send_signal(signal.SIGKILL)  # gone without a word, mid-generation, holding residents
-        victim.wait(timeout=10)
+        armed = True
         tokens = [int(np.argmax(logits0))]
         rows = [logits0]
         for _ in range(N_PREDICT - 1):
@@ -154,6 +166,7 @@ def test_lost_worker_holding_residents_is_replanned(converted_models: dict[str, 
             rows.append(out)
             tokens.append(int(np.argmax(out)))
         summary = cluster.summary()
+        assert killed_on, "no compute request went to the worker holding residents"
         assert not victim_info.alive and cluster._plan_id > plan_before
         assert all(w.alive for w in cluster.placement.values())
         assert len(cluster.placement) == len(cluster._sizes)  # the others had room for all of them
@@ -176,8 +189,9 @@ def test_lost_worker_is_replaced_and_the_answer_stays_exact(converted_models: di
         victim.wait(timeout=10)
         tokens, logits = greedy(engine)
         summary = engine.experts.summary()
+    # whether a request reached it before its exit was noticed is timing (the retry path is pinned by
+    # test_lost_worker_holding_residents_is_replanned); that it is dropped and the answer exact is not
     assert tokens == want_tokens and np.array_equal(logits, want_logits)
-    assert summary["retries"] >= 1
     assert sum(1 for w in summary["workers"] if not w["alive"]) == 1
 
 
