@@ -258,3 +258,23 @@ def test_help_explains_every_option() -> None:
     assert r.returncode == 0
     for opt in ("--force", "--dry-run", "--verify", "--quiet", "SRC.gguf", "OUT_DIR"):
         assert opt in r.stdout, opt
+
+
+def test_skimming_reader_gives_the_same_metadata_but_the_vocabulary(fixture_models: list[Path]) -> None:
+    """The runtime's reader (open_gguf(skim=True)) reads every value as gguf-py does, numeric arrays in
+    one view each, and only the length of long string arrays (a tokenizer's vocabulary and merges)."""
+    from edgemoe.format.gguf_io import UnreadArray
+
+    for path in fixture_models:
+        full, skim = metadata(open_gguf(path)), metadata(open_gguf(path, skim=True))
+        assert full.keys() == skim.keys()
+        unread = {k for k, v in skim.items() if isinstance(v, UnreadArray)}
+        assert "tokenizer.ggml.tokens" in unread, path
+        for k, v in full.items():
+            if k in unread:
+                assert isinstance(v, list) and len(v) == len(skim[k]) >= 256
+                with pytest.raises(TypeError):
+                    list(skim[k])
+            else:
+                assert v == skim[k] and type(v) is type(skim[k]), (path, k)
+        assert isinstance(skim["tokenizer.ggml.token_type"], list)  # numeric arrays are read, whatever their length

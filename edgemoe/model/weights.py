@@ -15,8 +15,9 @@ class GGUFTensors:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
-        self._reader = open_gguf(path)
+        self._reader = open_gguf(path, skim=True)  # the tokenizer's arrays are llama.cpp's business
         self.meta: dict[str, Any] = metadata(self._reader)
+        self._reader.fields.clear()  # parsed into meta; the reader's per-field views are not needed again
         self._ctx = Context(Context.overhead(len(self._reader.tensors) + 1), alloc=False)
         base = self._reader.data.ctypes.data
         self._tensors: dict[str, TensorPtr] = {}
