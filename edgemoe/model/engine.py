@@ -90,6 +90,14 @@ class _Segment:
     graph: object
     carry: dict[str, np.ndarray]  # inputs from the previous segment: experts, weights, ffn_inp, shared | resid
     outputs: dict[str, TensorPtr]
+    _views: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    def views(self) -> dict[str, np.ndarray]:
+        """numpy views of the outputs, made once: a segment's tensors keep their memory while it lives
+        (reading ggml's tensor structs through ctypes every step was most of the shadow's Python)."""
+        if self._views is None:
+            self._views = {name: to_numpy(t) for name, t in self.outputs.items()}
+        return self._views
 
 
 def resolve_model(path: str | Path) -> tuple[Path, Manifest | None]:
@@ -533,7 +541,7 @@ class Engine:
                 self._galloc.allocate(seg.graph)
             try:
                 self.compute.run(seg.graph)
-                out = {name: to_numpy(t) for name, t in seg.outputs.items()}
+                out = seg.views()
                 if il == cfg.n_layer:
                     logits = out["logits"].reshape(len(inp.out_ids), cfg.n_vocab).copy()
                 elif "resid" in out:

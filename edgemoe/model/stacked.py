@@ -29,6 +29,7 @@ class _Graph:
     x: np.ndarray  # [n_tok, n_embd] float32, viewed by the graph
     ids: np.ndarray  # [n_tok, k] int32
     out: object  # [n_embd, k, n_tok]
+    out_view: np.ndarray  # out's memory as numpy (made once: the graph's tensors never move)
 
 
 class StackedExperts(ExpertBackend):
@@ -65,7 +66,7 @@ class StackedExperts(ExpertBackend):
         out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids_arr))  # [n_embd, k, n_tok]
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
-        return _Graph(ctx, graph, x, ids_arr, out)
+        return _Graph(ctx, graph, x, ids_arr, out, to_numpy(out))
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
                       residual: np.ndarray | None = None,
@@ -82,7 +83,7 @@ class StackedExperts(ExpertBackend):
             g.x[...] = hidden
             g.ids[...] = selected
             self.compute.run(g.graph)
-            out = to_numpy(g.out).reshape(n_tok, k, self.n_embd).copy()
+            out = g.out_view.reshape(n_tok, k, self.n_embd).copy()
         finally:
             if n_tok > _CACHE_TOKENS:
                 g.ctx.close()

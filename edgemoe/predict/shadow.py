@@ -143,22 +143,22 @@ class ShadowEngine(Engine):
             for name, arr in seg.carry.items():
                 np.copyto(arr, state[name].reshape(arr.shape))
             self.compute.run(seg.graph)
-            out = seg.outputs
+            out = seg.views()
             if il == cfg.n_layer:
-                return to_numpy(out["logits"]).reshape(cfg.n_vocab).copy()
+                return out["logits"].reshape(cfg.n_vocab).copy()
             if "resid" in out:
-                state = {"resid": to_numpy(out["resid"]).reshape(1, d).copy()}
+                state = {"resid": out["resid"].reshape(1, d).copy()}
                 continue
-            selected = np.array(to_numpy(out["selected"]).reshape(1, k), dtype=np.int32)
+            selected = np.array(out["selected"].reshape(1, k), dtype=np.int32)
             if on_route is not None:
                 on_route(il, selected[0])
             if il == last:
                 break  # only the routing was wanted
-            hidden = to_numpy(out["normed"]).reshape(1, d).copy()
-            state = {"ffn_inp": to_numpy(out["ffn_inp"]).reshape(1, d).copy(),
-                     "weights": to_numpy(out["weights"]).reshape(1, k, 1).copy()}
+            hidden = out["normed"].reshape(1, d).copy()
+            state = {"ffn_inp": out["ffn_inp"].reshape(1, d).copy(),
+                     "weights": out["weights"].reshape(1, k, 1).copy()}
             if "shared" in out:
-                state["shared"] = to_numpy(out["shared"]).reshape(1, d).copy()
+                state["shared"] = out["shared"].reshape(1, d).copy()
             state["experts"] = self.experts.compute_layer(il, hidden, selected)
         return None
 
