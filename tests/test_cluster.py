@@ -46,8 +46,30 @@ def cluster_run(model: Path, **opts) -> tuple[list[int], np.ndarray, dict]:
         return tokens, logits, engine.experts.summary()
 
 
-def test_every_test_model_on_four_workers(converted_models: dict[str, Path]) -> None:
-    for name, model in converted_models.items():
+def one_per_architecture(names: list[str]) -> list[str]:
+    """A test model of each architecture, the quant types taken in turn so that every type appears
+    (llama-moe-q4_k_m, olmoe-q8_0, qwen2moe-f32, ...): every architecture and every expert type on
+    the cluster at a third of the cost of every model."""
+    by_arch: dict[str, list[str]] = {}
+    for n in sorted(names):
+        by_arch.setdefault(n.rsplit("-", 1)[0], []).append(n)
+    chosen: list[str] = []
+    for i, models in enumerate(by_arch.values()):
+        seen = {c.rsplit("-", 1)[1] for c in chosen}
+        fresh = [m for m in models if m.rsplit("-", 1)[1] not in seen]
+        chosen.append(fresh[0] if fresh else models[i % len(models)])
+    return chosen
+
+
+def test_the_cluster_subset_covers_every_architecture_and_type(converted_models: dict[str, Path]) -> None:
+    chosen = one_per_architecture(list(converted_models))
+    assert {n.rsplit("-", 1)[0] for n in chosen} == {n.rsplit("-", 1)[0] for n in converted_models}
+    assert {n.rsplit("-", 1)[1] for n in chosen} == {n.rsplit("-", 1)[1] for n in converted_models}
+
+
+def _on_four_workers(converted_models: dict[str, Path], names: list[str]) -> None:
+    for name in names:
+        model = converted_models[name]
         want_tokens, want_logits = in_process(model)
         tokens, logits, summary = cluster_run(model, workers=4, predictor="lookahead")
         assert tokens == want_tokens, name
@@ -55,8 +77,22 @@ def test_every_test_model_on_four_workers(converted_models: dict[str, Path]) -> 
         assert sum(w["requests"] for w in summary["workers"]) > 0
 
 
+def test_every_architecture_and_type_on_four_workers(converted_models: dict[str, Path]) -> None:
+    _on_four_workers(converted_models, one_per_architecture(list(converted_models)))
+
+
+@pytest.mark.slow
+def test_every_test_model_on_four_workers(converted_models: dict[str, Path]) -> None:
+    _on_four_workers(converted_models, list(converted_models))
+
+
+# every worker count and every predictor by default; the whole cross product in the slow run
+_COUNTS_AND_PREDICTORS = [(w, p, "auto") for w in (1, 2, 8) for p in ("reactive", "random", "lookahead")]
+_DEFAULT_PAIRS = {(1, "reactive"), (2, "random"), (8, "lookahead"), (2, "lookahead")}
+
+
 @pytest.mark.parametrize("workers,predictor,residency", [
-    (w, p, "auto") for w in (1, 2, 8) for p in ("reactive", "random", "lookahead")
+    c if (c[0], c[1]) in _DEFAULT_PAIRS else pytest.param(*c, marks=pytest.mark.slow) for c in _COUNTS_AND_PREDICTORS
 ] + [(1, "reactive", "off"), (2, "lookahead", "off"), (8, "random", "off")])
 def test_worker_counts_and_predictors_change_nothing(converted_models: dict[str, Path], workers: int, predictor: str,
                                                      residency: str) -> None:
