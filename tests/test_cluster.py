@@ -77,10 +77,11 @@ def _decode_deltas(engine: Engine) -> dict[str, int]:
     """Run greedy twice; what the second run (residents loaded, page cache warm) added to the stats."""
     greedy(engine)
     s = engine.experts.stats
-    before = (s.hits, s.resident_routed, s.calls, s.predicted)
+    before = (s.hits, s.resident_routed, s.calls, s.predicted, s.prefetch_routed)
     tokens, logits = greedy(engine)
-    after = (s.hits, s.resident_routed, s.calls, s.predicted)
-    d = dict(zip(("hits", "resident_routed", "calls", "predicted"), (b - a for a, b in zip(before, after))))
+    after = (s.hits, s.resident_routed, s.calls, s.predicted, s.prefetch_routed)
+    d = dict(zip(("hits", "resident_routed", "calls", "predicted", "prefetch_routed"),
+                 (b - a for a, b in zip(before, after))))
     d["tokens"], d["logits"] = tokens, logits
     return d
 
@@ -108,6 +109,9 @@ def test_residency_changes_nothing_and_residents_are_hits(converted_models: dict
         else:
             assert not cluster.placement and d["resident_routed"] == 0
             assert d["predicted"] > 0 and 0 < d["hits"] <= d["predicted"]  # correct predictions were loaded ahead
+            # every routed expert that was prefetched to a worker of its group was computed there, already
+            # loaded: a scheduler sending experts elsewhere than it prefetched them fails this
+            assert d["hits"] >= d["prefetch_routed"] > 0
     assert d["tokens"] == want_tokens and np.array_equal(d["logits"], want_logits)
 
 
