@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
+from edgemoe.cluster import schedule
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
@@ -174,6 +175,12 @@ def test_lost_worker_holding_residents_is_replanned(converted_models: dict[str, 
         assert not victim_info.alive and cluster._plan_id > plan_before
         assert all(w.alive for w in cluster.placement.values())
         assert len(cluster.placement) == len(cluster._sizes)  # the others had room for all of them
+        # the groups are those of the live workers: the victim is in none, and the prediction depth follows
+        live, k = cluster.live_workers(), engine.cfg.n_expert_used
+        assert victim_info not in live and all(victim_info not in g for g in cluster.groups())
+        assert [[w.worker_id for w in g] for g in cluster.groups()] == \
+            [[w.worker_id for w in g] for g in schedule.make_groups(live, k)]
+        assert cluster.predictor.depth == schedule.prefetch_depth(len(live), k)
     assert tokens == want_tokens and np.array_equal(np.stack(rows), want_logits)
     assert summary["retries"] >= 1
 

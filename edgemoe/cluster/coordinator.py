@@ -1,4 +1,8 @@
-"""The coordinator side of the cluster: an ExpertBackend that sends expert work to remote workers.
+"""The coordinator side of the cluster: `Coordinator`, an ExpertBackend that sends expert work to remote workers.
+
+It keeps the state (the workers it admitted, the placement, what it prefetched where, the requests in
+flight) and carries out the decisions of edgemoe.cluster.schedule (pure functions) and
+edgemoe.cluster.placement over its end of the link (edgemoe.cluster.link.RouterLink).
 
 Decode follows OD-MoE: workers form groups of size top-k; MoE layer l is served by group
 l mod n_groups, one expert per worker; predicted experts of the coming layers are broadcast
@@ -16,7 +20,7 @@ carrying all of its experts.
 
 Peers are known by their CURVE public key (the ZAP User-Id ZeroMQ attaches to what they send), not by
 a name they chose; without keys (loopback, or --insecure) by their connection. A worker silent for
-LOST_AFTER heartbeat intervals is lost at once and its requests go elsewhere; a request that fails
+LOST_AFTER heartbeat intervals (the link's rules: edgemoe.cluster.link) is lost at once and its requests go elsewhere; a request that fails
 goes elsewhere without condemning its worker (STRIKES failures in a row do); a lost worker that
 comes back is admitted again after a fresh hello.
 """
@@ -50,8 +54,6 @@ from edgemoe.util.proc import peak_rss_bytes
 
 log = logging.getLogger("edgemoe.coordinator")
 
-STRIKES = 3  # failed or timed-out requests in a row after which a worker is lost
-
 
 @dataclass(kw_only=True, eq=False)
 class WorkerInfo(Peer):
@@ -67,7 +69,6 @@ class WorkerInfo(Peer):
     requests: int = 0
     hits: int = 0
     resident: int = 0  # experts the placement keeps on it
-    strikes: int = 0  # failed requests in a row
     lost: int = 0  # times it was lost
 
 
@@ -278,8 +279,7 @@ class Coordinator(ExpertBackend):
 
     def _strike(self, w: WorkerInfo, why: str) -> None:
         """One failed request; STRIKES in a row and the worker is lost (until its next hello)."""
-        w.strikes += 1
-        if w.strikes >= STRIKES:
+        if self.link.strike(w):
             self._lost(w, f"failed {w.strikes} requests in a row (last: {why})")
 
     def _check_liveness(self) -> None:

@@ -35,6 +35,7 @@ from edgemoe.cluster.sockets import (Relinker, WakePipe, bind_endpoint, dealer_s
 from edgemoe.errors import UserError
 
 LOST_AFTER = 3  # heartbeat intervals of silence after which a peer is lost
+STRIKES = 3  # failed or timed-out requests in a row after which a peer is lost
 UNKNOWN_EVERY_S = 1.0  # at most this often an `unknown` to the same connection
 HELLO_INTERVAL_S = 2.0  # a daemon re-sends its hello this often while not welcomed
 HELLO_RETRY_S = 0.1  # ... and this often while the link is not up yet (sends would be refused)
@@ -72,6 +73,7 @@ class Peer:
     alive: bool = True
     rss: int = 0  # from its last heartbeat
     peak_rss: int = 0  # the highest its heartbeats reported
+    strikes: int = 0  # requests it failed in a row
 
 
 class RouterLink:
@@ -169,6 +171,12 @@ class RouterLink:
         """Seconds a live peer has been silent, when that is beyond LOST_AFTER heartbeat intervals (it is lost)."""
         quiet = time.monotonic() - peer.last_seen
         return quiet if peer.alive and quiet > LOST_AFTER * self.heartbeat_s else None
+
+    def strike(self, peer: Peer) -> bool:
+        """The peer failed a request: True when that makes STRIKES in a row (lose it). A good answer
+        resets the count (peer.strikes = 0), and so does a fresh hello."""
+        peer.strikes += 1
+        return peer.strikes >= STRIKES
 
     def peer_label(self, key: bytes) -> str:
         return f"key {key.decode(errors='replace')}" if self.auth is not None else f"connection {key!r}"
@@ -377,4 +385,4 @@ class DealerLink:
 
 
 __all__ = ["DRAIN_MAX", "DealerLink", "HELLO_INTERVAL_S", "HELLO_RETRY_S", "LOST_AFTER", "Peer", "RouterLink",
-           "UNKNOWN_EVERY_S", "check_name", "parse_endpoint"]
+           "STRIKES", "UNKNOWN_EVERY_S", "check_name", "parse_endpoint"]

@@ -72,6 +72,11 @@ class RemoteShadowPredictor(Predictor):
         """The node's connection (None: no node)."""
         return self._node.identity if self._node is not None else None
 
+    @property
+    def _peer_key(self) -> bytes | None:
+        """Who the node is: its public key (without keys: its connection)."""
+        return self._node.key if self._node is not None else None
+
     def wait_for_shadow(self, timeout_s: float, check: "Callable[[], None] | None" = None) -> None:
         """Serve hellos until the shadow node has joined and is ready; check() may raise to give up early."""
         deadline = time.monotonic() + timeout_s
