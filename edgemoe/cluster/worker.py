@@ -285,6 +285,8 @@ class Worker:
             self._on_resident(msg)
         elif t == P.WELCOME:
             self._on_welcome(msg)
+        elif t == P.HEARTBEAT:
+            pass  # (the protocol allows them both ways; the coordinator's liveness is ZeroMQ's own pings)
         elif not self.link.handle_common(msg):  # (a reject, an unknown)
             self.log.warning("dropped an unexpected %s message from the coordinator", t)
 
