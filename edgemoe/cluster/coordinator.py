@@ -20,9 +20,9 @@ carrying all of its experts.
 
 Peers are known by their CURVE public key (the ZAP User-Id ZeroMQ attaches to what they send), not by
 a name they chose; without keys (loopback, or --insecure) by their connection. A worker silent for
-LOST_AFTER heartbeat intervals (the link's rules: edgemoe.cluster.link) is lost at once and its requests go elsewhere; a request that fails
+LOST_AFTER heartbeat intervals is lost at once and its requests go elsewhere; a request that fails
 goes elsewhere without condemning its worker (STRIKES failures in a row do); a lost worker that
-comes back is admitted again after a fresh hello.
+comes back is admitted again after a fresh hello (LOST_AFTER, STRIKES: edgemoe.cluster.link).
 """
 
 from __future__ import annotations
