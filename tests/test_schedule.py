@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgemoe.cluster import schedule as S
 
 
@@ -100,3 +102,27 @@ def test_retry_reassigns_to_workers_not_tried() -> None:
     # 5 to its holder; 6's holder failed it: spread over the fresh workers [0, 2, 3] by expert id
     assert ids(got) == [2, 3, 0, 2]
     assert S.reassign([4], live, {0, 1, 2, 3}, holder) is None
+
+
+def test_batch_runs_keep_each_sequence_on_its_own_kernel() -> None:
+    # rows of one expert from 3 sequences: seq 0 has 5 rows (over the limit of 3), seqs 1 and 2 one each
+    seqs = np.array([0, 0, 1, 0, 0, 2, 0])
+    runs = S.batch_runs(seqs, 3, limit=3, prefill_batch=2)
+    # seq 0's rows alone in runs of prefill_batch, as its prefill alone; the others shared within the limit
+    assert [r.tolist() for r in runs] == [[0, 1], [3, 4], [6], [2, 5]]
+    runs = S.batch_runs(np.array([0, 1, 2, 1]), 3, limit=3, prefill_batch=2)
+    assert [r.tolist() for r in runs] == [[0, 1, 2], [3]]
+
+
+def test_pack_batch_one_message_per_worker_where_rows_and_slots_allow() -> None:
+    a, b = workers(0, 1)
+    r = np.arange
+    runs = [(1, a, True, [r(3)]), (2, a, True, [r(2), r(2)]), (3, a, False, [r(1)]), (4, b, True, [r(4)])]
+    got = S.pack_batch(runs, max_rows=6, jit_slots=lambda w: 2)
+    assert [(w.worker_id, [(e, len(run)) for e, run in parts]) for w, parts in got] == [
+        (0, [(1, 3), (2, 2), (3, 1)]),  # two cold experts fill the 2 slots; the resident 3 rides along
+        (0, [(2, 2)]),  # expert 2's second run: never twice in one message
+        (1, [(4, 4)]),
+    ]
+    got = S.pack_batch([(1, a, False, [r(4)]), (2, a, False, [r(4)])], max_rows=6, jit_slots=lambda w: 2)
+    assert [[e for e, _ in parts] for _, parts in got] == [[1], [2]]  # rows over max_rows: a new message

@@ -431,35 +431,19 @@ class Coordinator(ExpertBackend):
                                         self._prefetched_in(layer))
         seq_of = np.concatenate([np.full(n, i) for i, (_, n) in enumerate(groups)])
         limit = min(self._row_limit(layer), P.MAX_ROWS)
-        messages: dict[int, list[dict]] = {}  # worker id -> messages: {"parts": [(e, rows, slots)], "rows": n, "cold": n}
+        holder = self._holder_in(layer)
+        where: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # expert -> (its rows, their top-k slots)
+        runs = []
         for e, w in chosen:
-            rows, slots = np.nonzero(selected == e)
-            counts = np.bincount(seq_of[rows], minlength=len(groups))
-            own = counts[seq_of[rows]] > limit
-            runs = []
-            for s_ in np.unique(seq_of[rows][own]):  # as that sequence's prefill alone: its own mini-batches
-                mine = np.nonzero(own & (seq_of[rows] == s_))[0]
-                runs += [mine[i:i + self.prefill_batch] for i in range(0, len(mine), self.prefill_batch)]
-            shared = np.nonzero(~own)[0]
-            runs += [shared[i:i + limit] for i in range(0, len(shared), limit)]
-            is_cold = self.holder(layer, e) is not w
-            box = messages.setdefault(w.worker_id, [])
-            for run in runs:
-                m = next((m for m in box if all(x != e for x, _, _ in m["parts"]) and m["rows"] + len(run) <= P.MAX_ROWS
-                          and (not is_cold or m["cold"] < w.jit_slots)), None)
-                if m is None:
-                    m = {"parts": [], "rows": 0, "cold": 0, "worker": w}
-                    box.append(m)
-                m["parts"].append((e, rows[run], slots[run]))
-                m["rows"] += len(run)
-                m["cold"] += int(is_cold)
+            rows, slots = where[e] = np.nonzero(selected == e)
+            runs.append((e, w, holder(e) is not w, schedule.batch_runs(seq_of[rows], len(groups), limit,
+                                                                       self.prefill_batch)))
         requests = []
-        for box in messages.values():
-            for m in box:
-                parts = m["parts"]
-                r = np.concatenate([p[1] for p in parts])
-                requests.append(self._request(layer, [p[0] for p in parts], [len(p[1]) for p in parts], r,
-                                              np.concatenate([p[2] for p in parts]), np.ascontiguousarray(hidden[r]), m["worker"]))
+        for w, parts in schedule.pack_batch(runs, P.MAX_ROWS, lambda w: w.jit_slots):
+            r = np.concatenate([where[e][0][run] for e, run in parts])
+            requests.append(self._request(layer, [e for e, _ in parts], [len(run) for _, run in parts], r,
+                                          np.concatenate([where[e][1][run] for e, run in parts]),
+                                          np.ascontiguousarray(hidden[r]), w))
         return requests
 
     def _row_limit(self, layer: int) -> int:

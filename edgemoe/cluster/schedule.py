@@ -9,6 +9,8 @@
 - A routed expert goes to the worker keeping it resident, else to the worker it was prefetched to,
   else (a miss) to the least busy worker of the group (`assign_routed`); one decode message per
   worker, split where it has more cold experts than just-in-time slots (`decode_batches`).
+- A step of several sequences splits each expert's rows so that every sequence sees the kernel it
+  sees alone (`batch_runs`) and packs them into one message per worker where they fit (`pack_batch`).
 - Prefill spreads a layer's experts over all live workers by expert id (`assign_prefill`).
 - A failed request's experts are re-assigned to live workers it has not failed on (`reassign`).
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
+
+import numpy as np
 
 
 class HasWorkerId(Protocol):
@@ -122,6 +126,44 @@ def decode_batches(chosen: Sequence[tuple[int, int, W]], holder: Holder,
     return out
 
 
+def batch_runs(seqs: np.ndarray, n_seq: int, limit: int, prefill_batch: int) -> list[np.ndarray]:
+    """How one expert's rows in a step of several sequences are split (seqs: the sequence of each of its
+    rows; result: runs of indices into them). Where ggml's kernel depends on how many rows an expert
+    has (edgemoe.ggml.columns: `limit` rows at most on the one-row kernel), each sequence's rows must
+    see the kernel they see alone: a sequence with more than `limit` rows of this expert gets its own
+    runs of prefill_batch (as its prefill alone would); the other rows are shared, in runs of `limit`."""
+    counts = np.bincount(seqs, minlength=n_seq)
+    own = counts[seqs] > limit
+    runs = []
+    for s in np.unique(seqs[own]):
+        mine = np.nonzero(own & (seqs == s))[0]
+        runs += [mine[i:i + prefill_batch] for i in range(0, len(mine), prefill_batch)]
+    shared = np.nonzero(~own)[0]
+    runs += [shared[i:i + limit] for i in range(0, len(shared), limit)]
+    return runs
+
+
+def pack_batch(runs: Sequence[tuple[int, W, bool, list[np.ndarray]]], max_rows: int,
+               jit_slots: Callable[[W], int]) -> list[tuple[W, list[tuple[int, np.ndarray]]]]:
+    """The messages of a step of several sequences, from (expert, worker, cold, its runs) in order: each
+    run joins the worker's first message that has no run of that expert yet, room for its rows
+    (max_rows) and, for a cold expert, a just-in-time slot left; else it starts a new message.
+    Returns (worker, [(expert, run)]) per message, by worker in order of first appearance."""
+    boxes: dict[int, list[dict]] = {}  # worker id -> its messages
+    for e, w, cold, expert_runs in runs:
+        box = boxes.setdefault(w.worker_id, [])
+        for run in expert_runs:
+            m = next((m for m in box if all(x != e for x, _ in m["parts"]) and m["rows"] + len(run) <= max_rows
+                      and (not cold or m["cold"] < jit_slots(w))), None)
+            if m is None:
+                m = {"worker": w, "parts": [], "rows": 0, "cold": 0}
+                box.append(m)
+            m["parts"].append((e, run))
+            m["rows"] += len(run)
+            m["cold"] += int(cold)
+    return [(m["worker"], m["parts"]) for box in boxes.values() for m in box]
+
+
 def assign_prefill(experts: Sequence[int], live: Sequence[W], holder: Holder) -> dict[int, W]:
     """expert -> worker for a prefill layer: its resident holder, else spread over all live workers by id."""
     return {e: holder(e) or live[e % len(live)] for e in experts}
@@ -140,5 +182,5 @@ def reassign(experts: Sequence[int], live: Sequence[W], tried: set[int], holder:
     return out
 
 
-__all__ = ["assign_prefill", "assign_routed", "decode_batches", "group_of", "least_busy", "make_groups",
+__all__ = ["assign_prefill", "assign_routed", "batch_runs", "decode_batches", "pack_batch", "group_of", "least_busy", "make_groups",
            "n_groups", "prefetch_depth", "prefetch_layer", "reassign"]
