@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
+from edgemoe.cluster import schedule
 from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
@@ -113,10 +114,11 @@ def _decode_deltas(engine: Engine) -> dict[str, int]:
     """Run greedy twice; what the second run (residents loaded, page cache warm) added to the stats."""
     greedy(engine)
     s = engine.experts.stats
-    before = (s.hits, s.resident_routed, s.calls, s.predicted)
+    before = (s.hits, s.resident_routed, s.calls, s.predicted, s.prefetch_routed)
     tokens, logits = greedy(engine)
-    after = (s.hits, s.resident_routed, s.calls, s.predicted)
-    d = dict(zip(("hits", "resident_routed", "calls", "predicted"), (b - a for a, b in zip(before, after))))
+    after = (s.hits, s.resident_routed, s.calls, s.predicted, s.prefetch_routed)
+    d = dict(zip(("hits", "resident_routed", "calls", "predicted", "prefetch_routed"),
+                 (b - a for a, b in zip(before, after))))
     d["tokens"], d["logits"] = tokens, logits
     return d
 
@@ -144,6 +146,9 @@ def test_residency_changes_nothing_and_residents_are_hits(converted_models: dict
         else:
             assert not cluster.placement and d["resident_routed"] == 0
             assert d["predicted"] > 0 and 0 < d["hits"] <= d["predicted"]  # correct predictions were loaded ahead
+            # every routed expert that was prefetched to a worker of its group was computed there, already
+            # loaded: a scheduler sending experts elsewhere than it prefetched them fails this
+            assert d["hits"] >= d["prefetch_routed"] > 0
     assert d["tokens"] == want_tokens and np.array_equal(d["logits"], want_logits)
 
 
@@ -206,6 +211,12 @@ def test_lost_worker_holding_residents_is_replanned(converted_models: dict[str, 
         assert not victim_info.alive and cluster._plan_id > plan_before
         assert all(w.alive for w in cluster.placement.values())
         assert len(cluster.placement) == len(cluster._sizes)  # the others had room for all of them
+        # the groups are those of the live workers: the victim is in none, and the prediction depth follows
+        live, k = cluster.live_workers(), engine.cfg.n_expert_used
+        assert victim_info not in live and all(victim_info not in g for g in cluster.groups())
+        assert [[w.worker_id for w in g] for g in cluster.groups()] == \
+            [[w.worker_id for w in g] for g in schedule.make_groups(live, k)]
+        assert cluster.predictor.depth == schedule.prefetch_depth(len(live), k)
     assert tokens == want_tokens and np.array_equal(np.stack(rows), want_logits)
     assert summary["retries"] >= 1
 

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
     from edgemoe.cluster.shadow_node import ShadowNode
-    from edgemoe.cluster.worker import parse_endpoint
+    from edgemoe.cluster.link import parse_endpoint
 
     parse_endpoint(args.connect)
     keys = client_keys(args.key, args.coordinator_key, args.connect, args.insecure)

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from edgemoe.errors import UserError
+from edgemoe.format.shard import ExpertId
 
-Key = tuple[int, int]  # (layer, expert)
 
 PAGE_SIZE = 4096
 RUNTIME_SLACK = 2 << 20  # Python/zmq/logging allocations while serving, beyond the start-up baseline
@@ -131,16 +131,16 @@ QUEUED, LOADING, LOADED = "queued", "loading", "loaded"
 class Load:
     """Start loading `key` now (after unmapping the shards in `evict`, already forgotten here)."""
 
-    key: Key
+    key: ExpertId
     size: int
-    evict: list[Key] = field(default_factory=list)
+    evict: list[ExpertId] = field(default_factory=list)
 
 
 @dataclass
 class Wait:
     """The next load does not fit yet: wait until a compute or a drop frees memory."""
 
-    key: Key
+    key: ExpertId
     needs: int
     free: int
 
@@ -149,7 +149,7 @@ class Wait:
 class Skip:
     """The next queued shard can never fit: forget it (fail its pending requests with `reason`)."""
 
-    key: Key
+    key: ExpertId
     reason: str
     pins: int  # requests waiting for it
 
@@ -197,8 +197,8 @@ class Admission:
         self.horizon = horizon
         self.jit_room = jit_room
         self.newest_step: int | None = None
-        self.entries: dict[Key, _Entry] = {}
-        self.queue: deque[Key] = deque()  # QUEUED keys, load order: demands first
+        self.entries: dict[ExpertId, _Entry] = {}
+        self.queue: deque[ExpertId] = deque()  # QUEUED keys, load order: demands first
         self._seq = 0
 
     # -- accounting ------------------------------------------------------------------------------
@@ -221,14 +221,14 @@ class Admission:
         """Bytes residents may take: the capacity less the just-in-time room."""
         return max(0, self.capacity - self.jit_room)
 
-    def resident_keys(self) -> list[Key]:
+    def resident_keys(self) -> list[ExpertId]:
         return [k for k, e in self.entries.items() if e.resident]
 
-    def state(self, key: Key) -> str | None:
+    def state(self, key: ExpertId) -> str | None:
         e = self.entries.get(key)
         return None if e is None else e.state
 
-    def loaded_keys(self) -> list[Key]:
+    def loaded_keys(self) -> list[ExpertId]:
         return [k for k, e in self.entries.items() if e.state == LOADED]
 
     def observe_rss(self, rss: int) -> bool:
@@ -258,11 +258,11 @@ class Admission:
         return None
 
     # -- events from the message loop ------------------------------------------------------------
-    def prefetch(self, step: int, items: list[tuple[Key, int]]) -> list[Key]:
+    def prefetch(self, step: int, items: list[tuple[ExpertId, int]]) -> list[ExpertId]:
         """Schedule loads (in order). Returns loaded shards that expired and must be dropped now."""
         if self.newest_step is None or step > self.newest_step:
             self.newest_step = step
-        seen: set[Key] = set()
+        seen: set[ExpertId] = set()
         for key, size in items:
             if key in seen:
                 continue
@@ -279,11 +279,11 @@ class Admission:
                 e.cancelled = False
         return self._expire()
 
-    def _expire(self) -> list[Key]:
+    def _expire(self) -> list[ExpertId]:
         if self.newest_step is None:
             return []
         oldest_kept = self.newest_step - self.horizon + 1
-        drops: list[Key] = []
+        drops: list[ExpertId] = []
         for key, e in list(self.entries.items()):
             if not e.steps or e.steps[0] >= oldest_kept:
                 continue
@@ -293,7 +293,7 @@ class Admission:
             drops += self._forget(key)
         return drops
 
-    def _forget(self, key: Key) -> list[Key]:
+    def _forget(self, key: ExpertId) -> list[ExpertId]:
         """Remove an unwanted entry; returns [key] when its mapping must be dropped now."""
         e = self.entries[key]
         if e.state == LOADING:
@@ -305,7 +305,7 @@ class Admission:
             return []
         return [key]
 
-    def request(self, key: Key, size: int) -> Request:
+    def request(self, key: ExpertId, size: int) -> Request:
         """A compute request arrived for `key` (a shard of `size` bytes)."""
         e = self.entries.get(key)
         if e is None or e.state == QUEUED:
@@ -331,7 +331,7 @@ class Admission:
         self.queue.insert(i, key)
         return Request(hit=False, ready=False)
 
-    def computed(self, key: Key) -> bool:
+    def computed(self, key: ExpertId) -> bool:
         """A request for `key` was served (or given up). True: drop the shard now."""
         e = self.entries[key]
         e.pins -= 1
@@ -341,7 +341,7 @@ class Admission:
             return False
         return bool(self._forget(key))
 
-    def release(self, key: Key) -> bool:
+    def release(self, key: ExpertId) -> bool:
         """A request pinned `key` but was given up before computing (another of its experts could not
         be served): unpin without consuming a prefetch. True: drop the shard now."""
         e = self.entries[key]
@@ -350,12 +350,12 @@ class Admission:
             return False
         return bool(self._forget(key))
 
-    def set_resident(self, items: list[tuple[Key, int]]) -> tuple[list[Key], list[Key]]:
+    def set_resident(self, items: list[tuple[ExpertId, int]]) -> tuple[list[ExpertId], list[ExpertId]]:
         """The coordinator's resident set for this worker (replaces the previous one), in its order.
         Returns (loaded shards to drop now, keys refused because resident_room is full)."""
         room = self.resident_room
-        wanted: dict[Key, int] = {}
-        refused: list[Key] = []
+        wanted: dict[ExpertId, int] = {}
+        refused: list[ExpertId] = []
         for key, size in items:
             if key in wanted:
                 continue
@@ -364,7 +364,7 @@ class Admission:
                 room -= size
             else:
                 refused.append(key)
-        drops: list[Key] = []
+        drops: list[ExpertId] = []
         for key, e in list(self.entries.items()):
             if e.resident and key not in wanted:
                 e.resident = False
@@ -379,10 +379,10 @@ class Admission:
                 e.resident, e.cancelled = True, False
         return drops, refused
 
-    def reset(self) -> list[Key]:
+    def reset(self) -> list[ExpertId]:
         """Forget every schedule (the coordinator restarted). Returns loaded shards to drop now;
         shards with pending requests stay until those are served."""
-        drops: list[Key] = []
+        drops: list[ExpertId] = []
         for key, e in list(self.entries.items()):
             e.steps = []
             e.resident = False  # the coordinator sends its own placement
@@ -404,7 +404,7 @@ class Admission:
             del self.entries[key]
             return Skip(key, why, pins=e.pins)
         free = self.free
-        evict: list[Key] = []
+        evict: list[ExpertId] = []
         if e.size > free and e.pins:
             # residents last: only when nothing else makes room (the baseline grew)
             idle = [(x.resident, min(x.steps) if x.steps else -1, -x.seq, k) for k, x in self.entries.items()
@@ -422,7 +422,7 @@ class Admission:
             return Wait(key, e.size, free)
         self.queue.popleft()
         e.state = LOADING
-        requeue: list[Key] = []
+        requeue: list[ExpertId] = []
         for k in evict:
             x = self.entries.pop(k)
             x.resident = False
@@ -438,7 +438,7 @@ class Admission:
             self.queue.insert(i, k)
         return Load(key, e.size, evict)
 
-    def loaded(self, key: Key) -> bool:
+    def loaded(self, key: ExpertId) -> bool:
         """The loader finished mapping `key`. False: nobody wants it any more, drop it now."""
         e = self.entries[key]
         if e.cancelled and not e.pins:
@@ -447,7 +447,7 @@ class Admission:
         e.state, e.cancelled = LOADED, False
         return True
 
-    def load_failed(self, key: Key) -> int:
+    def load_failed(self, key: ExpertId) -> int:
         """Loading `key` failed; forget it. Returns how many requests were waiting for it."""
         e = self.entries.pop(key)
         return e.pins

@@ -1,4 +1,8 @@
-"""The coordinator side of the cluster: an ExpertBackend that sends expert work to remote workers.
+"""The coordinator side of the cluster: `Coordinator`, an ExpertBackend that sends expert work to remote workers.
+
+It keeps the state (the workers it admitted, the placement, what it prefetched where, the requests in
+flight) and carries out the decisions of edgemoe.cluster.schedule (pure functions) and
+edgemoe.cluster.placement over its end of the link (edgemoe.cluster.link.RouterLink).
 
 Decode follows OD-MoE: workers form groups of size top-k; MoE layer l is served by group
 l mod n_groups, one expert per worker; predicted experts of the coming layers are broadcast
@@ -18,7 +22,7 @@ Peers are known by their CURVE public key (the ZAP User-Id ZeroMQ attaches to wh
 a name they chose; without keys (loopback, or --insecure) by their connection. A worker silent for
 LOST_AFTER heartbeat intervals is lost at once and its requests go elsewhere; a request that fails
 goes elsewhere without condemning its worker (STRIKES failures in a row do); a lost worker that
-comes back is admitted again after a fresh hello.
+comes back is admitted again after a fresh hello (LOST_AFTER, STRIKES: edgemoe.cluster.link).
 """
 
 from __future__ import annotations
@@ -34,45 +38,37 @@ import numpy as np
 import zmq
 
 from edgemoe.cluster import protocol as P
+from edgemoe.cluster import schedule
 from edgemoe.cluster.budget import page_round
-from edgemoe.cluster.keys import Authenticator, ServerKeys, peer_key
-from edgemoe.cluster.placement import Key, Room, plan_placement, worker_sets
-from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
+from edgemoe.cluster.keys import ServerKeys
+from edgemoe.cluster.link import Peer, RouterLink
+from edgemoe.cluster.placement import Room, plan_placement, worker_sets
+from edgemoe.cluster.sockets import bind_endpoint
 from edgemoe.errors import UserError
-from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_hash
+from edgemoe.format.manifest import load_manifest, manifest_hash
+from edgemoe.format.shard import ExpertId, ShardLayout
 from edgemoe.ggml.columns import mul_mat_id_limit
-from edgemoe.model.expert_ffn import ShardLayout
 from edgemoe.model.experts import ExpertBackend, ExpertStats
 from edgemoe.predict.base import Predictor, RecallMeter
 from edgemoe.util.proc import peak_rss_bytes
 
 log = logging.getLogger("edgemoe.coordinator")
 
-LOST_AFTER = 3  # heartbeat intervals of silence after which a worker is lost
-STRIKES = 3  # failed or timed-out requests in a row after which a worker is lost
-UNKNOWN_EVERY_S = 1.0  # at most this often an `unknown` to the same connection
 
+@dataclass(kw_only=True, eq=False)
+class WorkerInfo(Peer):
+    """A worker the coordinator admitted (its link fields: edgemoe.cluster.link.Peer)."""
 
-@dataclass
-class WorkerInfo:
     worker_id: int
-    identity: bytes  # the ROUTER's id of its current connection
-    key: bytes  # who it is: its public key (without keys: its first connection's id)
-    name: str
     budget: int
     threads: int
     pid: int
     baseline_rss: int
-    last_seen: float
     resident_room: int = 0
     jit_slots: int = 1
-    alive: bool = True
-    rss: int = 0
-    peak_rss: int = 0
     requests: int = 0
     hits: int = 0
     resident: int = 0  # experts the placement keeps on it
-    strikes: int = 0  # failed requests in a row
     lost: int = 0  # times it was lost
 
 
@@ -96,6 +92,7 @@ class ClusterStats(ExpertStats):
     predicted: int = 0
     hits: int = 0  # experts computed that were already mapped (or loading) when their request came
     resident_routed: int = 0  # routed experts (decode) that a live worker held resident
+    prefetch_routed: int = 0  # routed experts (decode) not resident but prefetched to a live worker of this token
 
 
 @dataclass
@@ -116,13 +113,13 @@ class _Request:
     stall_s: float = 0.0  # worker-reported load + wait
 
 
-class ClusterExperts(ExpertBackend):
+class Coordinator(ExpertBackend):
     """Experts computed by workers over ZeroMQ; construct, then wait_for_workers(n)."""
 
     def __init__(self, model_dir: str | Path, *, n_embd: int, n_expert: int, k: int, moe_layers: list[int],
                  bind: str = "tcp://127.0.0.1:0", predictor: Predictor | None = None, group_size: int | None = None,
                  timeout_s: float = 30.0, prefill_batch: int = 64, heartbeat_s: float = 1.0,
-                 residency: str = "auto", routing_counts: dict[Key, float] | None = None,
+                 residency: str = "auto", routing_counts: dict[ExpertId, float] | None = None,
                  keys: ServerKeys | None = None) -> None:
         """residency: "auto" fills the workers' spare budget with resident experts, "off" is the
         paper's cacheless mode. routing_counts: how often each (layer, expert) is routed (an
@@ -148,10 +145,10 @@ class ClusterExperts(ExpertBackend):
         self.stats = ClusterStats()
         self.residency = residency
         manifest = load_manifest(model_dir)
-        self._sizes: dict[Key, int] = {(l, e): page_round(manifest.files[rel].size)
-                                       for l, e, rel in manifest.expert_files()}
-        self._counts: dict[Key, float] = dict(routing_counts or {})
-        self.placement: dict[Key, WorkerInfo] = {}  # resident (layer, expert) -> its live holder
+        self._sizes: dict[ExpertId, int] = {k: page_round(manifest.files[k.file_name].size)
+                                            for k in manifest.expert_ids()}
+        self._counts: dict[ExpertId, float] = {ExpertId._make(k): n for k, n in (routing_counts or {}).items()}
+        self.placement: dict[ExpertId, WorkerInfo] = {}  # resident expert -> its live holder
         self._planning = False  # set by start_residency(), once the first workers are in
         self._plan_id = 0
         # local workers: () -> [(name, pid, why)] of those that exited (set by the session that spawned
@@ -166,24 +163,19 @@ class ClusterExperts(ExpertBackend):
         self._next_id = 0
         self._req = 0
         self._step = -1
-        self._assigned: dict[tuple[int, int], WorkerInfo] = {}  # prefetched (layer, expert) -> worker
+        self._assigned: dict[ExpertId, WorkerInfo] = {}  # prefetched expert (of this token) -> worker
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for this token
         self._by_route: dict[bytes, WorkerInfo] = {}  # connection id -> worker
-        self._unknown_sent: dict[bytes, float] = {}
-        self._zctx = zmq.Context()
-        self.auth = Authenticator(self._zctx, keys) if keys is not None else None
-        self.router = self._zctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        # no ROUTER_HANDOVER and no peer-chosen routing ids: a connection cannot take over another's
-        self.router.setsockopt(zmq.MAXMSGSIZE, P.frame_limit(P.rows_bytes(n_embd)))  # the largest legal result
-        self.pub = self._zctx.socket(zmq.PUB)
+        # the workers' link; the largest legal frame a worker sends is a result
+        self.link = RouterLink(bind, keys=keys, max_frame=P.frame_limit(P.rows_bytes(n_embd)), heartbeat_s=heartbeat_s,
+                               log=log)
+        self.endpoint, self.router, self.auth = self.link.endpoint, self.link.sock, self.link.auth
+        self.pub = self.link.zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # subscriptions only
         if self.auth is not None:
-            self.auth.arm(self.router)
             self.auth.arm(self.pub)  # predictions reach authenticated workers only
         try:
-            self.endpoint = bind_endpoint(self.router, bind)
             if bind.startswith("ipc://"):  # a local cluster: Unix sockets next to each other
                 self.pub_endpoint = bind_endpoint(self.pub, bind + ".pub")
             else:
@@ -192,8 +184,6 @@ class ClusterExperts(ExpertBackend):
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot bind {bind}: {e}") from None
-        self._poller = zmq.Poller()
-        self._poller.register(self.router, zmq.POLLIN)
         log.info("listening on %s (predictions on %s), %s", self.endpoint, self.pub_endpoint,
                  f"CurveZMQ, {len(keys.allowed)} listed keys" if keys else "no keys: unauthenticated, unencrypted")
 
@@ -263,7 +253,7 @@ class ClusterExperts(ExpertBackend):
 
     def holder(self, layer: int, expert: int) -> WorkerInfo | None:
         """The live worker keeping (layer, expert) resident, if any."""
-        w = self.placement.get((layer, expert))
+        w = self.placement.get(ExpertId(layer, expert))
         return w if w is not None and w.alive else None
 
     def _watch(self) -> None:
@@ -289,18 +279,16 @@ class ClusterExperts(ExpertBackend):
 
     def _strike(self, w: WorkerInfo, why: str) -> None:
         """One failed request; STRIKES in a row and the worker is lost (until its next hello)."""
-        w.strikes += 1
-        if w.strikes >= STRIKES:
+        if self.link.strike(w):
             self._lost(w, f"failed {w.strikes} requests in a row (last: {why})")
 
     def _check_liveness(self) -> None:
         """Lose every worker silent for LOST_AFTER heartbeat intervals (called after the socket is drained,
         so that heartbeats which waited in the queue while this process was busy count)."""
-        limit = LOST_AFTER * self.heartbeat_s
-        now = time.monotonic()
         for w in list(self.workers.values()):
-            if w.alive and now - w.last_seen > limit:
-                self._lost(w, f"was silent for {now - w.last_seen:.1f} s (heartbeat every {self.heartbeat_s:g} s)")
+            quiet = self.link.silent_for(w)
+            if quiet is not None:
+                self._lost(w, f"was silent for {quiet:.1f} s (heartbeat every {self.heartbeat_s:g} s)")
 
     def _live_or_wait(self, why: str) -> list[WorkerInfo]:
         """Live workers; with none, wait up to the request timeout for one to (re)join."""
@@ -315,22 +303,26 @@ class ClusterExperts(ExpertBackend):
         return live
 
     def groups(self) -> list[list[WorkerInfo]]:
-        """Workers in groups of group_size (the last group takes any remainder)."""
+        """The live workers' groups (edgemoe.cluster.schedule.make_groups), recomputed when who is live changes;
+        the predictor is told how far ahead the groups let it look."""
         live = self._live_or_wait("no live workers")
         ids = tuple(w.worker_id for w in live)
-        if self._groups is not None and self._groups[0] == ids:
-            return self._groups[1]
-        size = min(self.group_size, len(live))
-        n_groups = max(1, len(live) // size)
-        groups = [live[i * size:(i + 1) * size] for i in range(n_groups)]
-        for i, w in enumerate(live[n_groups * size:]):
-            groups[i % n_groups].append(w)
-        self._groups = (ids, groups)
-        return groups
+        if self._groups is None or self._groups[0] != ids:
+            self._groups = (ids, schedule.make_groups(live, self.group_size))
+            if self.predictor is not None:
+                self.predictor.depth = schedule.prefetch_depth(len(live), self.group_size)
+        return self._groups[1]
 
     def group_of(self, layer: int) -> list[WorkerInfo]:
-        groups = self.groups()
-        return groups[self._layer_index[layer] % len(groups)]
+        """The group serving MoE layer `layer` (layer index mod n_groups)."""
+        return list(schedule.group_of(self.groups(), self._layer_index[layer]))
+
+    def _holder_in(self, layer: int) -> Callable[[int], WorkerInfo | None]:
+        return lambda e: self.holder(layer, e)
+
+    def _prefetched_in(self, layer: int) -> dict[int, WorkerInfo]:
+        """expert -> the live worker it was prefetched to, for this token at this layer."""
+        return {k.expert: w for k, w in self._assigned.items() if k.layer == layer and w.alive}
 
     # the ExpertBackend interface -----------------------------------------------------------------
     def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
@@ -344,7 +336,8 @@ class ClusterExperts(ExpertBackend):
         n_seq = len(groups) if groups else 1
         decode = n_tok == 1 or n_seq > 1
         for e in selected.reshape(-1).tolist():  # online routing counts, for the next re-plan
-            self._counts[(layer, e)] = self._counts.get((layer, e), 0.0) + 1.0
+            key = ExpertId(layer, e)
+            self._counts[key] = self._counts.get(key, 0.0) + 1.0
         if n_seq > 1:  # one step of several sequences: the predictor and prefetch see all their rows
             predictor = self.predictor if self.predictor is not None and not self.predictor.follows_one_sequence else None
             if layer == self.moe_layers[0]:
@@ -370,7 +363,7 @@ class ClusterExperts(ExpertBackend):
         out = np.empty((n_tok, selected.shape[1], self.n_embd), dtype=np.float32)
         self._run(requests, out, decode, layer)
         for e in {int(x) for x in selected.reshape(-1)}:
-            self._assigned.pop((layer, e), None)
+            self._assigned.pop(ExpertId(layer, e), None)
         return out
 
     def _begin_token(self, predictor: Predictor | None) -> None:
@@ -394,19 +387,14 @@ class ClusterExperts(ExpertBackend):
                 continue
             self._predicted[layer] = set(experts)
             experts = [e for e in experts if self.holder(layer, e) is None]  # residents need no load
-            group = self.group_of(layer)
-            # keep earlier assignments of this layer; give new experts to the least-loaded workers
-            keep = {e for e in experts if (layer, e) in self._assigned}
-            for (l, e) in [key for key in self._assigned if key[0] == layer and key[1] not in experts]:
-                del self._assigned[(l, e)]
-            used = [self._assigned[(layer, e)] for e in keep]
-            for e in experts:
-                if e in keep:
-                    continue
-                w = min(group, key=lambda w: (used.count(w), w.worker_id))
-                used.append(w)
-                self._assigned[(layer, e)] = w
-                loads.append([w.worker_id, layer, e])
+            before = self._prefetched_in(layer)
+            plan = schedule.prefetch_layer(experts, self.group_of(layer), before)
+            for key in [key for key in self._assigned if key.layer == layer]:
+                del self._assigned[key]
+            for e, w in plan.items():
+                self._assigned[ExpertId(layer, e)] = w
+                if e not in before:
+                    loads.append([w.worker_id, layer, e])
         if loads:
             self.stats.predicted += len(loads)
             self._send_pub(P.encode(P.PREFETCH, step=self._step, loads=loads))
@@ -416,48 +404,14 @@ class ClusterExperts(ExpertBackend):
         (prefetched), else to the least busy worker of the layer's group (loaded on demand); then
         one request per worker carrying all of its experts (at most its just-in-time slots of
         them not resident)."""
-        group = self.group_of(layer)
-        chosen: list[tuple[int, int, WorkerInfo]] = []  # (slot, expert, worker)
-        taken: list[WorkerInfo] = []
-        misses = []
-        for slot, e in enumerate(selected[0].tolist()):
-            w = self.holder(layer, e)
-            if w is not None:
-                self.stats.resident_routed += 1
-            else:
-                w = self._assigned.get((layer, e))
-                if w is None or not w.alive:
-                    misses.append((slot, e))
-                    continue
-            chosen.append((slot, e, w))
-            taken.append(w)
-        for slot, e in misses:  # a miss: the least busy worker of the group loads it on demand
-            w = min(group, key=lambda w: (taken.count(w), w.worker_id))
-            taken.append(w)
-            chosen.append((slot, e, w))
-        return self._group_requests(layer, hidden, chosen)
-
-    def _group_requests(self, layer: int, hidden: np.ndarray, chosen: list[tuple[int, int, WorkerInfo]]) -> list[_Request]:
-        """One decode request per worker (split where more cold experts than its slots)."""
-        by_worker: dict[int, list[tuple[int, int]]] = {}
-        workers: dict[int, WorkerInfo] = {}
-        for slot, e, w in chosen:
-            by_worker.setdefault(w.worker_id, []).append((slot, e))
-            workers[w.worker_id] = w
-        requests = []
-        for wid, items in by_worker.items():
-            w = workers[wid]
-            batch: list[tuple[int, int]] = []
-            cold = 0
-            for slot, e in items:
-                is_cold = self.holder(layer, e) is not w
-                if batch and is_cold and cold + 1 > w.jit_slots:
-                    requests.append(self._decode_request(layer, hidden, batch, w))
-                    batch, cold = [], 0
-                batch.append((slot, e))
-                cold += int(is_cold)
-            requests.append(self._decode_request(layer, hidden, batch, w))
-        return requests
+        routed = selected[0].tolist()
+        holder, prefetched = self._holder_in(layer), self._prefetched_in(layer)
+        self.stats.resident_routed += sum(holder(e) is not None for e in routed)
+        self.stats.prefetch_routed += sum(holder(e) is None and e in prefetched for e in routed)
+        slot_of = {e: slot for slot, e in enumerate(routed)}  # a row's top-k are distinct experts
+        chosen = [(slot_of[e], e, w) for e, w in schedule.assign_routed(routed, self.group_of(layer), holder, prefetched)]
+        return [self._decode_request(layer, hidden, items, w)
+                for w, items in schedule.decode_batches(chosen, holder, lambda w: w.jit_slots)]
 
     def _decode_request(self, layer: int, hidden: np.ndarray, items: list[tuple[int, int]], w: WorkerInfo) -> _Request:
         n = len(items)
@@ -473,72 +427,40 @@ class ClusterExperts(ExpertBackend):
         split so that each sequence's rows see the kernel they see alone: a sequence with more rows
         than the limit on its own (as its prefill alone would be), the rest in runs within the limit;
         the runs of one expert then go in separate messages."""
-        group = self.group_of(layer)
-        chosen: list[tuple[int, WorkerInfo]] = []
-        taken: list[WorkerInfo] = []
-        misses = []
-        for e in np.unique(selected).tolist():
-            w = self.holder(layer, e)
-            if w is None:
-                w = self._assigned.get((layer, e))
-                if w is None or not w.alive:
-                    misses.append(e)
-                    continue
-            chosen.append((e, w))
-            taken.append(w)
-        for e in misses:
-            w = min(group, key=lambda w: (taken.count(w), w.worker_id))
-            taken.append(w)
-            chosen.append((e, w))
+        chosen = schedule.assign_routed(np.unique(selected).tolist(), self.group_of(layer), self._holder_in(layer),
+                                        self._prefetched_in(layer))
         seq_of = np.concatenate([np.full(n, i) for i, (_, n) in enumerate(groups)])
         limit = min(self._row_limit(layer), P.MAX_ROWS)
-        messages: dict[int, list[dict]] = {}  # worker id -> messages: {"parts": [(e, rows, slots)], "rows": n, "cold": n}
+        holder = self._holder_in(layer)
+        where: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # expert -> (its rows, their top-k slots)
+        runs = []
         for e, w in chosen:
-            rows, slots = np.nonzero(selected == e)
-            counts = np.bincount(seq_of[rows], minlength=len(groups))
-            own = counts[seq_of[rows]] > limit
-            runs = []
-            for s_ in np.unique(seq_of[rows][own]):  # as that sequence's prefill alone: its own mini-batches
-                mine = np.nonzero(own & (seq_of[rows] == s_))[0]
-                runs += [mine[i:i + self.prefill_batch] for i in range(0, len(mine), self.prefill_batch)]
-            shared = np.nonzero(~own)[0]
-            runs += [shared[i:i + limit] for i in range(0, len(shared), limit)]
-            is_cold = self.holder(layer, e) is not w
-            box = messages.setdefault(w.worker_id, [])
-            for run in runs:
-                m = next((m for m in box if all(x != e for x, _, _ in m["parts"]) and m["rows"] + len(run) <= P.MAX_ROWS
-                          and (not is_cold or m["cold"] < w.jit_slots)), None)
-                if m is None:
-                    m = {"parts": [], "rows": 0, "cold": 0, "worker": w}
-                    box.append(m)
-                m["parts"].append((e, rows[run], slots[run]))
-                m["rows"] += len(run)
-                m["cold"] += int(is_cold)
+            rows, slots = where[e] = np.nonzero(selected == e)
+            runs.append((e, w, holder(e) is not w, schedule.batch_runs(seq_of[rows], len(groups), limit,
+                                                                       self.prefill_batch)))
         requests = []
-        for box in messages.values():
-            for m in box:
-                parts = m["parts"]
-                r = np.concatenate([p[1] for p in parts])
-                requests.append(self._request(layer, [p[0] for p in parts], [len(p[1]) for p in parts], r,
-                                              np.concatenate([p[2] for p in parts]), np.ascontiguousarray(hidden[r]), m["worker"]))
+        for w, parts in schedule.pack_batch(runs, P.MAX_ROWS, lambda w: w.jit_slots):
+            r = np.concatenate([where[e][0][run] for e, run in parts])
+            requests.append(self._request(layer, [e for e, _ in parts], [len(run) for _, run in parts], r,
+                                          np.concatenate([where[e][1][run] for e, run in parts]),
+                                          np.ascontiguousarray(hidden[r]), w))
         return requests
 
     def _row_limit(self, layer: int) -> int:
         """Rows one expert of this layer may have in a compute with every row on its one-row kernel."""
         if layer not in self._limits:
-            layout = ShardLayout.read(self.model_dir / expert_file_name(layer, 0))
+            layout = ShardLayout.read(self.model_dir / ExpertId(layer, 0).file_name)
             self._limits[layer] = mul_mat_id_limit([t.ggml_type for t in layout.tensors.values()])
         return self._limits[layer]
 
     def _plan_prefill(self, layer: int, hidden: np.ndarray, selected: np.ndarray) -> list[_Request]:
         live = self._live_or_wait("no live workers")
         requests = []
-        for e in np.unique(selected):
+        for e, w in schedule.assign_prefill(np.unique(selected).tolist(), live, self._holder_in(layer)).items():
             rows, slots = np.nonzero(selected == e)
-            w = self.holder(layer, int(e)) or live[int(e) % len(live)]
             for i in range(0, len(rows), self.prefill_batch):  # mini-batches: the first computes while later ones travel
                 r, s = rows[i:i + self.prefill_batch], slots[i:i + self.prefill_batch]
-                requests.append(self._request(layer, [int(e)], [len(r)], r, s, np.ascontiguousarray(hidden[r]), w))
+                requests.append(self._request(layer, [e], [len(r)], r, s, np.ascontiguousarray(hidden[r]), w))
         return requests
 
     def _request(self, layer: int, experts: list[int], counts: list[int], rows: np.ndarray, slots: np.ndarray,
@@ -548,7 +470,7 @@ class ClusterExperts(ExpertBackend):
 
     # sending and receiving ----------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list) -> None:
-        self.router.send_multipart([identity, *frames], copy=False)
+        self.link.send(identity, frames)
         self.stats.bytes_sent += sum(len(f) for f in frames)
 
     def _send_pub(self, frames: list) -> None:
@@ -600,15 +522,13 @@ class ClusterExperts(ExpertBackend):
         tried = r.tried | {r.worker.worker_id}
         last = f"worker {r.worker.name} {why}"
         live = self._live_or_wait(last)
-        fresh = [w for w in live if w.worker_id not in tried]
-        experts = " ".join(f"L{r.layer}.E{e}" for e in r.experts)
-        if not fresh:
+        targets = schedule.reassign(r.experts, live, tried, self._holder_in(r.layer))
+        experts = " ".join(ExpertId(r.layer, e).label for e in r.experts)
+        if targets is None:
             raise UserError(f"{experts} could not be computed by any of the {len(live)} live worker(s); last: {last}")
         log.warning("%s on request %d (%s); computing it elsewhere", last, r.req, experts)
         lo = 0
-        for e, n in zip(r.experts, r.counts):
-            holder = self.holder(r.layer, e)
-            w = holder if holder is not None and holder.worker_id not in tried else fresh[e % len(fresh)]
+        for e, n, w in zip(r.experts, r.counts, targets):
             part = self._request(r.layer, [e], [n], r.rows[lo:lo + n], r.slots[lo:lo + n], r.hidden[lo:lo + n], w)
             part.tried = set(tried)
             lo += n
@@ -617,41 +537,18 @@ class ClusterExperts(ExpertBackend):
             self._dispatch(part)
 
     def _poll(self, timeout_s: float, pending: dict[int, _Request] | None = None, out: np.ndarray | None = None) -> None:
-        events = dict(self._poller.poll(int(timeout_s * 1000)))
-        if self.router not in events:
-            self._check_liveness()
-            return
-        while True:
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            self.stats.bytes_received += sum(len(f.buffer) for f in frames[1:])
-            identity = frames[0].bytes
-            key = peer_key(frames[-1]) if self.auth is not None else identity
-            if key is None:  # cannot happen on a CURVE socket (ZAP set it); never guess
-                log.warning("dropped a message without an authenticated key from connection %r", identity)
-                continue
-            try:
-                self._handle(identity, key, frames[1:], pending, out)
-            except UserError:
-                raise  # the run cannot go on (no worker can compute a request): said once, by the CLI
-            except Exception:  # a bug in handling one message must not end the run
-                log.exception("error handling a message from %r; dropped", identity)
+        """Serve what the workers sent (waiting up to timeout_s), then lose those silent too long
+        (after the drain, so that heartbeats which waited in the queue while this process was busy count)."""
+        self.link.receive(timeout_s, lambda identity, key, frames: self._handle(identity, key, frames, pending, out))
         self._check_liveness()
-
-    def _peer(self, key: bytes) -> str:
-        return f"key {key.decode(errors='replace')}" if self.auth is not None else f"connection {key!r}"
 
     def _handle(self, identity: bytes, key: bytes, frames: list, pending: dict[int, _Request] | None,
                 out: np.ndarray | None) -> None:
-        try:
-            msg = P.decode(frames)
-        except P.ProtocolError as e:
-            known = self._by_route.get(identity)
-            log.warning("dropped a malformed message from %s: %s", known.name if known else self._peer(key), e)
-            if P.is_foreign_hello(frames):  # a worker of another edgemoe version: tell it, so it stops trying
-                self._send(identity, P.encode(P.REJECT, reason=f"protocol mismatch: the coordinator speaks version {P.PROTOCOL_VERSION}"))
+        self.stats.bytes_received += sum(len(f.buffer) for f in frames)
+        known = self._by_route.get(identity)
+        # a worker of another edgemoe version is told so (a reject), so that it stops trying
+        msg = self.link.decode(identity, frames, known.name if known else self.link.peer_label(key), reject_foreign=True)
+        if msg is None:
             return
         if msg.type == P.HELLO:
             self._hello(identity, key, msg)
@@ -659,14 +556,11 @@ class ClusterExperts(ExpertBackend):
         w = self._by_route.get(identity)
         if w is None or not w.alive or w.identity != identity:
             # a stranger, a lost worker, or a second connection of a key: say hello (again), at most once a second
-            now = time.monotonic()
-            if now - self._unknown_sent.get(identity, -1e9) >= UNKNOWN_EVERY_S:
-                self._unknown_sent[identity] = now
-                self._send(identity, P.encode(P.UNKNOWN_PEER))
+            self.link.unknown(identity)
             return
-        w.last_seen = time.monotonic()
+        self.link.heard(w, msg)  # liveness; a heartbeat's memory figures
         if msg.type == P.HEARTBEAT:
-            w.rss, w.peak_rss = msg["rss"], max(w.peak_rss, msg["peak_rss"])
+            pass
         elif msg.type == P.BYE:
             log.info("worker %s left", w.name)
             self._lost(w, "left")
@@ -714,29 +608,24 @@ class ClusterExperts(ExpertBackend):
             log.warning("dropped an unexpected %s message from %s", msg.type, w.name)
 
     def _hello(self, identity: bytes, key: bytes, msg: P.Message) -> None:
-        if msg["model"] != self.model_hash:
-            # the manifest hash is what admission checks: only an authenticated peer may learn it
-            reason = model_mismatch("worker", msg["name"], msg["model"], self.model_hash if self.auth else None)
-            log.warning("refused worker %s (%s): %s", msg["name"], self._peer(key), reason)
-            self._send(identity, P.encode(P.REJECT, reason=reason))
+        if self.link.refuse_model(identity, key, "worker", msg["name"], msg["model"], self.model_hash):
             return
         now = time.monotonic()
         w = self.workers.get(key)
         if w is None:
-            w = WorkerInfo(self._next_id, identity, key, msg["name"], msg["budget"], msg["threads"], msg["pid"],
-                           msg["baseline_rss"], now, resident_room=msg["resident_room"],
-                           jit_slots=max(1, msg["jit_slots"]))
+            w = WorkerInfo(worker_id=self._next_id, identity=identity, key=key, name=msg["name"], budget=msg["budget"],
+                           threads=msg["threads"], pid=msg["pid"], baseline_rss=msg["baseline_rss"], last_seen=now,
+                           resident_room=msg["resident_room"], jit_slots=max(1, msg["jit_slots"]))
             self._next_id += 1
             self.workers[key] = w
             log.info("worker %s joined (id %d, %s, budget %d MiB, baseline %d MiB)", w.name, w.worker_id,
-                     self._peer(key), w.budget >> 20, w.baseline_rss >> 20)
+                     self.link.peer_label(key), w.budget >> 20, w.baseline_rss >> 20)
         else:
-            if w.identity != identity and w.alive and now - w.last_seen <= LOST_AFTER * self.heartbeat_s:
+            if w.identity != identity and w.alive and self.link.silent_for(w) is None:
                 # the same key on a second connection while the first still answers: the first stays
-                if now - self._unknown_sent.get(identity, -1e9) >= UNKNOWN_EVERY_S:
-                    self._unknown_sent[identity] = now
+                if self.link.once_in_a_while(identity):
                     log.warning("ignored a hello from a second connection of worker %s (%s) while the first answers",
-                                w.name, self._peer(key))
+                                w.name, self.link.peer_label(key))
                 return
             if w.identity != identity:
                 self._by_route.pop(w.identity, None)
@@ -768,9 +657,10 @@ class ClusterExperts(ExpertBackend):
         }
 
     def close(self) -> None:
-        for sock in (getattr(self, "router", None), getattr(self, "pub", None)):
-            if sock is not None:
-                sock.close(0)
-        if getattr(self, "auth", None) is not None:
-            self.auth.stop()
-        self._zctx.term()
+        if getattr(self, "pub", None) is not None:
+            self.pub.close(0)
+        if getattr(self, "link", None) is not None:
+            self.link.close()
+
+
+ClusterExperts = Coordinator  # the name it had: an ExpertBackend whose experts the cluster computes

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-Key = tuple[int, int]  # (layer, expert)
+from edgemoe.format.shard import ExpertId
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class Room:
     bytes: int
 
 
-def plan_placement(rooms: Iterable[Room], sizes: Mapping[Key, int],
-                   counts: Mapping[Key, float] | None = None) -> dict[Key, int]:
+def plan_placement(rooms: Iterable[Room], sizes: Mapping[ExpertId, int],
+                   counts: Mapping[ExpertId, float] | None = None) -> dict[ExpertId, int]:
     """(layer, expert) -> worker_id of the experts to keep resident; experts left out are loaded
     just in time. Deterministic: equal counts are broken by spreading expert ids over layers
     (expert (l, e) ranks before (l, e+1) and the order rotates per layer), so that with no counts
@@ -41,13 +41,13 @@ def plan_placement(rooms: Iterable[Room], sizes: Mapping[Key, int],
     if not rooms or not sizes:
         return {}
     counts = counts or {}
-    layers = sorted({k[0] for k in sizes})
+    layers = sorted({layer for layer, _ in sizes})
     n_layers = len(layers)
     layer_index = {l: i for i, l in enumerate(layers)}
-    n_expert = max(k[1] for k in sizes) + 1
+    n_expert = max(expert for _, expert in sizes) + 1
 
-    def rank(key: Key) -> tuple:
-        layer, expert = key
+    def rank(key: ExpertId) -> tuple:
+        layer, expert = key.layer, key.expert
         # without counts: round robin over layers (each layer's j-th expert before anyone's (j+1)-th),
         # the expert ids rotated per layer so no id is favoured everywhere
         j = (expert - layer_index[layer]) % n_expert
@@ -55,38 +55,39 @@ def plan_placement(rooms: Iterable[Room], sizes: Mapping[Key, int],
 
     free = {r.worker_id: r.bytes for r in rooms}
     per_layer: dict[tuple[int, int], int] = {}  # (worker_id, layer) -> residents so far
-    plan: dict[Key, int] = {}
-    for key in sorted(sizes, key=rank):
+    plan: dict[ExpertId, int] = {}
+    for key in sorted(map(ExpertId._make, sizes), key=rank):  # (plain (layer, expert) pairs are taken too)
         size = sizes[key]
         fits = [w for w, left in free.items() if left >= size]
         if not fits:
             continue  # a smaller expert further down may still fit somewhere
-        w = min(fits, key=lambda w: (per_layer.get((w, key[0]), 0), -free[w], w))
+        layer = key.layer
+        w = min(fits, key=lambda w: (per_layer.get((w, layer), 0), -free[w], w))
         plan[key] = w
         free[w] -= size
-        per_layer[(w, key[0])] = per_layer.get((w, key[0]), 0) + 1
+        per_layer[(w, layer)] = per_layer.get((w, layer), 0) + 1
     return plan
 
 
-def worker_sets(plan: Mapping[Key, int]) -> dict[int, list[Key]]:
+def worker_sets(plan: Mapping[ExpertId, int]) -> dict[int, list[ExpertId]]:
     """worker_id -> its resident experts (sorted), from a plan."""
-    out: dict[int, list[Key]] = {}
+    out: dict[int, list[ExpertId]] = {}
     for key, w in sorted(plan.items()):
         out.setdefault(w, []).append(key)
     return out
 
 
-def counts_from_imatrix(counts: Mapping[str, "Iterable[float]"], moe_layers: Iterable[int]) -> dict[Key, float]:
+def counts_from_imatrix(counts: Mapping[str, "Iterable[float]"], moe_layers: Iterable[int]) -> dict[ExpertId, float]:
     """Per-expert routing counts from an importance matrix's `blk.N.ffn_down_exps.weight` counts
     (the rows each expert's down projection saw: how often the router picked it)."""
-    out: dict[Key, float] = {}
+    out: dict[ExpertId, float] = {}
     for layer in moe_layers:
         c = counts.get(f"blk.{layer}.ffn_down_exps.weight")
         if c is None:
             continue
         for e, n in enumerate(c):
-            out[(layer, e)] = float(n)
+            out[ExpertId(layer, e)] = float(n)
     return out
 
 
-__all__ = ["Key", "Room", "counts_from_imatrix", "plan_placement", "worker_sets"]
+__all__ = ["Room", "counts_from_imatrix", "plan_placement", "worker_sets"]

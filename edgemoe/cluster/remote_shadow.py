@@ -18,12 +18,10 @@ import time
 from typing import Callable
 
 import numpy as np
-import zmq
 
 from edgemoe.cluster import protocol as P
-from edgemoe.cluster.coordinator import LOST_AFTER
-from edgemoe.cluster.keys import Authenticator, ServerKeys, peer_key
-from edgemoe.cluster.sockets import bind_endpoint, model_mismatch
+from edgemoe.cluster.keys import ServerKeys
+from edgemoe.cluster.link import Peer, RouterLink
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import manifest_hash
 from edgemoe.predict.base import Predictor
@@ -44,23 +42,14 @@ class RemoteShadowPredictor(Predictor):
         self.moe_layers: list[int] = list(main.moe_layers)
         self.model_hash = manifest_hash(main.model_dir)
         self.heartbeat_s = heartbeat_s
-        self._zctx = zmq.Context()
-        self.auth = Authenticator(self._zctx, keys) if keys is not None else None
-        self.sock = self._zctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # a node sends headers only
-        if self.auth is not None:
-            self.auth.arm(self.sock)
-        try:
-            self.endpoint = bind_endpoint(self.sock, bind)
-        except zmq.ZMQError as e:
-            self.close()
-            raise UserError(f"cannot bind the shadow endpoint {bind}: {e}") from None
-        self._peer: bytes | None = None  # the node's connection
-        self._peer_key: bytes | None = None  # ... and who it is (its public key)
+        # a node sends headers only; every message of a stranger is answered (one node: no flood to fear)
+        self.link = RouterLink(bind, keys=keys, max_frame=P.frame_limit(), heartbeat_s=heartbeat_s, log=log,
+                               what="the shadow endpoint ", unknown_every_s=0.0)
+        self.endpoint, self.sock, self.auth = self.link.endpoint, self.link.sock, self.link.auth
+        self._node: Peer | None = None  # the node: its connection, its key, its heartbeats (None: none or lost)
         self._node_ready = False  # the node has built its shadow (it said shadow_ready after the welcome)
         self._peer_name = ""
-        self._last_seen = 0.0
+        self._peak_rss = 0  # the highest the nodes' heartbeats reported
         self._sent_to = 0  # the node holds the main model's K/V rows [0, sent_to)
         self._gen = 0
         self._routes: dict[int, list[int]] = {}
@@ -76,7 +65,17 @@ class RemoteShadowPredictor(Predictor):
     # the node joining ---------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._peer is not None and self._node_ready
+        return self._node is not None and self._node_ready
+
+    @property
+    def _peer(self) -> bytes | None:
+        """The node's connection (None: no node)."""
+        return self._node.identity if self._node is not None else None
+
+    @property
+    def _peer_key(self) -> bytes | None:
+        """Who the node is: its public key (without keys: its connection)."""
+        return self._node.key if self._node is not None else None
 
     def wait_for_shadow(self, timeout_s: float, check: "Callable[[], None] | None" = None) -> None:
         """Serve hellos until the shadow node has joined and is ready; check() may raise to give up early."""
@@ -90,22 +89,17 @@ class RemoteShadowPredictor(Predictor):
                                 f"(start one: edgemoe shadow --connect {self.endpoint} --model DIR)")
             self._drain(min(left, 0.2))
 
-    def _silent(self) -> bool:
-        return time.monotonic() - self._last_seen > LOST_AFTER * self.heartbeat_s
-
     def _hello(self, identity: bytes, key: bytes, msg: P.Message) -> None:
-        if msg["model"] != self.model_hash:
-            reason = model_mismatch("shadow node", msg["name"], msg["model"], self.model_hash if self.auth else None)
-            log.warning("refused shadow node %s: %s", msg["name"], reason)
-            self._send(identity, P.encode(P.REJECT, reason=reason))
+        if self.link.refuse_model(identity, key, "shadow node", msg["name"], msg["model"], self.model_hash):
             return
-        if self._peer is not None and self._peer != identity:
-            if not self._silent():  # another connection while the node still answers: the node stays
+        if self._node is not None and self._node.identity != identity:
+            if self.link.silent_for(self._node) is None:  # another connection while the node still answers: it stays
                 log.warning("ignored a hello from shadow node %s on a second connection while %s answers",
                             msg["name"], self._peer_name)
                 return
             log.info("shadow node %s replaces %s", msg["name"], self._peer_name)
-        self._peer, self._peer_key, self._peer_name, self._last_seen = identity, key, msg["name"], time.monotonic()
+        self._node = Peer(identity, key, msg["name"], time.monotonic())
+        self._peer_name = msg["name"]
         self._node_ready = False
         self._sent_to = 0  # a (re)joined node holds none of the main model's rows
         log.info("shadow node %s joined (%s shadow, pid %d)", msg["name"], msg["shadow_type"], msg["pid"])
@@ -148,48 +142,33 @@ class RemoteShadowPredictor(Predictor):
 
     # messages -----------------------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list) -> None:
-        try:
-            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # the node's queue is full or it is gone: this prediction is lost, nothing else
-            self._dropped += 1
+        if not self.link.send(identity, frames, block=False):
+            self._dropped += 1  # the node's queue is full or it is gone: this prediction is lost, nothing else
 
     def _drain(self, timeout_s: float) -> None:
-        if timeout_s > 0:
-            self.sock.poll(int(timeout_s * 1000), zmq.POLLIN)
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            identity = frames[0].bytes
-            key = peer_key(frames[-1]) if self.auth is not None else identity
-            if key is None:
-                log.warning("dropped a message without an authenticated key on the shadow socket")
-                continue
-            try:
-                self._handle(identity, key, frames[1:])
-            except Exception:  # a bug in handling one message must not end the run; predictions are optional
-                log.exception("error handling a message on the shadow socket; dropped")
-        if self._peer is not None and self._silent():
+        """Serve what the node sent (waiting up to timeout_s); drop the node if it was silent too long."""
+        self.link.receive(timeout_s, self._handle)
+        quiet = self.link.silent_for(self._node) if self._node is not None else None
+        if quiet is not None:
             log.warning("shadow node %s was silent for %.1f s (heartbeat every %g s); predicting without it until "
-                        "it is back", self._peer_name, time.monotonic() - self._last_seen, self.heartbeat_s)
-            self._peer, self._node_ready = None, False
+                        "it is back", self._peer_name, quiet, self.heartbeat_s)
+            self._node, self._node_ready = None, False
             self._lost += 1
             self.lost_at = time.monotonic()
 
     def _handle(self, identity: bytes, key: bytes, frames: list) -> None:
-        try:
-            msg = P.decode(frames)
-        except P.ProtocolError as e:
-            log.warning("dropped a malformed message on the shadow socket: %s", e)
+        msg = self.link.decode(identity, frames, "the shadow socket")
+        if msg is None:
             return
         if msg.type == P.SHADOW_HELLO:
             self._hello(identity, key, msg)
             return
-        if identity != self._peer or key != self._peer_key:
-            self._send(identity, P.encode(P.UNKNOWN_PEER))
+        node = self._node
+        if node is None or identity != node.identity or key != node.key:
+            self.link.unknown(identity)
             return
-        self._last_seen = time.monotonic()
+        self.link.heard(node, msg)  # liveness (it heartbeats while it builds its shadow too); memory figures
+        self._peak_rss = max(self._peak_rss, node.peak_rss)
         if msg.type == P.ROUTES:
             if msg["gen"] == self._gen and msg["layer"] in self.moe_layers and len(msg["experts"]) and \
                     all(e < self.main.cfg.n_expert for e in msg["experts"]):
@@ -198,7 +177,7 @@ class RemoteShadowPredictor(Predictor):
                 self._routes[msg["layer"]] = list(msg["experts"])
                 self._routes_received += 1
         elif msg.type == P.HEARTBEAT:
-            pass  # liveness only (it heartbeats while it builds its shadow too)
+            pass  # (heard above)
         elif msg.type == P.SHADOW_READY:
             if msg["n_ctx"] != self.main.n_ctx:  # a build for an earlier welcome's context
                 log.warning("dropped a shadow_ready for context %d from %s (this coordinator's is %d)",
@@ -209,7 +188,7 @@ class RemoteShadowPredictor(Predictor):
                 self._node_ready = True
         elif msg.type == P.BYE:
             log.info("shadow node %s left", self._peer_name)
-            self._peer, self._node_ready = None, False
+            self._node, self._node_ready = None, False
         else:
             log.warning("dropped an unexpected %s message from the shadow node", msg.type)
 
@@ -223,6 +202,7 @@ class RemoteShadowPredictor(Predictor):
             "jobs": self._jobs,
             "routes": self._routes_received,
             "dropped_sends": self._dropped,
+            "node_peak_rss": self._peak_rss,  # from its heartbeats (0: none yet)
             "first_route_ms": {"n": len(ms), "median": float(np.median(ms)), "p90": float(np.percentile(ms, 90))}
             if len(ms) else {"n": 0},
         }
@@ -231,9 +211,5 @@ class RemoteShadowPredictor(Predictor):
         main = getattr(self, "main", None)
         if main is not None and self._on_main_eval in main.eval_listeners:
             main.eval_listeners.remove(self._on_main_eval)
-        sock = getattr(self, "sock", None)
-        if sock is not None:
-            sock.close(0)
-        if getattr(self, "auth", None) is not None:
-            self.auth.stop()
-        self._zctx.term()
+        if getattr(self, "link", None) is not None:
+            self.link.close()

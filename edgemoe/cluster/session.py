@@ -13,7 +13,9 @@ from edgemoe.cluster.coordinator import ClusterExperts
 from edgemoe.cluster.keys import KeyPair, ServerKeys, require_keys_or_insecure, server_keys
 from edgemoe.cluster.local import LocalProcesses, LocalWorkers
 from edgemoe.cluster.remote_shadow import RemoteShadowPredictor
+from edgemoe.cluster.schedule import prefetch_depth
 from edgemoe.errors import UserError
+from edgemoe.format.shard import ExpertId
 from edgemoe.model.engine import Engine
 from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.predict import PredictorOptions, make_predictor, parse_predictor
@@ -45,7 +47,7 @@ class ClusterOptions:
         return self.workers > 0 or self.bind is not None
 
 
-def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[tuple[int, int], float]:
+def routing_counts(model: str | Path, moe_layers: list[int]) -> dict[ExpertId, float]:
     """Per-expert routing counts from the importance matrix the model's shadow was weighted by, when
     it lies next to the converted directory (NAME.imatrix.gguf with the manifest's sha256); else
     none (the placement then spreads residents evenly and learns the counts online)."""
@@ -93,15 +95,16 @@ def open_engine(model: str | Path, opts: ClusterOptions, *, n_ctx: int, n_thread
     def make_backend(engine: Engine) -> ClusterExperts:
         nonlocal cluster
         cfg = engine.cfg
-        n = opts.workers + opts.wait_workers
-        n_groups = max(1, n // max(1, min(cfg.n_expert_used, n)))
+        # how far ahead to predict: the groups of the workers expected; the coordinator re-sets it from
+        # the groups of the live workers (edgemoe.cluster.schedule) whenever those change
+        depth = prefetch_depth(opts.workers + opts.wait_workers, cfg.n_expert_used)
         popts = PredictorOptions(align_token=opts.align_token, align_kv=opts.align_kv, shadow_trunk=opts.shadow_trunk,
                                  reanchor_depth=opts.reanchor_depth, shadow_threads=opts.shadow_threads)
         if remote_shadow:
             bind = "tcp://127.0.0.1:0" if opts.shadow_node == "local" else opts.shadow_node
-            predictor = RemoteShadowPredictor(engine, max(1, n_groups - 1), bind=bind, keys=keys)
+            predictor = RemoteShadowPredictor(engine, depth, bind=bind, keys=keys)
         else:
-            predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=max(1, n_groups - 1),
+            predictor = make_predictor(opts.predictor, cfg, engine.weights, engine.moe_layers, depth=depth,
                                        main=engine, options=popts)
         try:
             cluster = ClusterExperts(model, n_embd=cfg.n_embd, n_expert=cfg.n_expert, k=cfg.n_expert_used,

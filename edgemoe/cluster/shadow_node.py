@@ -19,19 +19,17 @@ import dataclasses
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
 
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.keys import ClientKeys
-from edgemoe.cluster.sockets import Relinker, WakePipe, dealer_socket, handshake_failure, monitor_events
-from edgemoe.cluster.worker import HELLO_INTERVAL_S, check_name, parse_endpoint
+from edgemoe.cluster.link import HELLO_INTERVAL_S, DealerLink, check_name, parse_endpoint
+from edgemoe.cluster.sockets import WakePipe
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import load_manifest, manifest_hash
 from edgemoe.model.engine import Engine
@@ -100,12 +98,8 @@ class ShadowNode:
         self._built: tuple[Engine, Any] | BaseException | None = None  # the builder's result, for the loop
         self._gens: dict[int, int] = {}  # the predictor's job gen -> the coordinator's
         self._out: queue.SimpleQueue[tuple[int, int, list[int]]] = queue.SimpleQueue()
-        self._welcomed = False
-        self._stopping = False
-        self._reject: str | None = None
-        self._heartbeat_s = 1.0
-        self._next_hello = self._next_heartbeat = 0.0
-        self._wake = WakePipe()
+        self.link: DealerLink | None = None  # made by run()
+        self._wake: WakePipe | None = None  # the link's: the builder's and the shadow thread's way to wake the loop
 
     # -- the shadow ------------------------------------------------------------------------------
     def _want_shadow(self, n_ctx: int) -> None:
@@ -157,7 +151,7 @@ class ShadowNode:
             self._want_shadow(self._want_ctx)  # ready, or rebuilt for a context asked for meanwhile
 
     def _say_ready(self) -> None:
-        if self._welcomed:
+        if self.link is not None and self.link.welcomed:
             self._send(P.SHADOW_READY, n_ctx=self._shadow_ctx)
 
     def _stop_shadow(self) -> None:
@@ -175,89 +169,31 @@ class ShadowNode:
 
     # -- the loop --------------------------------------------------------------------------------
     def _setup(self) -> None:
-        self.ctx = zmq.Context(io_threads=1)
-        self.dealer = dealer_socket(self.ctx, self.max_frame, self.keys)
-        self.monitor = self.dealer.get_monitor_socket(monitor_events())
-        self._handshake_warned = False
-        self._link_down = False
-        self._link = Relinker(self.dealer)
-        self.poller = zmq.Poller()
-        self.poller.register(self.dealer, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
-        self.poller.register(self._wake.r, zmq.POLLIN)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
-        self._link.connect(self.connect)
+        self.link = DealerLink(self.connect, max_frame=self.max_frame, keys=self.keys, log=self.log,
+                               role="shadow node", hello=self._hello, hello_interval=self.hello_interval)
+        self._wake = self.link.wake
+        self.link.start()
         self.log.info("connecting to %s as %r (model %s)", self.connect, self.name, self.model_hash[:12])
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._stopping = True
-        self._wake.wake()
+    def _hello(self) -> tuple[str, dict[str, Any]]:
+        return P.SHADOW_HELLO, dict(name=self.name, model=self.model_hash, pid=os.getpid(),
+                                    shadow_type=str(self.manifest.shadow["type"]))
 
     def run(self) -> int:
         self._setup()
-        try:
-            while not self._stopping and self._reject is None:
-                now = time.monotonic()
-                due = self._next_heartbeat if self._welcomed else self._next_hello
-                events = dict(self.poller.poll(max(0, min(1000, int((due - now) * 1000) + 1))))
-                if self._wake.r in events:
-                    self._wake.clear()
-                if self.monitor in events:
-                    self._on_monitor()
-                if self.dealer in events:
-                    self._drain()
-                self._install_built()
-                self._send_routes()
-                self._timers()
-        finally:
-            self._shutdown()
-        if self._reject is not None:
-            raise UserError(f"the coordinator rejected this shadow node: {self._reject}")
-        return 0
+        return self.link.run(self._step, self._shutdown)
 
-    def _on_monitor(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while True:
-            try:
-                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._link.event(ev["event"])
-            failure = handshake_failure(ev["event"], self.connect)
-            if failure is not None and not self._handshake_warned:
-                self.log.warning("%s; retrying", failure)
-            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake_warned = False
-                if self._link_down:  # a new connection: the coordinator knows this node by it, say hello again
-                    self.log.info("reconnect: link to %s is back; saying hello again", self.connect)
-                    self._welcomed, self._next_hello = False, 0.0
-                self._link_down = False
-            elif ev["event"] == zmq.EVENT_DISCONNECTED:
-                self._link_down = True
-            elif failure is not None:
-                self._handshake_warned = True
+    def _step(self, events: dict) -> None:
+        """One turn of the loop: messages, a shadow the builder finished, routings to send, timers."""
+        if self.link.dealer in events:
+            self.link.drain(self.link.dealer, self._handle, "coordinator")
+        self._install_built()
+        self._send_routes()
+        self.link.timers(lambda: self._send(P.HEARTBEAT, rss=rss_bytes(), peak_rss=peak_rss_bytes()))
 
     def _send(self, msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> bool:
-        try:
-            self.dealer.send_multipart(P.encode(msg_type, tensor, **fields), zmq.NOBLOCK)
-            return True
-        except zmq.Again:  # no link right now (IMMEDIATE): a hello is retried, a routing is simply late
-            return False
-
-    def _timers(self) -> None:
-        if self._link.check():
-            self.log.warning("the link to the coordinator was dropped (a malformed or oversized frame?); reconnecting")
-        now = time.monotonic()
-        if not self._welcomed and now >= self._next_hello:
-            sent = self._send(P.SHADOW_HELLO, name=self.name, model=self.model_hash, pid=os.getpid(),
-                              shadow_type=str(self.manifest.shadow["type"]))
-            self._next_hello = now + (self.hello_interval if sent else 0.1)
-        elif self._welcomed and now >= self._next_heartbeat:
-            self._send(P.HEARTBEAT, rss=rss_bytes(), peak_rss=peak_rss_bytes())
-            self._next_heartbeat = now + self._heartbeat_s
+        # no link right now (IMMEDIATE): a hello is retried, a routing is simply late
+        return self.link.send(msg_type, tensor, **fields)
 
     def _send_routes(self) -> None:
         while True:
@@ -266,24 +202,8 @@ class ShadowNode:
             except queue.Empty:
                 return
             remote = self._gens.get(gen)
-            if remote is not None and self._welcomed:
+            if remote is not None and self.link.welcomed:
                 self._send(P.ROUTES, gen=remote, layer=layer, experts=experts)
-
-    def _drain(self) -> None:
-        for _ in range(1000):  # bounded: routings and timers get their turn
-            try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = P.decode(frames)
-            except P.ProtocolError as e:
-                self.log.warning("dropped a malformed message from the coordinator: %s", e)
-                continue
-            try:
-                self._handle(msg)
-            except Exception:  # a bug must not take the node down; predictions are only ever late
-                self.log.exception("error handling %s", msg.type)
 
     def _handle(self, msg: P.Message) -> None:
         t = msg.type
@@ -293,17 +213,13 @@ class ShadowNode:
                 self.log.warning("dropped a welcome with heartbeat_s %r, n_ctx %r", msg["heartbeat_s"], msg["n_ctx"])
                 return
             # heartbeats from now on, also while the shadow is built (the coordinator's liveness rule)
-            self._heartbeat_s, self._welcomed, self._next_heartbeat = hb, True, time.monotonic()
+            self.link.welcome(hb)
             self._gens.clear()
             self.log.info("welcomed (heartbeat every %.3g s)", hb)
             self._want_shadow(n_ctx)
-        elif t == P.REJECT:
-            self.log.error("rejected by the coordinator: %s", msg["reason"])
-            self._reject = msg["reason"]
-        elif t == P.UNKNOWN_PEER:
-            self.log.info("reconnect: the coordinator does not know this node (restarted?); saying hello again")
-            self._welcomed, self._next_hello = False, 0.0
-        elif not self._welcomed or self.mirror is None:
+        elif self.link.handle_common(msg):  # a reject, an unknown
+            pass
+        elif not self.link.welcomed or self.mirror is None:
             self.log.warning("dropped a %s message before being welcomed and ready", t)
         elif t == P.KV_ROWS:
             self._kv_rows(msg)
@@ -337,18 +253,12 @@ class ShadowNode:
         self._gens[gen] = msg["gen"]
 
     def _shutdown(self) -> None:
-        if self._reject is None:
-            self.log.info("shutdown: saying bye")
-            self._send(P.BYE)
+        self.link.bye()
         if self._builder is not None:  # a build cannot be interrupted: let it end, then close what it made
             self._builder.join(timeout=120)
             built = self._built
             if isinstance(built, tuple):
                 self.mirror, self.predictor = built
         self._stop_shadow()
-        self.dealer.disable_monitor()
-        self.monitor.close(linger=0)
-        self.dealer.close(linger=200)
-        self.ctx.term()
-        self._wake.close()
+        self.link.close()
         self.log.info("shutdown complete: peak RSS %.0f MiB", peak_rss_bytes() / 2**20)

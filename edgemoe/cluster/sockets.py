@@ -7,7 +7,6 @@ import time
 
 import zmq
 
-from edgemoe.cluster import protocol as P
 from edgemoe.cluster.keys import ClientKeys, arm_client
 
 

@@ -23,8 +23,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import re
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -39,10 +37,10 @@ from zmq.utils.monitor import recv_monitor_message
 from edgemoe.cluster import protocol as P
 from edgemoe.cluster.keys import ClientKeys, arm_client
 from edgemoe.cluster.slots import SlotArena, SlotFFN, SlotShard, same_layout
-from edgemoe.cluster.sockets import Relinker, WakePipe, dealer_socket, handshake_failure, monitor_events
+from edgemoe.cluster.link import HELLO_INTERVAL_S, DealerLink, check_name, parse_endpoint  # noqa: F401 (parse_endpoint: the CLI's)
+from edgemoe.cluster.sockets import Relinker
 from edgemoe.cluster.budget import (
     Admission,
-    Key,
     RUNTIME_SLACK,
     Load,
     Skip,
@@ -53,43 +51,15 @@ from edgemoe.cluster.budget import (
     page_round,
 )
 from edgemoe.errors import UserError
-from edgemoe.format.manifest import expert_file_name, load_manifest, manifest_hash
+from edgemoe.format.manifest import load_manifest, manifest_hash
+from edgemoe.format.shard import ExpertId, ShardLayout, ShardTensor
 from edgemoe.ggml import Compute, GGMLType
 from edgemoe.ggml.context import aligned_empty
-from edgemoe.model.expert_ffn import ExpertFFN, ShardLayout, ShardTensor
+from edgemoe.model.expert_ffn import ExpertFFN
 from edgemoe.util.files import drop_page_cache
 from edgemoe.util.proc import peak_rss_bytes, rss_bytes
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-DEFAULT_HEARTBEAT_S = 1.0
-HELLO_INTERVAL_S = 2.0  # re-send HELLO this often while not welcomed
-HELLO_RETRY_S = 0.1  # ... and this often while the link is not up yet (sends would be refused)
-_CONNECT_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-_IPC_RE = re.compile(r"^ipc://(/[A-Za-z0-9._/-]{1,100})$")  # a local cluster: Unix sockets, no TCP stack
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
-
-
-def parse_endpoint(endpoint: str, what: str = "--connect") -> tuple[str, int]:
-    """(host, port) of tcp://HOST:PORT; (path, 0) of ipc:///PATH (a coordinator on this host)."""
-    m = _IPC_RE.match(endpoint)
-    if m is not None:
-        return m.group(1), 0
-    m = _CONNECT_RE.match(endpoint)
-    if m is None or not 0 < int(m.group(2)) < 65536:
-        raise UserError(f"{what}: {endpoint!r} is not an endpoint of the form tcp://HOST:PORT")
-    return m.group(1), int(m.group(2))
-
-
-def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise UserError(f"worker name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ : @ - (starting with a letter or digit)")
-    return name
-
-
-def _label(key: Key) -> str:
-    return f"L{key[0]}.E{key[1]}"
-
-
 def _file_identity(path: Path) -> tuple[int, ...]:
     """What changes when a file's bytes are changed or the file is replaced: inode, size, mtime, ctime.
     (A write within the file system's timestamp granularity after the first hash, or one that also
@@ -105,7 +75,7 @@ class _Pending:
 
     req: int
     layer: int
-    keys: list[Key]
+    keys: list[ExpertId]
     rows: list[int]
     x: np.ndarray  # a view of the received frame
     t0: float
@@ -170,25 +140,16 @@ class Worker:
         self.ffn = ExpertFFN(self.compute)
         self.ffn.run(_WarmupShard(), np.ones((1, 64), dtype=np.float32))  # ggml tables, thread pool
 
-        self._layouts: dict[Key, ShardLayout] = {}  # loader thread only
-        self._verified: dict[Key, tuple[int, ...]] = {}  # the file identity whose bytes matched the manifest
+        self._layouts: dict[ExpertId, ShardLayout] = {}  # loader thread only
+        self._verified: dict[ExpertId, tuple[int, ...]] = {}  # the file identity whose bytes matched the manifest
         self._cond = threading.Condition()
-        self._shards: dict[Key, SlotShard] = {}  # loaded, under _cond
-        self._loaded_at: dict[Key, float] = {}
-        self._errors: dict[Key, list[Any]] = {}  # load failures: [reason, requests still to fail]
+        self._shards: dict[ExpertId, SlotShard] = {}  # loaded, under _cond
+        self._loaded_at: dict[ExpertId, float] = {}
+        self._errors: dict[ExpertId, list[Any]] = {}  # load failures: [reason, requests still to fail]
         self._pending: list[_Pending] = []
         self._stop_loader = False
-        self._stopping = False
-        self._welcomed = False
         self._worker_id: int | None = None
         self._pub: str | None = None
-        self._heartbeat_s = DEFAULT_HEARTBEAT_S
-        self._next_hello = 0.0
-        self._next_heartbeat = 0.0
-        self._disconnected = False
-        self._hello_sent_at = -1.0  # monotonic time of the last HELLO handed to ZeroMQ
-        self._link_lost_at = 0.0  # ... and of the last lost link
-        self._reject: str | None = None
         self.adm: Admission | None = None
 
     # -- start-up --------------------------------------------------------------------------------
@@ -198,14 +159,14 @@ class Worker:
             if (self.model_dir / rel).is_file():
                 layout = ShardLayout.read(self.model_dir / rel)
                 return layout.tensors["down"].ne[1], layout.n_ff
-        raise UserError(f"{self.model_dir}: no expert shard found (expected files like {expert_file_name(0, 0)})")
+        raise UserError(f"{self.model_dir}: no expert shard found (expected files like {ExpertId(0, 0).file_name})")
 
     def _setup(self) -> None:
-        self.ctx = zmq.Context(io_threads=1)
         # the largest legal compute: MAX_ROWS rows (the coordinator's batches), or more if --max-tokens asks
-        self.dealer = dealer_socket(self.ctx, P.frame_limit(P.rows_bytes(self.n_embd, max(self.max_tokens, P.MAX_ROWS))),
-                                    self.keys)
-        self.sub = self.ctx.socket(zmq.SUB)
+        self.link = DealerLink(self.connect, max_frame=P.frame_limit(P.rows_bytes(self.n_embd, max(self.max_tokens, P.MAX_ROWS))),
+                               keys=self.keys, log=self.log, role="worker", hello=self._hello,
+                               hello_interval=self.hello_interval, on_unwelcome=self._unwelcome)
+        self.sub = self.link.ctx.socket(zmq.SUB)
         arm_client(self.sub, self.keys)  # predictions come from the authenticated coordinator only
         # ZMTP-level pings on the predictions too: ZeroMQ reconnects (then we say hello again)
         self.sub.setsockopt(zmq.HEARTBEAT_IVL, 2000)
@@ -213,15 +174,11 @@ class Worker:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.MAXMSGSIZE, P.frame_limit())  # predictions carry no tensors
-        self.monitor = self.dealer.get_monitor_socket(monitor_events())
         self.sub_monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self._link, self._sub_link = Relinker(self.dealer), Relinker(self.sub)
-        self._handshake_warned = False
-        self._wake = WakePipe()
-        self.poller = zmq.Poller()
-        for s in (self.dealer, self.sub, self.monitor, self.sub_monitor):
-            self.poller.register(s, zmq.POLLIN)
-        self.poller.register(self._wake.r, zmq.POLLIN)
+        self._sub_link = Relinker(self.sub)
+        self._wake = self.link.wake
+        for sock in (self.sub, self.sub_monitor):
+            self.link.poller.register(sock, zmq.POLLIN)
 
         # everything this process needs to serve is in place: measure what it costs
         baseline = max(peak_rss_bytes(), rss_bytes())
@@ -258,134 +215,60 @@ class Worker:
         )
         self._loader = threading.Thread(target=self._loader_main, name="loader", daemon=True)
         self._loader.start()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
-        self._link.connect(self.connect)
+        self.link.start()
         self.log.info("connecting to %s as %r (%s)", self.connect, self.name,
                       f"key {self.keys.pair.public.decode()}" if self.keys else "no keys: unauthenticated, unencrypted")
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._stopping = True
-        self._stop_signal = signal.Signals(signum).name
-        self._wake.wake()
-
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        self._stop_signal = "stop"
         self._setup()
-        try:
-            while not self._stopping and self._reject is None:
-                now = time.monotonic()
-                due = self._next_heartbeat if self._welcomed else self._next_hello
-                timeout_ms = max(0, min(1000, int((due - now) * 1000) + 1))
-                events = dict(self.poller.poll(timeout_ms))
-                if self._wake.r in events:
-                    self._wake.clear()
-                if self.monitor in events:
-                    self._on_monitor()
-                if self.sub_monitor in events:
-                    while self.sub_monitor.poll(0):
-                        self._sub_link.event(recv_monitor_message(self.sub_monitor)["event"])
-                if self.dealer in events:
-                    self._drain(self.dealer, self._on_coordinator)
-                if self.sub in events:
-                    self._drain(self.sub, self._on_published)
-                self._serve_ready()
-                self._timers()
-        finally:
-            self._shutdown()
-        if self._reject is not None:
-            raise UserError(f"the coordinator rejected this worker: {self._reject}")
-        return 0
+        return self.link.run(self._step, self._shutdown)
 
-    def _drain(self, sock: zmq.Socket, handle: Any) -> None:
-        for _ in range(1000):  # bounded: timers and ready computes get their turn
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = P.decode(frames)
-            except P.ProtocolError as e:
-                where = "coordinator" if sock is self.dealer else "publisher"
-                self.log.warning("dropped a malformed message from the %s: %s", where, e)
-                continue
-            try:
-                handle(msg)
-            except Exception:  # a bug must not take the worker down; the request (if any) is failed
-                self.log.exception("error handling %s", msg.type)
-                if msg.type == P.COMPUTE:
-                    self._fail(msg["req"], "internal error in the worker (see its log)")
+    def _step(self, events: dict) -> None:
+        """One turn of the loop: link events, messages, the computes whose shards are ready, timers."""
+        if self.sub_monitor in events:
+            while self.sub_monitor.poll(0):
+                self._sub_link.event(recv_monitor_message(self.sub_monitor)["event"])
+        if self.link.dealer in events:
+            self.link.drain(self.link.dealer, self._on_coordinator, "coordinator", self._on_error)
+        if self.sub in events:
+            self.link.drain(self.sub, self._on_published, "publisher", self._on_error)
+        self._serve_ready()
+        self._timers()
+
+    def _on_error(self, msg: P.Message) -> None:
+        """A bug handled a message: the request it carried (if any) is failed, the worker goes on."""
+        if msg.type == P.COMPUTE:
+            self._fail(msg["req"], "internal error in the worker (see its log)")
 
     def _timers(self) -> None:
-        for link, what in ((self._link, "the coordinator"), (self._sub_link, "the predictions")):
-            if link.check():
-                self.log.warning("the link to %s was dropped (a malformed or oversized frame?); reconnecting", what)
-        now = time.monotonic()
-        if not self._welcomed and now >= self._next_hello:
-            self._hello()
-        elif self._welcomed and now >= self._next_heartbeat:
-            rss = rss_bytes()
-            self._send(P.HEARTBEAT, rss=rss, peak_rss=peak_rss_bytes())
-            self._next_heartbeat = now + self._heartbeat_s
-            with self._cond:  # the baseline's growth, re-observed off the request path
-                before = self.adm.baseline
-                if self.adm.observe_rss(rss) and abs(self.adm.baseline - before) >= 1 << 20:
-                    self.log.info("baseline RSS now %s (was %s): room for experts %s", format_size(self.adm.baseline),
-                                  format_size(before), format_size(self.adm.capacity))
+        if self._sub_link.check():
+            self.log.warning("the link to the predictions was dropped (a malformed or oversized frame?); reconnecting")
+        self.link.timers(self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        rss = rss_bytes()
+        self._send(P.HEARTBEAT, rss=rss, peak_rss=peak_rss_bytes())
+        with self._cond:  # the baseline's growth, re-observed off the request path
+            before = self.adm.baseline
+            if self.adm.observe_rss(rss) and abs(self.adm.baseline - before) >= 1 << 20:
+                self.log.info("baseline RSS now %s (was %s): room for experts %s", format_size(self.adm.baseline),
+                              format_size(before), format_size(self.adm.capacity))
 
     def _send(self, msg_type: str, tensor: np.ndarray | None = None, **fields: Any) -> bool:
-        try:
-            self.dealer.send_multipart(P.encode(msg_type, tensor, **fields), zmq.NOBLOCK, copy=tensor is None)
+        if self.link.send(msg_type, tensor, **fields):
             return True
-        except zmq.Again:  # no link to the coordinator right now (IMMEDIATE) or its queue is full
-            if msg_type not in (P.HELLO, P.HEARTBEAT):
-                self.log.warning("could not send %s: no link to the coordinator", msg_type)
-            return False
+        if msg_type not in (P.HELLO, P.HEARTBEAT):  # no link to the coordinator right now, or its queue is full
+            self.log.warning("could not send %s: no link to the coordinator", msg_type)
+        return False
 
-    def _hello(self) -> None:
-        sent = self._send(P.HELLO, name=self.name, model=self.model_hash, budget=self.budget, threads=self.threads,
-                          pid=os.getpid(), baseline_rss=self.baseline, resident_room=self.adm.resident_room,
-                          jit_slots=self.jit_slots)
-        now = time.monotonic()
-        self._next_hello = now + (self.hello_interval if sent else HELLO_RETRY_S)
-        if sent:
-            self._hello_sent_at = now
-
-    def _on_monitor(self) -> None:
-        while True:
-            try:
-                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._link.event(ev["event"])
-            failure = handshake_failure(ev["event"], self.connect)
-            if failure is not None:
-                if not self._handshake_warned:  # once until a handshake succeeds: ZeroMQ retries by itself
-                    self.log.warning("%s; retrying", failure)
-                    self._handshake_warned = True
-                continue
-            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake_warned = False
-                if self._disconnected:
-                    self.log.info("reconnect: link to %s is back; saying hello again", self.connect)
-                    self._unwelcome()
-                else:
-                    self.log.info("connected to %s", self.connect)
-                self._disconnected = False
-                # (a HELLO the timer managed to send since the link went down already went over this link)
-                if not self._welcomed and self._hello_sent_at <= self._link_lost_at:
-                    self._hello()
-            elif ev["event"] == zmq.EVENT_DISCONNECTED and not self._disconnected:
-                self._disconnected = True
-                self._link_lost_at = time.monotonic()
-                self.log.info("disconnected from %s (ZeroMQ reconnects by itself)", self.connect)
+    def _hello(self) -> tuple[str, dict[str, Any]]:
+        return P.HELLO, dict(name=self.name, model=self.model_hash, budget=self.budget, threads=self.threads,
+                             pid=os.getpid(), baseline_rss=self.baseline, resident_room=self.adm.resident_room,
+                             jit_slots=self.jit_slots)
 
     def _unwelcome(self) -> None:
         """Forget the coordinator's schedule: a restarted coordinator knows nothing of it."""
-        self._welcomed = False
-        self._next_hello = 0.0
         with self._cond:
             drops = self.adm.reset()
             shards = self._unmap_locked(drops)
@@ -400,18 +283,11 @@ class Worker:
             self._on_compute(msg)
         elif t == P.RESIDENT:
             self._on_resident(msg)
-        elif t == P.HEARTBEAT:
-            pass
         elif t == P.WELCOME:
             self._on_welcome(msg)
-        elif t == P.UNKNOWN_PEER:
-            self.log.info("reconnect: the coordinator does not know this worker (restarted?); saying hello again")
-            self._unwelcome()
-            self._hello()
-        elif t == P.REJECT:
-            self.log.error("rejected by the coordinator: %s", msg["reason"])
-            self._reject = msg["reason"]
-        else:
+        elif t == P.HEARTBEAT:
+            pass  # (the protocol allows them both ways; the coordinator's liveness is ZeroMQ's own pings)
+        elif not self.link.handle_common(msg):  # (a reject, an unknown)
             self.log.warning("dropped an unexpected %s message from the coordinator", t)
 
     def _on_welcome(self, msg: P.Message) -> None:
@@ -439,18 +315,16 @@ class Worker:
             self._sub_link.connect(pub)
             self._pub = pub
         self._worker_id = msg["worker_id"]
-        self._heartbeat_s = hb
-        self._welcomed = True
-        self._next_heartbeat = time.monotonic()
+        self.link.welcome(hb)
         self.log.info("welcomed as worker %d (predictions from %s, heartbeat every %.3g s)", self._worker_id, pub, hb)
 
     def _on_published(self, msg: P.Message) -> None:
         if msg.type != P.PREFETCH:
             self.log.warning("dropped an unexpected %s message from the publisher", msg.type)
             return
-        if not self._welcomed:
+        if not self.link.welcomed:
             return
-        items, unknown = self._sized((layer, expert) for worker_id, layer, expert in msg["loads"]
+        items, unknown = self._sized(ExpertId(layer, expert) for worker_id, layer, expert in msg["loads"]
                                      if worker_id == self._worker_id)
         if unknown:
             self.log.warning("prefetch step %d: no such expert in this model: %s", msg["step"], ", ".join(unknown))
@@ -459,19 +333,19 @@ class Worker:
             shards = self._unmap_locked(drops)
             self._cond.notify_all()
         if items and self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("prefetch step %d: %s", msg["step"], " ".join(_label(k) for k, _ in items))
+            self.log.debug("prefetch step %d: %s", msg["step"], " ".join(k.label for k, _ in items))
         for k, s in shards:
             self._drop(k, s, "prefetch expired")
 
-    def _sized(self, experts: Iterable[tuple[int, int]]) -> tuple[list[tuple[tuple[int, int], int]], list[str]]:
-        """((layer, expert), mapped bytes) of each expert this model has, and the labels of those it lacks."""
+    def _sized(self, experts: Iterable[Iterable[int]]) -> tuple[list[tuple[ExpertId, int]], list[str]]:
+        """(expert, mapped bytes) of each (layer, expert) this model has, and the labels of those it lacks."""
         items, unknown = [], []
-        for layer, expert in experts:
-            entry = self.manifest.files.get(expert_file_name(layer, expert))
+        for key in map(ExpertId._make, experts):
+            entry = self.manifest.files.get(key.file_name)
             if entry is None:
-                unknown.append(_label((layer, expert)))
+                unknown.append(key.label)
             else:
-                items.append(((layer, expert), page_round(entry.size)))
+                items.append((key, page_round(entry.size)))
         return items, unknown
 
     def _on_resident(self, msg: P.Message) -> None:
@@ -485,7 +359,7 @@ class Worker:
             self._cond.notify_all()
         if refused:
             self.log.warning("resident plan %d: %d experts do not fit the resident room %s (%s); they load just in time",
-                             msg["plan"], len(refused), format_size(self.adm.resident_room), " ".join(map(_label, refused)))
+                             msg["plan"], len(refused), format_size(self.adm.resident_room), " ".join(k.label for k in refused))
         self.log.info("resident plan %d: %d experts (%s)", msg["plan"], len(items) - len(refused),
                       format_size(sum(size for k, size in items if k not in set(refused))))
         for k, s in shards:
@@ -493,9 +367,9 @@ class Worker:
 
     def _on_compute(self, msg: P.Message) -> None:
         req, layer, x = msg["req"], msg["layer"], msg.tensor
-        keys = [(layer, e) for e in msg["experts"]]
-        entries = [self.manifest.files.get(expert_file_name(*k)) for k in keys]
-        missing = [_label(k) for k, entry in zip(keys, entries) if entry is None]
+        keys = [ExpertId(layer, e) for e in msg["experts"]]
+        entries = [self.manifest.files.get(k.file_name) for k in keys]
+        missing = [k.label for k, entry in zip(keys, entries) if entry is None]
         if missing:
             return self._fail(req, f"no expert {', '.join(missing)} in model {self.manifest.name}")
         if x.ndim != 2 or x.shape[1] != self.n_embd:
@@ -585,7 +459,7 @@ class Worker:
             if changed:
                 raise ValueError("a shard file changed on disk during the compute")
         except Exception as e:  # GGMLComputeError, a bad shape, changed bytes: fail this request, keep serving
-            self._fail(p.req, f"compute of {' '.join(map(_label, p.keys))} {'refused' if changed else 'failed'}: {e}")
+            self._fail(p.req, f"compute of {' '.join(k.label for k in p.keys)} {'refused' if changed else 'failed'}: {e}")
             y = None
         finally:
             with self._cond:
@@ -598,11 +472,11 @@ class Worker:
         if y is not None:
             missed = not all(p.hits)
             load_s, wait_s = (waited, 0.0) if missed else (0.0, waited)
-            self._send(P.RESULT, y, req=p.req, layer=p.layer, experts=[k[1] for k in p.keys], rows=p.rows,
+            self._send(P.RESULT, y, req=p.req, layer=p.layer, experts=[k.expert for k in p.keys], rows=p.rows,
                        load_s=load_s, wait_s=wait_s, compute_s=compute_s, hits=sum(p.hits))
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("compute req %d %s: %d rows, %.2f ms (%d/%d hits, waited %.1f ms)", p.req,
-                               " ".join(map(_label, p.keys)), p.x.shape[0], compute_s * 1e3, sum(p.hits), len(p.hits),
+                               " ".join(k.label for k in p.keys), p.x.shape[0], compute_s * 1e3, sum(p.hits), len(p.hits),
                                waited * 1e3)
         for k, sh in dropped:
             self._drop(k, sh, "computed")
@@ -611,7 +485,7 @@ class Worker:
         """Every expert of the request on its rows; outputs in the same row order."""
         for shard, key in zip(shards, p.keys):
             if shard.layout.tensors["down"].ne[1] != p.x.shape[1]:
-                raise ValueError(f"hidden states have {p.x.shape[1]} columns, expert {_label(key)} takes "
+                raise ValueError(f"hidden states have {p.x.shape[1]} columns, expert {key.label} takes "
                                  f"{shard.layout.tensors['down'].ne[1]}")
         if len(shards) == 1:
             return self.ffn.run(shards[0], p.x)
@@ -636,25 +510,25 @@ class Worker:
                         evicted = self._unmap_locked(d.evict)
                         break
                     if isinstance(d, Skip):
-                        self.log.warning("not loading %s: %s", _label(d.key), d.reason)
+                        self.log.warning("not loading %s: %s", d.key.label, d.reason)
                         if d.pins:
                             self._errors[d.key] = [d.reason, d.pins]
                             self._wake.wake()
                         continue
                     self._cond.wait(1.0 if isinstance(d, Wait) else None)
             for k, s in evicted:
-                self._drop(k, s, f"evicted for {_label(d.key)}")
+                self._drop(k, s, f"evicted for {d.key.label}")
             t = time.perf_counter()
             try:
                 shard = self._map(d.key)
             except Exception as e:  # a missing or damaged shard: fail the requests waiting for it
-                reason = str(e) if isinstance(e, UserError) else f"loading {_label(d.key)} failed: {type(e).__name__}: {e}"
+                reason = str(e) if isinstance(e, UserError) else f"loading {d.key.label} failed: {type(e).__name__}: {e}"
                 with self._cond:
                     pins = self.adm.load_failed(d.key)
                     if pins:
                         self._errors[d.key] = [reason, pins]
                     self._cond.notify_all()
-                self.log.warning("load %s failed: %s", _label(d.key), reason)
+                self.log.warning("load %s failed: %s", d.key.label, reason)
                 self._wake.wake()
                 continue
             dt = time.perf_counter() - t
@@ -664,16 +538,16 @@ class Worker:
                     self._shards[d.key] = shard
                     self._loaded_at[d.key] = time.perf_counter()
                 self._cond.notify_all()
-            self.log.debug("load %s: %.2f ms, %d bytes", _label(d.key), dt * 1e3, shard.layout.size)
+            self.log.debug("load %s: %.2f ms, %d bytes", d.key.label, dt * 1e3, shard.layout.size)
             if keep:
                 self._wake.wake()
             else:
                 self._drop(d.key, shard, "no longer wanted")
 
-    def _layout(self, key: Key) -> ShardLayout:
+    def _layout(self, key: ExpertId) -> ShardLayout:
         layout = self._layouts.get(key)
         if layout is None:
-            rel = expert_file_name(*key)
+            rel = key.file_name
             path = self.model_dir / rel
             if not path.is_file():
                 raise UserError(f"{self.model_dir}: {rel} is missing")
@@ -682,10 +556,10 @@ class Worker:
                 raise UserError(f"{self.model_dir}: {rel} has {layout.size} bytes, the manifest says {self.manifest.files[rel].size}")
         return layout
 
-    def _all_unchanged(self, keys: list[Key], shards: list[SlotShard]) -> bool:
+    def _all_unchanged(self, keys: list[ExpertId], shards: list[SlotShard]) -> bool:
         return all([self._unchanged(k, sh.layout.path) for k, sh in zip(keys, shards)])  # (each logs its own)
 
-    def _unchanged(self, key: Key, path: Path) -> bool:
+    def _unchanged(self, key: ExpertId, path: Path) -> bool:
         """The shard's file is still the one whose bytes were verified (one stat)."""
         try:
             same = _file_identity(path) == self._verified.get(key)
@@ -694,15 +568,15 @@ class Worker:
         if not same:
             self._verified.pop(key, None)  # hash it again before any further use
             self.log.warning("%s: %s changed on disk since it was verified; refusing it until its bytes match "
-                             "the manifest again", _label(key), path)
+                             "the manifest again", key.label, path)
         return same
 
-    def _map(self, key: Key) -> SlotShard:
+    def _map(self, key: ExpertId) -> SlotShard:
         """Map a shard (one sequential read, MAP_POPULATE). The first time, and whenever the file is no
         longer the one verified, the mapped bytes are hashed against the manifest: no read buffer is
         needed, and the bytes checked are the bytes computed on. Otherwise one stat before and one
         after the map show that the file was not changed."""
-        rel = expert_file_name(*key)
+        rel = key.file_name
         path = self.model_dir / rel
         layout = self._layout(key)  # (a missing file is reported by name here)
         before = _file_identity(path)
@@ -716,7 +590,7 @@ class Worker:
                 raise UserError(f"{self.model_dir}: {rel} does not match the manifest "
                                 f"(sha256 {digest[:16]}..., expected {entry.sha256[:16]}...); refused")
             if key in self._layouts:
-                self.log.info("%s: %s changed on disk but its bytes match the manifest: verified again", _label(key), rel)
+                self.log.info("%s: %s changed on disk but its bytes match the manifest: verified again", key.label, rel)
             self._layouts[key] = layout
             self._verified[key] = before
         if _file_identity(path) != before:
@@ -725,7 +599,7 @@ class Worker:
             raise UserError(f"{self.model_dir}: {rel} changed on disk while it was mapped; refused")
         return shard
 
-    def _unmap_locked(self, keys: list[Key]) -> list[tuple[Key, SlotShard]]:
+    def _unmap_locked(self, keys: list[ExpertId]) -> list[tuple[ExpertId, SlotShard]]:
         """Unmap shards the admission just released, before the lock is let go: the loader may use
         their memory the moment it sees it free. (Page cache and logging follow in _drop.)"""
         out = []
@@ -735,16 +609,14 @@ class Worker:
             out.append((k, shard))
         return out
 
-    def _drop(self, key: Key, shard: SlotShard, why: str) -> None:
+    def _drop(self, key: ExpertId, shard: SlotShard, why: str) -> None:
         shard.close()
         drop_page_cache(shard.layout.path)
-        self.log.debug("drop %s (%s)", _label(key), why)
+        self.log.debug("drop %s (%s)", key.label, why)
 
     # -- shutdown --------------------------------------------------------------------------------
     def _shutdown(self) -> None:
-        if self._reject is None:
-            self.log.info("shutdown (%s): saying bye", self._stop_signal)
-            self._send(P.BYE)
+        self.link.bye()
         with self._cond:
             self._stop_loader = True
             self._cond.notify_all()
@@ -755,14 +627,10 @@ class Worker:
         for k, s in shards:
             s.close()
             drop_page_cache(s.layout.path)
-        self.dealer.disable_monitor()
-        self.monitor.close(linger=0)
         self.sub.disable_monitor()
         self.sub_monitor.close(linger=0)
         self.sub.close(linger=0)
-        self.dealer.close(linger=200)  # long enough for the BYE to leave, short enough not to hang
-        self.ctx.term()
-        self._wake.close()
+        self.link.close()  # (its DEALER lingers long enough for the bye to leave, short enough not to hang)
         self.slot_ffn.close()
         self.arena.close()
         self.compute.close()

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgemoe.errors import UserError
+from edgemoe.format.shard import EXPERTS_DIR, ExpertId  # noqa: F401 (EXPERTS_DIR: re-exported)
 
 FORMAT_NAME = "edgemoe"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TRUNK_NAME = "trunk.gguf"
-EXPERTS_DIR = "experts"
 
 _HASH_CHUNK = 8 << 20
 
@@ -31,8 +31,8 @@ def shadow_trunk_file_name(type_name: str) -> str:
 
 
 def expert_file_name(layer: int, expert: int) -> str:
-    """Path of one expert's shard, relative to the model directory."""
-    return f"{EXPERTS_DIR}/blk.{layer:03d}.expert.{expert:03d}.gguf"
+    """Path of one expert's shard, relative to the model directory (ExpertId.file_name)."""
+    return ExpertId(layer, expert).file_name
 
 
 def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> str:
@@ -99,8 +99,13 @@ class Manifest:
                 raise UserError(f"malformed manifest (shadow entry {sh!r} does not name files it lists)")
         return m
 
+    def expert_ids(self) -> list[ExpertId]:
+        """Every routed expert of the model, layer by layer."""
+        return [ExpertId(l, e) for l in self.moe_layers for e in range(self.n_experts)]
+
     def expert_files(self) -> list[tuple[int, int, str]]:
-        return [(l, e, expert_file_name(l, e)) for l in self.moe_layers for e in range(self.n_experts)]
+        """(layer, expert, shard file name) of every routed expert."""
+        return [(k.layer, k.expert, k.file_name) for k in self.expert_ids()]
 
 
 def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:

@@ -16,50 +16,13 @@ import ctypes
 import mmap
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edgemoe.errors import UserError
-from edgemoe.format.gguf_io import open_gguf, tensor_ne
+from edgemoe.format.shard import ShardLayout, ShardTensor  # (re-exported: the shard layout is format/shard.py's)
 from edgemoe.ggml import Compute, Context, GGMLType, TensorPtr, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
-
-
-@dataclass(frozen=True)
-class ShardTensor:
-    part: str  # "gate", "up", "gate_up", "down"
-    ggml_type: int
-    ne: tuple[int, int]
-    offset: int  # absolute byte offset in the shard file
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Where an expert shard keeps its tensors; parsed once per file, reused on every load."""
-
-    path: str
-    size: int
-    tensors: dict[str, ShardTensor]
-
-    @property
-    def n_ff(self) -> int:
-        return self.tensors["down"].ne[0]
-
-    @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> "ShardLayout":
-        reader = open_gguf(path)
-        tensors = {}
-        for t in reader.tensors:
-            part = t.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
-            if not t.name.endswith(".weight"):
-                raise UserError(f"{path}: expert biases ({t.name}) are not supported")
-            ne = tensor_ne(t)
-            tensors[part] = ShardTensor(part, int(t.tensor_type), (ne[0], ne[1]), int(t.data_offset))
-        if "down" not in tensors or not ({"gate", "up"} <= tensors.keys() or "gate_up" in tensors):
-            raise UserError(f"{path}: expert shard lacks its gate/up/down tensors")
-        return cls(str(path), Path(path).stat().st_size, tensors)
 
 
 class MappedShard:

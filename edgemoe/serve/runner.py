@@ -152,7 +152,7 @@ class Runner:
         self.expected_workers = opts.workers + opts.wait_workers
         self.state = "loading"  # -> "ready" -> "stopped", or "failed"
         self.reason = "loading the model"
-        self.cluster = None  # the coordinator (ClusterExperts), once made
+        self.cluster = None  # the coordinator (edgemoe.cluster.coordinator.Coordinator), once made
         self.local_workers = None
         self.engine = None  # set in the engine's thread; only that thread calls it
         self.n_ctx = 0
