@@ -102,9 +102,10 @@ def test_models_json_and_freshness(small: Path) -> None:
     assert ensure_built(small, SMALL) == small  # fresh: returns without building
 
 
-def test_demo_first_then_the_rest_builds_each_model_once(small: Path, tmp_path: Path) -> None:
+def test_demo_first_then_the_rest_builds_each_model_once(small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """make demo builds demo-moe alone; make real-models then adds sparse-moe without redoing demo-moe,
-    and every file has the bytes of the build that made both at once."""
+    and every file has the bytes of the build that made both at once. A changed converter then
+    redoes only the conversion (of the models asked for), never a GGUF."""
     import tools.realmodels.build as b
 
     assert b.update(tmp_path, SMALL, ("demo-moe",)) == "built"
@@ -117,21 +118,16 @@ def test_demo_first_then_the_rest_builds_each_model_once(small: Path, tmp_path: 
         assert sha256_file(tmp_path / f"{name}.gguf") == read_models_json(small)["models"][name]["sha256"], name
         assert (tmp_path / name / "manifest.json").read_bytes() == (small / name / "manifest.json").read_bytes(), name
 
-
-def test_a_changed_converter_only_reconverts(small: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tools.realmodels.build as b
-
-    ggufs = {n: (small / f"{n}.gguf").stat().st_mtime_ns for n in MODEL_NAMES}
+    ggufs = {n: (tmp_path / f"{n}.gguf").stat().st_mtime_ns for n in MODEL_NAMES}
     monkeypatch.setattr(b, "converter_fingerprint", lambda: "another converter")
-    assert not is_fresh(small, SMALL)
-    assert b.update(small, SMALL) == "converted"
-    assert is_fresh(small, SMALL) and b.update(small, SMALL) == "fresh"
-    assert read_models_json(small)["converter_fingerprint"] == "another converter"
+    assert not is_fresh(tmp_path, SMALL, ("demo-moe",))
+    assert b.update(tmp_path, SMALL, ("demo-moe",)) == "converted"
+    assert is_fresh(tmp_path, SMALL, ("demo-moe",)) and b.update(tmp_path, SMALL, ("demo-moe",)) == "fresh"
+    assert not is_fresh(tmp_path, SMALL)  # sparse-moe's directory is the other converter's until it is redone
+    assert read_models_json(tmp_path)["converter_fingerprint"] == "another converter"
     for n in MODEL_NAMES:
-        assert (small / f"{n}.gguf").stat().st_mtime_ns == ggufs[n]  # not rebuilt
-        assert (small / n / "manifest.json").is_file()
-    monkeypatch.undo()
-    assert b.update(small, SMALL) == "converted" and is_fresh(small, SMALL)
+        assert (tmp_path / f"{n}.gguf").stat().st_mtime_ns == ggufs[n], n  # not rebuilt
+    assert (tmp_path / "demo-moe" / "manifest.json").is_file()
 
 
 def test_llama_cpp_loads_both(small: Path, eval_tokens: list[int]) -> None:
