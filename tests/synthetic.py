@@ -30,11 +30,14 @@ def write_moe(
     expert_bias: str | None = None,
     meta_u32: dict[str, int] | None = None,
     seed: int = 0,
+    extra_u32: dict[str, int] | None = None,
 ) -> Path:
     """int8_tensor: that tensor is written as I8; expert_bias: a part ("up") whose stacked experts get a
     bias; meta_u32: more <arch>.* keys."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
+    for key, value in (extra_u32 or {}).items():
+        w.add_uint32(key, value)
     w.add_uint32(f"{arch}.block_count", n_layers)
     w.add_uint32(f"{arch}.embedding_length", n_embd)
     w.add_uint32(f"{arch}.feed_forward_length", n_ff)

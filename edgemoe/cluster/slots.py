@@ -23,7 +23,7 @@ import numpy as np
 
 from edgemoe.ggml import Compute, Context, GGMLType, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
-from edgemoe.model.expert_ffn import ShardLayout
+from edgemoe.model.expert_ffn import ShardLayout, moe_ffn, stacked_view
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -112,8 +112,8 @@ class _Graph:
 
 
 class SlotFFN:
-    """out = down(silu(gate(x)) * up(x)) for rows of x, each row through the expert in its slot, in one
-    graph of ggml_mul_mat_id over the whole arena (as llama.cpp's build_moe_ffn)."""
+    """out = down(act(gate(x)) * up(x)) for rows of x, each row through the expert in its slot, in one
+    graph of ggml_mul_mat_id over the whole arena (as llama.cpp's build_moe_ffn: expert_ffn.moe_ffn)."""
 
     _CACHE_ROWS = 8  # graphs for up to this many rows are kept (decode)
 
@@ -126,22 +126,11 @@ class SlotFFN:
         n_ff = layout.n_ff
         act = 4 * n_rows * (2 * n_embd + 4 * n_ff + 8) + 64 * 32
         ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
-        w = {}
-        for part, t in layout.tensors.items():
-            w[part] = ctx.external(a.base + t.offset, t.ggml_type, t.ne[0], t.ne[1], a.n_slots)
-            w[part].contents.nb[2] = a.stride  # expert (slot) s at base + offset + s * stride
+        # expert (slot) s at base + offset + s * stride
+        w = {part: stacked_view(ctx, a.base + t.offset, t, a.stride, a.n_slots) for part, t in layout.tensors.items()}
         x = aligned_empty((n_rows, n_embd))
-        b = ctx.reshape_3d(ctx.from_numpy(x), n_embd, 1, n_rows)
         ids_t = ctx.new(GGMLType.I32, 1, n_rows)
-        if "gate_up" in w:
-            gate_up = ctx.mul_mat_id(w["gate_up"], b, ids_t)
-            c = gate_up.contents
-            gate = ctx.view_3d(gate_up, n_ff, 1, n_rows, c.nb[1], c.nb[2], 0)
-            up = ctx.view_3d(gate_up, n_ff, 1, n_rows, c.nb[1], c.nb[2], n_ff * c.nb[0])
-        else:
-            up = ctx.mul_mat_id(w["up"], b, ids_t)
-            gate = ctx.mul_mat_id(w["gate"], b, ids_t)
-        out = ctx.mul_mat_id(w["down"], ctx.swiglu_split(gate, up), ids_t)
+        out = moe_ffn(ctx, w, ctx.from_numpy(x), ids_t, layout.act)
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
         return _Graph(ctx, graph, x, to_numpy(ids_t).reshape(-1), out)

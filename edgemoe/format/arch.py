@@ -36,6 +36,7 @@ class MoeArch:
     moe_layer_rule: bool = False
     # GGML type names the expert weights may have (None: any type ggml multiplies, see NOT_EXPERT_TYPES)
     expert_types: frozenset[str] | None = None
+    expert_act: str = "silu"  # the experts' gated activation: "silu" (SwiGLU) or "swiglu_oai" (gpt-oss, clamped)
 
     def allows_type(self, type_name: str) -> bool:
         if self.expert_types is not None:
@@ -57,6 +58,10 @@ ARCHITECTURES: dict[str, MoeArch] = {
         MoeArch("granitemoe", (_SPLIT,), description="IBM Granite 3.x MoE, scaled residuals, optional shared expert"),
         MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_lead_key="leading_dense_block_count", moe_layer_rule=True,
                 description="Baidu ERNIE 4.5 MoE, leading dense layers, expert selection bias, shared experts"),
+        MoeArch("deepseek2", (_SPLIT, _FUSED), shared_expert=True, dense_lead_key="leading_dense_block_count",
+                description="DeepSeek-V2/V3 style: MLA, leading dense layers, shared experts"),
+        MoeArch("gpt-oss", (_SPLIT, _FUSED), expert_act="swiglu_oai", expert_biases=True,
+                description="gpt-oss: attention sinks, sliding-window layers, expert biases, MXFP4 experts"),
     )
 }
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edgemoe.errors import UserError
-from edgemoe.format.gguf_io import open_gguf, tensor_ne
+from edgemoe.format.arch import ARCHITECTURES
+from edgemoe.format.gguf_io import get_str, open_gguf, tensor_ne
 
 EXPERTS_DIR = "experts"
 
@@ -42,7 +43,7 @@ class ExpertId(NamedTuple):
 
 @dataclass(frozen=True)
 class ShardTensor:
-    part: str  # "gate", "up", "gate_up", "down"
+    part: str  # "gate", "up", "gate_up", "down"; biases "gate_b", "up_b", "gate_up_b", "down_b"
     ggml_type: int
     ne: tuple[int, int]
     offset: int  # absolute byte offset in the shard file
@@ -55,6 +56,7 @@ class ShardLayout:
     path: str
     size: int
     tensors: dict[str, ShardTensor]
+    act: str = "silu"  # the architecture's expert activation (format.arch.MoeArch.expert_act)
 
     @property
     def n_ff(self) -> int:
@@ -64,15 +66,19 @@ class ShardLayout:
     def read(cls, path: str | os.PathLike[str]) -> "ShardLayout":
         reader = open_gguf(path)
         tensors = {}
+        arch = ARCHITECTURES.get(get_str(reader, "general.architecture") or "")
         for t in reader.tensors:
             part = t.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
-            if not t.name.endswith(".weight"):
-                raise UserError(f"{path}: expert biases ({t.name}) are not supported")
+            if t.name.endswith(".bias"):
+                if arch is None or not arch.expert_biases:
+                    raise UserError(f"{path}: expert biases ({t.name}) are not part of the "
+                                    f"{arch.name if arch else 'unknown'} architecture")
+                part += "_b"
             ne = tensor_ne(t)
-            tensors[part] = ShardTensor(part, int(t.tensor_type), (ne[0], ne[1]), int(t.data_offset))
+            tensors[part] = ShardTensor(part, int(t.tensor_type), (ne[0], ne[1] if len(ne) > 1 else 1), int(t.data_offset))
         if "down" not in tensors or not ({"gate", "up"} <= tensors.keys() or "gate_up" in tensors):
             raise UserError(f"{path}: expert shard lacks its gate/up/down tensors")
-        return cls(str(path), Path(path).stat().st_size, tensors)
+        return cls(str(path), Path(path).stat().st_size, tensors, arch.expert_act if arch else "silu")
 
 
 __all__ = ["EXPERTS_DIR", "ExpertId", "ShardLayout", "ShardTensor"]

@@ -42,6 +42,7 @@ class GGMLType(enum.IntEnum):
     I32 = 26
     I64 = 27
     BF16 = 30
+    MXFP4 = 39  # gpt-oss experts: 32 values per 17-byte block
 
 
 class GGMLPrec(enum.IntEnum):
@@ -136,6 +137,14 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_scale": (T, [CTX, T, c_float]),
     "ggml_clamp": (T, [CTX, T, c_float, c_float]),
     "ggml_silu": (T, [CTX, T]),
+    "ggml_sigmoid": (T, [CTX, T]),
+    "ggml_fill": (T, [CTX, T, c_float]),
+    "ggml_concat": (T, [CTX, T, T, c_int]),
+    "ggml_transpose": (T, [CTX, T]),
+    "ggml_add_id": (T, [CTX, T, T, T]),
+    "ggml_swiglu_oai": (T, [CTX, T, T, c_float, c_float]),
+    "ggml_soft_max_add_sinks": (None, [T, T]),
+    "ggml_flash_attn_ext_add_sinks": (None, [T, T]),
     "ggml_sum_rows": (T, [CTX, T]),
     "ggml_rms_norm": (T, [CTX, T, c_float]),
     "ggml_soft_max": (T, [CTX, T]),

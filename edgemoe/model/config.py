@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.arch import interleaved_moe_layers
@@ -32,6 +35,11 @@ class ArchTraits:
     # ernie4-5-moe.cpp ignores attention.scale (1/sqrt(head_dim) always) and attn_output.bias (loaded, not added)
     attn_scale_key: bool = True
     attn_out_bias: bool = True
+    # metadata decides (deepseek2): expert_weights_norm, expert_gating_func, MLA, YaRN, expert groups
+    routing_from_metadata: bool = False
+    # gpt-oss keeps every row through the last layer and drops the non-output rows before the head
+    # (the others drop them after the last attention): row counts change ggml's kernels, so follow it
+    out_rows_at_head: bool = False
 
 
 TRAITS: dict[str, ArchTraits] = {
@@ -45,7 +53,55 @@ TRAITS: dict[str, ArchTraits] = {
     # ernie4-5-moe.cpp: leading dense layers, exp_probs_b selection bias, top-k renormalised
     "ernie4_5-moe": ArchTraits(ROPE_NORM, norm_topk=True, plain_shared_expert=True, moe_layer_rule=True,
                                attn_scale_key=False, attn_out_bias=False),
+    # deepseek2.cpp: MLA, plain shared experts (Trunk.shared_expert: no ffn_gate_inp_shexp), routing from metadata
+    "deepseek2": ArchTraits(ROPE_NORM, shared_expert=True, routing_from_metadata=True),
+    "gpt-oss": ArchTraits(ROPE_NEOX, qkv_bias=True, out_rows_at_head=True),
 }
+
+# llama.cpp's llama_expert_gating_func_type (the GGUF key <arch>.expert_gating_func)
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
+
+_libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+_libm.logf.restype = ctypes.c_float
+_libm.logf.argtypes = [ctypes.c_float]
+_libm.sqrtf.restype = ctypes.c_float
+_libm.sqrtf.argtypes = [ctypes.c_float]
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def logf(x: float) -> float:
+    """C's logf, so that scale factors derived from it are the float llama.cpp computes."""
+    return float(_libm.logf(_f32(x)))
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """deepseek2's multi-head latent attention (llama.cpp hparams n_lora_q, n_lora_kv, *_mla).
+
+    The KV cache holds one "head" per token: the normed kv_lora latent followed by the roped k_pe
+    (head_dim = kv_lora_rank + rope dims); V is a view of its first kv_lora_rank values."""
+
+    q_lora_rank: int  # 0: one attn_q projection (V2-Lite); else attn_q_a -> norm -> attn_q_b
+    kv_lora_rank: int
+    head_k: int  # per-head query/key size before absorption: nope + rope
+    head_v: int  # per-head value size after attn_v_b
+    absorbed: bool  # attn_k_b/attn_v_b (current converters); False: the legacy attn_kv_b
+
+
+@dataclass(frozen=True)
+class Rope:
+    """ggml_rope_ext's scaling arguments, as llama.cpp's cparams resolve them."""
+
+    n_ctx_orig: int
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0  # llama-cpp-python passes these defaults explicitly
+    beta_slow: float = 1.0
+
+
 
 
 @dataclass(frozen=True)
@@ -75,6 +131,21 @@ class ModelConfig:
     logit_scale: float = 0.0  # logits are divided by it
     n_layer_dense_lead: int = 0  # moe_layer_rule archs
     moe_layer_step: int = 1
+    norm_topk: bool = False  # renormalise the selected experts' weights to sum to 1
+    gating: str = "softmax"  # "softmax" or "sigmoid" over the router logits
+    n_expert_groups: int = 0  # group-limited routing (DeepSeek-V3): experts only from the best groups
+    n_group_used: int = 0
+    rope: Rope | None = None  # None: no YaRN (n_ctx_orig = n_ctx_train, plain scaling)
+    mla: MLAConfig | None = None
+    # gpt-oss: sliding-window layers (llama.cpp's is_swa), their window and RoPE base; attention sinks;
+    # the clamped swiglu_oai expert activation; the router's softmax over the selected experts only
+    n_swa: int = 0
+    swa_layers: tuple[int, ...] = ()
+    rope_freq_base_swa: float = 0.0
+    expert_act: str = "silu"  # "silu" (SwiGLU) or "swiglu_oai"
+
+    def is_swa(self, il: int) -> bool:
+        return il in self.swa_layers
 
     @property
     def shared_expert(self) -> bool:
@@ -117,20 +188,32 @@ class ModelConfig:
         n_head = int(key("attention.head_count"))
         n_head_kv = int(key("attention.head_count_kv", n_head))
         head_dim = int(key("attention.key_length", n_embd // n_head))
-        if int(key("attention.value_length", head_dim)) != head_dim:
-            raise UserError(f"{source}: different key and value head sizes are not supported")
         n_vocab = int(meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])))
         n_expert = int(key("expert_count", 0))
         n_ff = int(key("feed_forward_length", 0))
         n_ff_exp = int(key(traits.ff_exp_key, 0)) if n_expert else 0
         scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-        if scaling not in ("none", "linear"):
-            raise UserError(f"{source}: RoPE scaling '{scaling}' is not supported (only none and linear)")
+        if scaling not in ("none", "linear", "yarn"):
+            raise UserError(f"{source}: RoPE scaling '{scaling}' is not supported (only none, linear and yarn)")
         factor = float(meta.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
-        freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
+        freq_scale = _f32(1.0 / np.float32(factor)) if scaling != "none" and factor > 0 else 1.0
         attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0) or 0.0) if traits.attn_scale_key else 0.0
         f32 = lambda name: float(meta.get(f"{arch}.{name}", 0.0) or 0.0)  # noqa: E731
-        extra: dict[str, Any] = {}
+        n_ctx_train = int(key("context_length"))
+        rope = _rope(meta, arch, scaling, freq_scale, n_ctx_train)
+        extra: dict[str, Any] = {"norm_topk": traits.norm_topk}
+        if traits.routing_from_metadata:
+            extra.update(_routing(meta, arch, source))
+        if arch == "deepseek2":
+            extra["mla"], head_dim, kq = _deepseek2_attention(meta, arch, source, rope, freq_scale)
+            n_head_kv = 1 if extra["mla"].absorbed else n_head
+            attn_scale = kq
+        elif arch == "gpt-oss":
+            extra.update(_gpt_oss(meta, arch, source))
+            n_rot = int(key("rope.dimension_count", head_dim))
+            attn_scale = _f32(np.float32(1.0) / np.float32(_libm.sqrtf(float(n_rot))))  # 1.0f/sqrtf(float(n_rot))
+        if arch != "deepseek2" and int(key("attention.value_length", head_dim)) != head_dim:
+            raise UserError(f"{source}: different key and value head sizes are not supported")
         if traits.plain_shared_expert and n_expert:
             extra["n_ff_shexp"] = int(key("expert_shared_feed_forward_length", 0))
         if traits.granite_scales:  # granite.cpp: logit_scale is required, the others optional
@@ -147,7 +230,7 @@ class ModelConfig:
             arch=arch,
             traits=traits,
             n_vocab=n_vocab,
-            n_ctx_train=int(key("context_length")),
+            n_ctx_train=n_ctx_train,
             n_embd=n_embd,
             n_layer=int(key("block_count")),
             n_head=n_head,
@@ -164,5 +247,97 @@ class ModelConfig:
             # float32 arithmetic, as llama.cpp's 1.0f/sqrtf(n_embd_head)
             kq_scale=attn_scale if attn_scale else float(np.float32(1.0) / np.sqrt(np.float32(head_dim))),
             expert_weights_scale=float(key("expert_weights_scale", 0.0)),
+            rope=rope,
             **extra,
         )
+
+
+def _rope(meta: dict[str, Any], arch: str, scaling: str, freq_scale: float, n_ctx_train: int) -> Rope:
+    """ext_factor and attn_factor as llama_context's constructor derives them (src/llama-context.cpp)."""
+    n_ctx_orig = int(meta.get(f"{arch}.rope.scaling.original_context_length", 0) or 0) or n_ctx_train
+    attn_factor = 1.0
+    ext_factor = 1.0 if scaling == "yarn" else 0.0
+    if ext_factor != 0.0:
+        factor = _f32(1.0 / np.float32(freq_scale))
+
+        def mscale(scale: float, m: float) -> float:
+            return 1.0 if scale <= 1.0 else _f32(np.float32(0.1) * np.float32(m) * np.float32(logf(scale)) + np.float32(1.0))
+
+        log_mul = _yarn_log_mul(meta, arch)
+        if log_mul != 0.0:
+            m = log_mul if arch == "deepseek2" and log_mul != 1.0 else 1.0
+            attn_factor = _f32(np.float32(mscale(factor, m)) / np.float32(mscale(factor, log_mul)))
+        else:
+            attn_factor = mscale(factor, 1.0)
+        attn_factor = _f32(np.float32(attn_factor) * (np.float32(1.0) / (np.float32(1.0) + np.float32(0.1) * np.float32(logf(factor)))))
+    attn_factor = _f32(np.float32(attn_factor) * np.float32(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0) or 1.0))
+    return Rope(n_ctx_orig, ext_factor, attn_factor)
+
+
+def _yarn_log_mul(meta: dict[str, Any], arch: str) -> float:
+    """hparams.rope_yarn_log_mul; deepseek2 cancels the converter's factor 0.1 (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX)."""
+    v = float(meta.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0) or 0.0)
+    return _f32(np.float32(v) / np.float32(0.1)) if arch == "deepseek2" and v else _f32(v)
+
+
+def _routing(meta: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """Gating function, weight normalisation and expert groups from metadata (llama.cpp load_hparams)."""
+    func = int(meta.get(f"{arch}.expert_gating_func", 0) or 0)
+    if func == 0:  # llama.cpp's default for DeepSeek V2 files without the key
+        func = 1
+    if func not in GATING_FUNCS:
+        raise UserError(f"{source}: {arch}.expert_gating_func {func} is not supported "
+                        f"(supported: {', '.join(f'{k} ({v})' for k, v in GATING_FUNCS.items())})")
+    groups = int(meta.get(f"{arch}.expert_group_count", 0) or 0)
+    used = int(meta.get(f"{arch}.expert_group_used_count", 0) or 0)
+    n_expert = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    if groups > 1 and (n_expert % groups or not 0 < used < groups):
+        raise UserError(f"{source}: expert groups {groups} (used {used}) do not divide {n_expert} experts as llama.cpp requires")
+    return {"norm_topk": bool(meta.get(f"{arch}.expert_weights_norm", False)), "gating": GATING_FUNCS[func],
+            "n_expert_groups": groups, "n_group_used": used}
+
+
+def _gpt_oss(meta: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """llama_model_openai_moe::load_arch_hparams: window, SWA pattern (every 2nd layer by default), SWA RoPE base."""
+    n_swa = meta.get(f"{arch}.attention.sliding_window")
+    if n_swa is None:
+        raise UserError(f"{source}: metadata key {arch}.attention.sliding_window is missing")
+    n_layer = int(meta[f"{arch}.block_count"])
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):  # one flag per layer
+        swa = tuple(il for il, f in enumerate(pattern[:n_layer]) if f)
+    else:  # llama_hparams::set_swa_pattern(n, dense_first=false)
+        n = int(pattern)
+        swa = tuple(il for il in range(n_layer) if n == 0 or il % n < n - 1)
+    base = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    return {"n_swa": int(n_swa), "swa_layers": swa, "gating": "softmax_weight", "expert_act": "swiglu_oai",
+            "rope_freq_base_swa": float(meta.get(f"{arch}.rope.freq_base_swa", base))}
+
+
+def _deepseek2_attention(meta: dict[str, Any], arch: str, source: str, rope: Rope,
+                         freq_scale: float) -> tuple[MLAConfig, int, float]:
+    """(MLA shapes, cached K head size, kq_scale) as llama_model_deepseek2 reads and pre-scales them."""
+    def req(name: str) -> int:
+        v = meta.get(f"{arch}.{name}")
+        if v is None:
+            raise UserError(f"{source}: metadata key {arch}.{name} is missing")
+        return int(v)
+
+    kv_lora = req("attention.kv_lora_rank")
+    n_rot = req("rope.dimension_count")
+    head_k_mla = int(meta.get(f"{arch}.attention.key_length_mla", 0) or 0)
+    head_v_mla = int(meta.get(f"{arch}.attention.value_length_mla", 0) or 0)
+    absorbed = head_k_mla != 0 and head_v_mla != 0
+    if not absorbed:  # legacy attn_kv_b files: the MHA head sizes are key_length/value_length
+        raise UserError(f"{source}: deepseek2 files without {arch}.attention.key_length_mla (the legacy attn_kv_b "
+                        "layout) are not supported yet; re-convert with a current llama.cpp converter")
+    head_dim = req("attention.key_length")
+    if head_dim != kv_lora + n_rot or req("attention.value_length") != kv_lora:
+        raise UserError(f"{source}: MLA key/value lengths {head_dim}/{req('attention.value_length')} "
+                        f"do not match kv_lora_rank {kv_lora} + rope {n_rot}")
+    # llama_model_deepseek2::graph: undo yarn_attn_factor_adjust, then pre-scale kq_scale
+    attn_org = np.float32(rope.attn_factor) * (np.float32(1.0) + np.float32(0.1) * np.float32(logf(_f32(1.0 / np.float32(freq_scale)))))
+    ms = attn_org * (np.float32(1.0) + np.float32(0.1) * np.float32(_yarn_log_mul(meta, arch)) * np.float32(logf(_f32(1.0 / np.float32(freq_scale)))))
+    kq = _f32(np.float32(1.0) * ms * ms / np.float32(_libm.sqrtf(float(head_k_mla))))
+    mla = MLAConfig(int(meta.get(f"{arch}.attention.q_lora_rank", 0) or 0), kv_lora, head_k_mla, head_v_mla, absorbed)
+    return mla, head_dim, kq

@@ -40,7 +40,7 @@ from edgemoe.util.extra_bufts import extra_bufts_usable
 LLAMA_CPP_POLL = 50  # llama.cpp's default threadpool polling level (cpu_params.poll)
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
-_FUSED_VIEWS = 24  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
+_FUSED_VIEWS = 32  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
 _SEGMENT_TENSORS = 4096  # nodes of one layer's graph (a segment), headers only
 _SEGMENT_VIEWS = 256  # tensors over outside memory (weights, inputs, carry, KV cache) in one segment
 _CACHED_GRAPHS = 4  # decode graphs kept (one per batch size and KV length in use)
@@ -59,13 +59,15 @@ class _FusedDecode:
     kept between steps: its inputs are rewritten in place and its outputs read through views made
     once (a step costs no allocation in Python)."""
 
-    def __init__(self, inp: StepInputs, seg: "_Segment", moe_layers: list[int], k: int, n_cells: int) -> None:
+    def __init__(self, inp: StepInputs, seg: "_Segment", moe_layers: list[int], k: int, n_cells: int,
+                 n_swa: int = 0) -> None:
         self.inp, self.seg = inp, seg
         n = len(inp.tokens)
         self.logits = to_numpy(seg.outputs["logits"]).reshape(n, -1)
         self.selected = {il: to_numpy(seg.outputs[f"selected.{il}"]).reshape(-1, k) for il in moe_layers}
         self._n_kv_row = None if inp.v_idx is None else len(inp.v_idx) // n
         self._v_base = None if inp.v_idx is None else np.arange(self._n_kv_row, dtype=np.int64) * n_cells
+        self._n_swa = n_swa
 
     def set_inputs(self, rows: list[tuple[int, int, int]]) -> None:
         """Each row's (token, position, first cell of its sequence): what Engine._batch_inputs builds."""
@@ -80,6 +82,12 @@ class _FusedDecode:
             if self._v_base is not None:
                 e = self._n_kv_row
                 np.add(self._v_base, cell, out=inp.v_idx[r * e:(r + 1) * e])
+            if inp.mask_swa is not None:  # the window: its sequence's positions pos - n_swa + 1 .. pos
+                m = inp.mask_swa[r]
+                lo = first + max(0, pos - self._n_swa + 1)
+                m[:lo] = -np.inf
+                m[lo:cell + 1] = 0
+                m[cell + 1:] = -np.inf
 
 
 @dataclass
@@ -260,6 +268,10 @@ class Engine:
         attn = self.kv.attn
         mask_type = np.float16 if attn.flash else np.float32  # llama.cpp: flash attention takes an F16 mask
         mask = np.where(visible, mask_type(0), mask_type(-np.inf)).astype(mask_type)
+        mask_swa = None
+        if self.cfg.n_swa:  # llama.cpp's is_masked_swa (standard): hidden when p1 - p0 >= n_swa
+            in_window = cells[:, None] - kv_cells < self.cfg.n_swa
+            mask_swa = aligned_copy(np.where(visible & in_window, mask_type(0), mask_type(-np.inf)).astype(mask_type))
         lens = [len(t) for _, t in items]
         ends = np.cumsum(lens) - 1
         out_ids = np.arange(n_tok, dtype=np.int32) if logits_all else ends.astype(np.int32)
@@ -280,6 +292,7 @@ class Engine:
             v_idx=v_idx,
             groups=groups,
             out_groups=out_groups,
+            mask_swa=mask_swa,
         )
 
     def _segment_bytes(self, inp: StepInputs) -> int:
@@ -292,12 +305,13 @@ class Engine:
         trunk = self.trunk
         cur = trunk.attention(ctx, graph, il, x, inp)
         groups = inp.groups
-        if il == self.cfg.n_layer - 1:  # only the output rows continue past the last attention
+        # only the output rows continue past the last attention (gpt-oss: they are gathered at the head)
+        if il == self.cfg.n_layer - 1 and not self.cfg.traits.out_rows_at_head:
             ids = ctx.from_numpy(inp.out_ids)
             cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
             groups = inp.out_groups
         ffn_inp = trunk.residual(ctx, cur, x)
-        return ffn_inp, trunk.norm(ctx, ffn_inp, trunk._lw(il, "ffn_norm.weight")), groups
+        return ffn_inp, trunk.ffn_norm(ctx, il, ffn_inp), groups
 
     def _build_segment(self, ctx: Context, il: int, inp: StepInputs, carry: dict[str, np.ndarray]) -> _Segment:
         """Add segment il's nodes to a new graph: combine what enters it, then layer il up to its
@@ -316,6 +330,8 @@ class Engine:
         else:
             x = ctx.from_numpy(carry["resid"])
         if il == cfg.n_layer:
+            if cfg.traits.out_rows_at_head:  # gpt-oss gathers the output rows here, not after the last attention
+                x = ctx.get_rows(x, ctx.from_numpy(inp.out_ids))
             outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
         else:
             ffn_inp, normed, groups = self._attend_and_norm(ctx, graph, il, x, inp)
@@ -333,7 +349,7 @@ class Engine:
     @staticmethod
     def _refill(cached: StepInputs, inp: StepInputs) -> None:
         """Write a step's input values into the arrays a cached graph views."""
-        for name in ("tokens", "pos", "kv_idx", "mask", "out_ids", "v_idx"):
+        for name in ("tokens", "pos", "kv_idx", "mask", "out_ids", "v_idx", "mask_swa"):
             if getattr(inp, name) is not None:
                 np.copyto(getattr(cached, name), getattr(inp, name))
 
@@ -382,7 +398,7 @@ class Engine:
     def _fusable(self) -> bool:
         """Whether the experts can run inside the trunk's graph (resident in-process experts)."""
         if self._fused is None:
-            ctx = Context(Context.overhead(16, 0), views=4 * len(self.moe_layers) + 16)  # 4 parts at most per layer
+            ctx = Context(Context.overhead(16, 0), views=8 * len(self.moe_layers) + 16)  # 7 parts at most per layer (4 weights, 3 biases)
             try:
                 self._fused = all(self.experts is not None and self.experts.graph_parts(il, ctx, self.cfg.n_embd) is not None
                                   for il in self.moe_layers) if self.moe_layers else True
@@ -406,16 +422,18 @@ class Engine:
                 parts = self.experts.graph_parts(il, ctx, cfg.n_embd)
                 if groups and len(groups) > 1:  # runs of rows that keep each sequence on its own kernels
                     limit = mul_mat_id_limit([int(t.contents.type) for t in parts.values()], self.experts.graph_repacked(il))
-                    experts = concat_rows(ctx, [moe_ffn(ctx, parts, x_part, sel_part) for x_part, sel_part in zip(
+                    experts = concat_rows(ctx, [moe_ffn(ctx, parts, x_part, sel_part, cfg.expert_act) for x_part, sel_part in zip(
                         split_rows(ctx, normed, groups, limit), split_rows(ctx, selected, groups, limit))], dim=2)
                 else:
-                    experts = moe_ffn(ctx, parts, normed, selected)
+                    experts = moe_ffn(ctx, parts, normed, selected, cfg.expert_act)
                 moe = trunk.moe_combine(ctx, graph, experts, weights)
                 if cfg.shared_expert:
                     moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed, groups))
                 x = trunk.residual(ctx, moe, ffn_inp)
             else:
                 x = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed, groups), ffn_inp)
+        if cfg.traits.out_rows_at_head:
+            x = ctx.get_rows(x, ctx.from_numpy(inp.out_ids))
         outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)
@@ -468,7 +486,7 @@ class Engine:
                 if not decode:
                     seg.ctx.close()
             if decode:
-                self._fused_cache[key] = _FusedDecode(inp, seg, self.moe_layers, cfg.n_expert_used, self.kv.n_ctx)
+                self._fused_cache[key] = _FusedDecode(inp, seg, self.moe_layers, cfg.n_expert_used, self.kv.n_ctx, cfg.n_swa)
         self.stats.trunk_s += time.perf_counter() - t0
         for il in self.moe_layers:  # checks each shard's sha256 the first time the router picks it
             self.experts.graph_used(il, self.routing[il])

@@ -87,20 +87,11 @@ class ExpertFFN:
         n_ff = layout.n_ff
         act = 4 * n_tok * (2 * n_embd + 4 * n_ff + 8) + 64 * 32
         ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
-        w = {part: ctx.external(32, t.ggml_type, t.ne[0], t.ne[1], 1) for part, t in layout.tensors.items()}
+        w = {part: stacked_view(ctx, 32, t, 0, 1) for part, t in layout.tensors.items()}
         x = aligned_empty((n_tok, n_embd))
-        b = ctx.reshape_3d(ctx.from_numpy(x), n_embd, 1, n_tok)
         ids = ctx.new(GGMLType.I32, 1, n_tok)
         to_numpy(ids)[...] = 0
-        if "gate_up" in w:
-            gate_up = ctx.mul_mat_id(w["gate_up"], b, ids)  # [2*n_ff, 1, n_tok]
-            c = gate_up.contents
-            gate = ctx.view_3d(gate_up, n_ff, 1, n_tok, c.nb[1], c.nb[2], 0)
-            up = ctx.view_3d(gate_up, n_ff, 1, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
-        else:
-            up = ctx.mul_mat_id(w["up"], b, ids)
-            gate = ctx.mul_mat_id(w["gate"], b, ids)
-        out = ctx.mul_mat_id(w["down"], ctx.swiglu_split(gate, up), ids)  # [n_embd, 1, n_tok]
+        out = moe_ffn(ctx, w, ctx.from_numpy(x), ids, layout.act)  # [n_embd, 1, n_tok]
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
         return _FFNGraph(ctx, graph, w, x, out)
@@ -131,26 +122,58 @@ class ExpertFFN:
         self._graphs.clear()
 
 
-def moe_ffn(ctx: Context, parts: dict[str, TensorPtr], x: TensorPtr, ids: TensorPtr) -> TensorPtr:
-    """Add llama.cpp's build_moe_ffn expert nodes (SwiGLU, parallel gate) to ctx's graph.
+def stacked_view(ctx: Context, address: int, t: ShardTensor, stride: int, n_expert: int) -> TensorPtr:
+    """One shard tensor as llama.cpp's stacked layout over n_expert slots `stride` bytes apart: a
+    weight [ne0, ne1, n_expert], a bias [ne0, n_expert]."""
+    if t.part.endswith("_b"):
+        v = ctx.external(address, t.ggml_type, t.ne[0], n_expert)
+        c = v.contents
+        c.nb[1] = stride or c.nb[1]
+        c.nb[2] = c.nb[3] = c.nb[1] * n_expert
+        return v
+    v = ctx.external(address, t.ggml_type, t.ne[0], t.ne[1], n_expert)
+    c = v.contents
+    if stride:
+        c.nb[2] = stride
+        c.nb[3] = stride * n_expert
+    return v
 
-    parts: stacked expert tensors "gate"/"up" (or "gate_up") and "down", [n_in, n_out, n_expert] each;
-    x: the FFN-normed rows, F32 [n_embd, T]; ids: I32 [k, T], each row's experts.
+
+SWIGLU_OAI_ALPHA = 1.702  # llama.cpp's constants for gpt-oss (build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE)
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def moe_ffn(ctx: Context, parts: dict[str, TensorPtr], x: TensorPtr, ids: TensorPtr, act: str = "silu") -> TensorPtr:
+    """Add llama.cpp's build_moe_ffn expert nodes (gated FFN, parallel gate) to ctx's graph.
+
+    parts: stacked expert tensors "gate"/"up" (or "gate_up") and "down", [n_in, n_out, n_expert] each,
+    and where the architecture has them their biases "gate_b"/"up_b"/"gate_up_b"/"down_b" [n_out,
+    n_expert] (added per row's expert, ggml_add_id); x: the FFN-normed rows, F32 [n_embd, T]; ids: I32
+    [k, T], each row's experts; act: "silu" (SwiGLU) or "swiglu_oai" (gpt-oss's clamped variant).
     Returns the unweighted outputs, F32 [n_embd, k, T].
     """
     n_embd, n_tok = int(x.contents.ne[0]), int(x.contents.ne[1])
     k = int(ids.contents.ne[0])
     n_ff = int(parts["down"].contents.ne[0])
     b = ctx.reshape_3d(x, n_embd, 1, n_tok)
+
+    def biased(t: TensorPtr, part: str) -> TensorPtr:
+        bias = parts.get(part + "_b")
+        return ctx.add_id(t, bias, ids) if bias is not None else t
+
     if "gate_up" in parts:
-        gate_up = ctx.mul_mat_id(parts["gate_up"], b, ids)  # [2*n_ff, k, T]
+        gate_up = biased(ctx.mul_mat_id(parts["gate_up"], b, ids), "gate_up")  # [2*n_ff, k, T]
         c = gate_up.contents
         gate = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], 0)
         up = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
     else:
-        up = ctx.mul_mat_id(parts["up"], b, ids)  # [n_ff, k, T]
-        gate = ctx.mul_mat_id(parts["gate"], b, ids)
-    return ctx.mul_mat_id(parts["down"], ctx.swiglu_split(gate, up), ids)  # [n_embd, k, T]
+        up = biased(ctx.mul_mat_id(parts["up"], b, ids), "up")  # [n_ff, k, T]
+        gate = biased(ctx.mul_mat_id(parts["gate"], b, ids), "gate")
+    if act == "swiglu_oai":
+        h = ctx.swiglu_oai(gate, up, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT)
+    else:
+        h = ctx.swiglu_split(gate, up)
+    return biased(ctx.mul_mat_id(parts["down"], h, ids), "down")  # [n_embd, k, T]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -190,6 +213,7 @@ class LayerExperts:
         self.layouts = layouts
         self.n_expert = n_expert
         self.tensors = first.tensors
+        self.act = first.act
         page = mmap.PAGESIZE
         self.stride = -(-max(lay.size for lay in layouts.values()) // page) * page
         self._length = self.stride * n_expert
@@ -219,15 +243,8 @@ class LayerExperts:
 
     def parts(self, ctx: Context) -> dict[str, TensorPtr]:
         """The stacked tensors [ne0, ne1, n_expert] over every slot, as moe_ffn takes them."""
-        out = {}
-        for part, t in self.tensors.items():
-            v = ctx.external(32, t.ggml_type, t.ne[0], t.ne[1], self.n_expert)  # header only; data set below
-            c = v.contents
-            c.nb[2] = self.stride
-            c.nb[3] = self.stride * self.n_expert
-            c.data = self.base + t.offset
-            out[part] = v
-        return out
+        return {part: stacked_view(ctx, self.base + t.offset, t, self.stride, self.n_expert)
+                for part, t in self.tensors.items()}
 
     def close(self) -> None:
         if self.base:
@@ -278,7 +295,7 @@ class MoEGraph:
         parts = self.layer.parts(ctx)
         if self.replace is not None:
             parts.update(self.replace())
-        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids))
+        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids), self.layer.act)
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
         return _MoEGraph(ctx, graph, x, ids, out)

@@ -207,6 +207,8 @@ class LocalExperts(ExpertBackend):
             self._check(layer, list(range(view.n_expert)))
             packed = {}
             for part, t in view.tensors.items():
+                if part.endswith("_b"):  # biases are added, not multiplied: nothing to repack
+                    continue
                 ne = (t.ne[0], t.ne[1], view.n_expert)
                 if not self.repacker.supports(t.ggml_type, ne):
                     continue

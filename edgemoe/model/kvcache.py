@@ -57,6 +57,10 @@ class AttentionOptions:
             raise UserError(f"--flash-attn {self.flash_attn}: expected one of {', '.join(FLASH_ATTN_MODES)}")
         type_k, type_v = CACHE_TYPES[self.cache_type_k], CACHE_TYPES[self.cache_type_v]
         flash = self.flash_attn != "off"  # auto: on, as llama.cpp resolves it on the CPU
+        if cfg.mla is not None and type_k != type_v:
+            raise UserError(f"--cache-type-k {self.cache_type_k} --cache-type-v {self.cache_type_v}: multi-head "
+                            "latent attention (deepseek2) keeps V in the K cache, so both types must be the same, "
+                            "as llama.cpp requires")
         if type_v in _QUANTIZED and not flash:
             raise UserError(f"--cache-type-v {self.cache_type_v} needs flash attention, as in llama.cpp "
                             f"(--flash-attn on or auto); llama.cpp accepts {WORKING}")
@@ -66,6 +70,13 @@ class AttentionOptions:
                 raise UserError(f"{flag} {name}: its block size {blck} does not divide the head size {cfg.head_dim} "
                                 "of this model, which llama.cpp refuses; use f32 or f16")
         rot_off = bool(int(os.environ.get(_ROT_DISABLE_ENV, "0") or "0"))
+        if cfg.mla is not None:  # one latent "head" per token, V a view of K (llama.cpp's MLA cache)
+            if type_k in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off:
+                # llama.cpp Hadamard-rotates such a cache; edgemoe has that for Q/K/V heads, not for the latent
+                raise UserError(f"--cache-type-k {self.cache_type_k}: a quantized K cache of latent heads of "
+                                f"{cfg.head_dim} (a multiple of 64, rotated by llama.cpp) is not supported for "
+                                "multi-head latent attention (deepseek2) yet; use f32 or f16")
+            return Attention(type_k, type_k, flash, mla=True)
         rot_k = _hadamard_size_k(cfg.head_dim) if type_k in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off else 0
         rot_v = 64 if type_v in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off else 0
         return Attention(type_k, type_v, flash, rot_k, rot_v)
@@ -80,11 +91,12 @@ class Attention:
     flash: bool
     rot_k: int = 0
     rot_v: int = 0
+    mla: bool = False  # no V cache: V is a view of K (deepseek2)
 
     @property
     def v_trans(self) -> bool:
         """llama.cpp stores V transposed (one row per channel) when attention is not flash."""
-        return not self.flash
+        return not self.flash and not self.mla
 
     def describe(self) -> str:
         return (f"K {self.type_k.name.lower()}, V {self.type_v.name.lower()}, "
@@ -131,7 +143,8 @@ class KVCache:
         self.n_embd_kv = cfg.n_embd_kv
         # zero-filled and lazily backed: a long context costs memory only as far as it is used
         self.k = [self._alloc(self.attn.type_k, False) for _ in range(cfg.n_layer)]
-        self.v = [self._alloc(self.attn.type_v, self.attn.v_trans) for _ in range(cfg.n_layer)]
+        # MLA: V is K's first values; the same arrays keep read/write/copy of token rows uniform
+        self.v = list(self.k) if self.attn.mla else [self._alloc(self.attn.type_v, self.attn.v_trans) for _ in range(cfg.n_layer)]
         self.used = 0  # rows written so far (high-water mark)
 
     def _alloc(self, t: GGMLType, transposed: bool) -> np.ndarray:
@@ -154,7 +167,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of K and V storage for the whole context (what llama.cpp allocates for n_ctx cells)."""
-        return sum(a.nbytes for a in (*self.k, *self.v))
+        return sum(a.nbytes for a in (*self.k, *([] if self.attn.mla else self.v)))
 
     # ggml views ------------------------------------------------------------------------------
     def tensor(self, ctx: Context, il: int, which: str) -> TensorPtr:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemoe.errors import UserError
+from edgemoe.format.arch import ARCHITECTURES
 from edgemoe.ggml import Compute, Context, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
 from edgemoe.model.expert_ffn import moe_ffn
@@ -37,6 +38,8 @@ class StackedExperts(ExpertBackend):
 
     def __init__(self, weights: GGUFTensors, compute: Compute, moe_layers: list[int], n_embd: int) -> None:
         self.w = weights
+        arch = ARCHITECTURES.get(weights.meta.get("general.architecture", ""))
+        self.act = arch.expert_act if arch else "silu"
         self.compute = compute
         self.n_embd = n_embd
         self.stats = ExpertStats()
@@ -52,6 +55,9 @@ class StackedExperts(ExpertBackend):
             t = self.w.get(f"blk.{il}.ffn_{part}_exps.weight")
             if t is not None:
                 out[part] = t
+            b = self.w.get(f"blk.{il}.ffn_{part}_exps.bias")
+            if b is not None:
+                out[part + "_b"] = b
         return out
 
     def _build(self, il: int, n_tok: int, k: int) -> _Graph:
@@ -63,7 +69,7 @@ class StackedExperts(ExpertBackend):
         ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
         x = aligned_empty((n_tok, d))
         ids_arr = aligned_empty((n_tok, k), np.int32)
-        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids_arr))  # [n_embd, k, n_tok]
+        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids_arr), self.act)  # [n_embd, k, n_tok]
         graph = ctx.graph(64)
         lib.ggml_build_forward_expand(graph, out)
         return _Graph(ctx, graph, x, ids_arr, out, to_numpy(out))

@@ -20,10 +20,9 @@ from edgemoe.ggml.lib import GGMLPrec
 from edgemoe.ggml.repack import Repacker
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.kvcache import KVCache, hadamard
+from edgemoe.model.mla import mla_attention
 from edgemoe.model.weights import GGUFTensors
 
-_YARN_BETA_FAST = 32.0  # llama.cpp hparams defaults; only used by YaRN, which edgemoe refuses
-_YARN_BETA_SLOW = 1.0
 GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
 _WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16
 
@@ -41,6 +40,7 @@ class StepInputs:
     # rows of each sequence in a batch of several, (first row, rows); None: one sequence
     groups: list[tuple[int, int]] | None = None
     out_groups: list[tuple[int, int]] | None = None  # the same for the output rows (after out_ids)
+    mask_swa: np.ndarray | None = None  # like mask, also hiding cells n_swa or more positions back (gpt-oss)
 
     @property
     def n_kv(self) -> int:
@@ -48,11 +48,14 @@ class StepInputs:
 
 
 def split_rows(ctx: Context, x: TensorPtr, groups: list[tuple[int, int]], limit: int) -> list[TensorPtr]:
-    """Views of x's rows (dim 1) in runs that keep each sequence on its own kernels (row_chunks)."""
+    """Views of x's rows (dim 1; of every head where x is [d, T, n_head]) in runs that keep each
+    sequence on its own kernels (row_chunks)."""
     c = x.contents
     runs = row_chunks(groups, limit)
     if len(runs) == 1:
         return [x]
+    if c.ne[2] > 1:
+        return [ctx.view_3d(x, c.ne[0], n, c.ne[2], c.nb[1], c.nb[2], lo * c.nb[1]) for lo, n in runs]
     return [ctx.view_2d(x, c.ne[0], n, c.nb[1], lo * c.nb[1]) for lo, n in runs]
 
 
@@ -120,9 +123,23 @@ class Trunk:
             out = ctx.scale(out, self.cfg.residual_scale)
         return ctx.add(out, skip)
 
+    def rope(self, ctx: Context, x: TensorPtr, pos: TensorPtr, il: int) -> TensorPtr:
+        """ggml_rope_ext with the model's rotary dims, type, base (the SWA base on sliding-window
+        layers) and (YaRN) scaling."""
+        cfg, r = self.cfg, self.cfg.rope
+        base = cfg.rope_freq_base_swa if cfg.is_swa(il) else cfg.rope_freq_base
+        return ctx.rope_ext(x, pos, None, cfg.rope_dims, cfg.traits.rope_type, r.n_ctx_orig, base,
+                            cfg.rope_freq_scale, r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow)
+
+    def ffn_norm(self, ctx: Context, il: int, x: TensorPtr) -> TensorPtr:
+        """The norm before the layer's FFN: ffn_norm, or gpt-oss's post_attention_norm."""
+        return self.norm(ctx, x, self._lw(il, "ffn_norm.weight") or self.w.require(f"blk.{il}.post_attention_norm.weight"))
+
     def attention(self, ctx: Context, graph, il: int, x: TensorPtr, inp: StepInputs) -> TensorPtr:
         """attn_norm -> q/k/v (+bias, q/k norm) -> RoPE -> KV store -> flash attention -> wo."""
         cfg, tr = self.cfg, self.cfg.traits
+        if cfg.mla is not None:
+            return mla_attention(self, ctx, graph, il, x, inp)
         n_tok = x.contents.ne[1]
         cur = self.norm(ctx, x, self._lw(il, "attn_norm.weight"))
 
@@ -142,10 +159,8 @@ class Trunk:
             q = self.norm(ctx, q, self._lw(il, "attn_q_norm.weight"))
             k = self.norm(ctx, k, self._lw(il, "attn_k_norm.weight"))
         pos = ctx.from_numpy(inp.pos)
-        rope = (cfg.rope_dims, tr.rope_type, cfg.n_ctx_train, cfg.rope_freq_base, cfg.rope_freq_scale,
-                0.0, 1.0, _YARN_BETA_FAST, _YARN_BETA_SLOW)
-        q = ctx.rope_ext(q, pos, None, *rope)
-        k = ctx.rope_ext(k, pos, None, *rope)
+        q = self.rope(ctx, q, pos, il)
+        k = self.rope(ctx, k, pos, il)
         attn = self.kv.attn
         if attn.rot_k:  # quantized K: rotate Q and K alike (their dot products are unchanged)
             q, k = self._rotate(ctx, q, attn.rot_k), self._rotate(ctx, k, attn.rot_k)
@@ -199,65 +214,121 @@ class Trunk:
             vview = ctx.view_4d(vc, n_kv, h_kv, d, 1, rs_v(n_ctx * d), rs_v(n_ctx), rs_v(n_ctx * cfg.n_embd_kv), 0)
         else:
             vview = ctx.view_4d(vc, d, h_kv, n_kv, 1, rs_v(d), rs_v(cfg.n_embd_kv), rs_v(cfg.n_embd_kv * n_ctx), 0)
+        return self.attend_mha(ctx, q, kview, vview, inp, il=il)
 
+    def attend_mha(self, ctx: Context, q: TensorPtr, kview: TensorPtr, vview: TensorPtr, inp: StepInputs,
+                   v_mla: TensorPtr | None = None, il: int = 0) -> TensorPtr:
+        """llama.cpp's build_attn_mha over cache views: flash attention, or kq -> softmax -> kqv;
+        v_mla (deepseek2's attn_v_b) decompresses each head's latent output: [n_embd_v_out, T].
+        Sliding-window layers attend through the SWA mask; attn_sinks (gpt-oss) join the softmax."""
+        cfg, attn = self.cfg, self.kv.attn
+        sinks = self._lw(il, "attn_sinks.weight")
+        v_trans = vview.contents.nb[1] > vview.contents.nb[2]
         qc = q.contents
         q = ctx.view_4d(q, qc.ne[0], qc.ne[1], qc.ne[2], 1, qc.nb[1], qc.nb[2], qc.nb[2] * qc.ne[2], 0)
         q = ctx.permute(q, 0, 2, 1, 3)
         kp = ctx.permute(kview, 0, 2, 1, 3)
         vp = ctx.permute(vview, 0, 2, 1, 3)
-        mask = ctx.from_numpy(inp.mask)
+        mask = ctx.from_numpy(inp.mask_swa if cfg.is_swa(il) else inp.mask)
         if attn.flash:
             if attn.type_k == GGMLType.F32:  # llama.cpp casts an F32 cache for flash attention
                 kp = ctx.cast(kp, GGMLType.F16)
-            if attn.type_v == GGMLType.F32:
+            if int(vp.contents.type) == GGMLType.F32:
                 vp = ctx.cast(vp, GGMLType.F16)
             att = ctx.flash_attn_ext(q, kp, vp, mask, cfg.kq_scale, 0.0, 0.0)
+            if sinks is not None:
+                lib.ggml_flash_attn_ext_add_sinks(att, sinks)
             lib.ggml_flash_attn_ext_set_n_kv_max(att, 0)
             lib.ggml_prec_set_acc(att, GGMLPrec.F32)
+            if v_mla is not None:  # as a matrix-matrix product with the tokens in dimension 1
+                att = ctx.cont(ctx.permute(self.matmul(ctx, v_mla, ctx.permute(att, 0, 2, 1, 3), inp.groups), 0, 2, 1, 3))
             ac = att.contents
             return ctx.reshape_2d(att, ac.ne[0] * ac.ne[1], ac.ne[2] * ac.ne[3])
-        limit = min(mul_mat_limit(int(attn.type_k)), mul_mat_limit(int(attn.type_v)))
+        if not v_trans:  # MLA's V is a view of the K cache: transposed once for V*kq
+            vp = ctx.cont(ctx.transpose(vp))
+        limit = min(mul_mat_limit(int(attn.type_k)), mul_mat_limit(int(vp.contents.type)))
+        if v_mla is not None:  # attn_v_b decompresses the rows of every sequence as one product
+            limit = min(limit, self._limit(v_mla))
         if inp.groups and len(inp.groups) > 1 and len(row_chunks(inp.groups, limit)) > 1:
             # several sequences: K*Q and V*kq per run of rows, as each sequence's alone (a one-row
             # K*Q of an F16 cache is a mat-vec, a wider one tinyBLAS: see edgemoe.ggml.columns)
-            qc, mc = q.contents, inp.mask
+            qc, mc = q.contents, mask.contents
             parts = []
             for lo, n in row_chunks(inp.groups, limit):
                 q_part = ctx.view_3d(q, qc.ne[0], n, qc.ne[2], qc.nb[1], qc.nb[2], lo * qc.nb[1])
-                m_part = ctx.view_2d(mask, mc.shape[1], n, mc.strides[0], lo * mc.strides[0])
-                parts.append(self._kq_v(ctx, kp, vp, q_part, m_part))
+                m_part = ctx.view_2d(mask, mc.ne[0], n, mc.nb[1], lo * mc.nb[1])
+                parts.append(self._kq_v(ctx, kp, vp, q_part, m_part, sinks, v_mla))
             kqv = concat_rows(ctx, parts)
         else:
-            kqv = self._kq_v(ctx, kp, vp, q, mask)
+            kqv = self._kq_v(ctx, kp, vp, q, mask, sinks, v_mla)
         cur = ctx.permute(kqv, 0, 2, 1, 3)
         c = cur.contents
         return ctx.cont_2d(cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
 
-    def _kq_v(self, ctx: Context, kp: TensorPtr, vp: TensorPtr, q: TensorPtr, mask: TensorPtr) -> TensorPtr:
-        """Attention without flash attention: softmax(K*Q * scale + mask), times V: [d, T, n_head]."""
+    def _kq_v(self, ctx: Context, kp: TensorPtr, vp: TensorPtr, q: TensorPtr, mask: TensorPtr,
+              sinks: TensorPtr | None = None, v_mla: TensorPtr | None = None) -> TensorPtr:
+        """Attention without flash attention: softmax(K*Q * scale + mask) (with gpt-oss's sinks), times
+        V, then MLA's attn_v_b where given: [d, T, n_head]."""
         kq = ctx.mul_mat(kp, q)  # [n_kv, T, n_head]
         lib.ggml_prec_set_acc(kq, GGMLPrec.F32)
         kq = ctx.soft_max_ext(kq, mask, self.cfg.kq_scale, 0.0)
-        return ctx.mul_mat(vp, kq)  # [d, T, n_head]
+        if sinks is not None:
+            lib.ggml_soft_max_add_sinks(kq, sinks)
+        kqv = ctx.mul_mat(vp, kq)  # [d, T, n_head]
+        return ctx.mul_mat(v_mla, kqv) if v_mla is not None else kqv
 
     def router(self, ctx: Context, il: int, cur: TensorPtr,
                groups: list[tuple[int, int]] | None = None) -> tuple[TensorPtr, TensorPtr]:
-        """Softmax gating, top-k, and the selected experts' weights: (selected [k,T] i32, weights [1,k,T])."""
+        """llama.cpp's build_moe_ffn up to the expert weights: the router (+ its bias), gating (softmax,
+        sigmoid, or softmax over the selected: softmax_weight), the
+        selection bias exp_probs_b, group-limited selection, top-k, weights (renormalised, scaled).
+        Returns (selected [k,T] i32, weights [1,k,T])."""
         cfg = self.cfg
         n_tok = cur.contents.ne[1]
         logits = self.matmul(ctx, self._lw(il, "ffn_gate_inp.weight"), cur, groups)
-        probs = ctx.soft_max(logits)
+        gate_b = self._lw(il, "ffn_gate_inp.bias")
+        if gate_b is not None:
+            logits = ctx.add(logits, gate_b)
+        if cfg.gating == "sigmoid":
+            probs = ctx.sigmoid(logits)
+        elif cfg.gating == "softmax_weight":  # gpt-oss: top-k of the logits, softmax over the k chosen
+            probs = logits
+        else:
+            probs = ctx.soft_max(logits)
         b = self._lw(il, "exp_probs_b.bias")
         selection = ctx.add(probs, b) if b is not None else probs
+        if cfg.n_expert_groups > 1 and n_tok > 0:
+            selection = self._group_limit(ctx, selection, n_tok)
         selected = ctx.argsort_top_k(selection, cfg.n_expert_used)
         weights = ctx.get_rows(ctx.reshape_3d(probs, 1, cfg.n_expert, n_tok), selected)
-        if cfg.traits.norm_topk:
+        if cfg.gating == "softmax_weight":
+            w2 = ctx.soft_max(ctx.reshape_2d(weights, cfg.n_expert_used, n_tok))
+            weights = ctx.reshape_3d(w2, 1, cfg.n_expert_used, n_tok)
+        if cfg.norm_topk:
             w2 = ctx.reshape_2d(weights, cfg.n_expert_used, n_tok)
             total = ctx.clamp(ctx.sum_rows(w2), _WEIGHT_SUM_MIN, float("inf"))
             weights = ctx.reshape_3d(ctx.div(w2, total), 1, cfg.n_expert_used, n_tok)
         if cfg.expert_weights_scale not in (0.0, 1.0):
             weights = ctx.scale(weights, cfg.expert_weights_scale)
         return selected, weights
+
+    def _group_limit(self, ctx: Context, selection: TensorPtr, n_tok: int) -> TensorPtr:
+        """DeepSeek-V3 group-limited routing: score each group by its two best experts, keep the
+        n_group_used best groups, mask the others' experts with -inf."""
+        cfg = self.cfg
+        per = cfg.n_expert // cfg.n_expert_groups
+        groups = ctx.reshape_3d(selection, per, cfg.n_expert_groups, n_tok)
+        top2 = ctx.argsort_top_k(groups, 2)  # [2, n_groups, T]
+        gc = groups.contents
+        scores = ctx.get_rows(ctx.reshape_4d(groups, 1, gc.ne[0], gc.ne[1], gc.ne[2]), top2)  # [1, 2, n_groups, T]
+        sc = scores.contents
+        scores = ctx.sum_rows(ctx.reshape_3d(scores, sc.ne[1], sc.ne[2], sc.ne[3]))  # [1, n_groups, T]
+        sc = scores.contents
+        scores = ctx.reshape_2d(scores, sc.ne[1], sc.ne[2])
+        best = ctx.argsort_top_k(scores, cfg.n_group_used)  # [n_group_used, T]
+        kept = ctx.get_rows(groups, best)  # [per, n_group_used, T]
+        masked = ctx.set_rows(ctx.fill(groups, float("-inf")), kept, best)
+        return ctx.reshape_2d(masked, cfg.n_expert, n_tok)
 
     def ffn(self, ctx: Context, cur: TensorPtr, up: TensorPtr, gate: TensorPtr, down: TensorPtr,
             biases: tuple[TensorPtr | None, ...] = (None, None, None),

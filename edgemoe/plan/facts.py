@@ -99,8 +99,9 @@ def _trunk_extras(reader, arch: str, n_layers: int) -> dict[str, Any]:
     n_head_kv = get_int(reader, f"{arch}.attention.head_count_kv") or n_head
     n_embd = get_int(reader, f"{arch}.embedding_length") or 0
     head_dim = get_int(reader, f"{arch}.attention.key_length") or (n_embd // n_head if n_head else 0)
+    mla = get_int(reader, f"{arch}.attention.key_length_mla") is not None  # deepseek2: V lives in the K cache
     return {"embd_bytes": embd, "head_bytes": embd if tied else sizes["output.weight"], "head_tied": tied,
-            "kv_bytes_per_token": 2 * 2 * n_layers * n_head_kv * head_dim}
+            "kv_bytes_per_token": (1 if mla else 2) * 2 * n_layers * n_head_kv * head_dim}
 
 
 def facts_of_gguf(path: str | os.PathLike[str]) -> ModelFacts:

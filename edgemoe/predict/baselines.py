@@ -66,42 +66,60 @@ def _tensor_f32(weights: GGUFTensors, name: str) -> np.ndarray:
     return dequantize(raw, GGMLQuantizationType(c.type)).reshape(shape).astype(np.float32)
 
 
-def select_experts(logits: np.ndarray, k: int, bias: np.ndarray | None = None) -> list[int]:
-    """The k experts the model's router (Trunk.router) picks from these router logits: top-k of the
-    softmax, plus the layer's selection bias (exp_probs_b: ernie4_5-moe) where it has one."""
-    if bias is None:
-        scores = logits  # softmax keeps the order
-    else:
-        p = np.exp(logits - logits.max())
-        scores = p / p.sum() + bias
-    return [int(e) for e in np.argsort(-scores, kind="stable")[:k]]
-
-
 class LookaheadPredictor(Predictor):
     """Applies the next layers' routers to the current residual stream (Mixtral-offloading, HOBBIT).
 
-    For each of the next `depth` MoE layers j: x = rms_norm(residual) * ffn_norm_j, the experts the
-    router of j picks from ffn_gate_inp_j . x (select_experts). Cheap (a few small mat-vecs in numpy),
-    no extra model needed.
+    For each of the next `depth` MoE layers j: x = rms_norm(residual) * ffn_norm_j, then layer j's
+    routing function on ffn_gate_inp_j . x (select_experts: the model's gating, selection bias and
+    expert groups, as the trunk's router). Cheap (a few small mat-vecs in numpy), no extra model needed.
     """
 
     name = "lookahead"
 
     def __init__(self, cfg: ModelConfig, weights: GGUFTensors, moe_layers: list[int], depth: int) -> None:
         self.cfg, self.moe_layers, self.depth = cfg, moe_layers, depth
-        self.norms = {l: _tensor_f32(weights, f"blk.{l}.ffn_norm.weight").reshape(-1) for l in moe_layers}
+        norm = lambda l: f"blk.{l}.ffn_norm.weight" if f"blk.{l}.ffn_norm.weight" in weights else f"blk.{l}.post_attention_norm.weight"  # noqa: E731
+        self.norms = {l: _tensor_f32(weights, norm(l)).reshape(-1) for l in moe_layers}
         self.routers = {l: _tensor_f32(weights, f"blk.{l}.ffn_gate_inp.weight") for l in moe_layers}
-        self.biases = {l: _tensor_f32(weights, f"blk.{l}.exp_probs_b.bias").reshape(-1).astype(np.float64)
+        self.router_biases = {l: _tensor_f32(weights, f"blk.{l}.ffn_gate_inp.bias").reshape(-1)
+                              for l in moe_layers if f"blk.{l}.ffn_gate_inp.bias" in weights}
+        self.biases = {l: _tensor_f32(weights, f"blk.{l}.exp_probs_b.bias").reshape(-1)
                        for l in moe_layers if f"blk.{l}.exp_probs_b.bias" in weights}
 
-    def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
+    def route(self, layer: int, residual: np.ndarray) -> list[int]:
+        """The experts layer `layer`'s router would pick for this residual stream (its FFN input)."""
         x = residual.astype(np.float64).reshape(-1)
         x = x / np.sqrt(np.mean(x * x) + self.cfg.rms_eps)
-        out = {}
-        for l in [l for l in self.moe_layers if l > layer][: self.depth]:
-            logits = self.routers[l] @ (x * self.norms[l])
-            out[l] = select_experts(logits, self.cfg.n_expert_used, self.biases.get(l))
-        return out
+        logits = self.routers[layer] @ (x * self.norms[layer])
+        if layer in self.router_biases:
+            logits = logits + self.router_biases[layer]
+        return select_experts(self.cfg, logits, self.biases.get(layer))
+
+    def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
+        return {l: self.route(l, residual) for l in [l for l in self.moe_layers if l > layer][: self.depth]}
+
+
+def select_experts(cfg: ModelConfig, logits: np.ndarray, bias: np.ndarray | None = None) -> list[int]:
+    """The trunk router's selection (Trunk.router) in numpy for one token's router logits: softmax or
+    sigmoid scores, plus the exp_probs_b selection bias, restricted to the best expert groups
+    (each scored by its two best experts), top-k."""
+    if cfg.gating == "sigmoid":
+        scores = 1.0 / (1.0 + np.exp(-logits))
+    elif cfg.gating == "softmax_weight":  # gpt-oss: the softmax comes after the choice
+        scores = logits
+    else:
+        e = np.exp(logits - logits.max())
+        scores = e / e.sum()
+    if bias is not None:
+        scores = scores + bias
+    if cfg.n_expert_groups > 1:
+        groups = scores.reshape(cfg.n_expert_groups, -1)
+        group_score = -np.sort(-groups, axis=1)[:, :2].sum(axis=1)
+        keep = np.argsort(-group_score, kind="stable")[: cfg.n_group_used]
+        masked = np.full_like(groups, -np.inf)
+        masked[keep] = groups[keep]
+        scores = masked.reshape(-1)
+    return [int(e) for e in np.argsort(-scores, kind="stable")[: cfg.n_expert_used]]
 
 
 class PreviousPredictor(Predictor):

@@ -172,7 +172,7 @@ class ShadowEngine(Engine):
             ctx = Context(Context.overhead(256) + self.trunk.activation_bytes(1, KV_PAD, 1))
             graph = ctx.graph(256)
             x = aligned_empty((1, d))
-            normed = self.trunk.norm(ctx, ctx.from_numpy(x), self.trunk._lw(il, "ffn_norm.weight"))
+            normed = self.trunk.ffn_norm(ctx, il, ctx.from_numpy(x))
             outputs = {"normed": normed}
             outputs["selected"], outputs["weights"] = self.trunk.router(ctx, il, normed)
             if cfg.shared_expert:

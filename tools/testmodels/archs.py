@@ -36,8 +36,11 @@ class ArchSpec:
     qk_norm: str = ""  # "": none, "head": [head_dim] (qwen3), "full": [n_embd] (olmoe)
     tied_output: bool = False  # no output.weight: llama.cpp falls back to token_embd
     key_value_length: bool = False  # write attention.key_length / value_length
-    # extra <arch>.* metadata (suffix -> (value, kind)), kind in {"u32", "f32"}
-    extra_keys: tuple[tuple[str, int | float, str], ...] = field(default_factory=tuple)
+    # extra <arch>.* metadata (suffix -> (value, kind)), kind in {"u32", "f32", "bool", "str"}
+    extra_keys: tuple[tuple[str, int | float | bool | str, str], ...] = field(default_factory=tuple)
+    rope_dims: int = 0  # rope.dimension_count (0: head_dim)
+    # deepseek2 (multi-head latent attention): q_lora (0: plain attn_q), kv_lora, rope/nope/v head dims
+    mla: tuple[int, int, int, int, int] | None = None
     shexp_gated: bool = True  # the shared expert has ffn_gate_inp_shexp (qwen2moe); False: added as is
     n_dense_lead: int = 0  # leading layers with a dense FFN (ffn_{gate,up,down}) instead of experts
     n_ff_dense: int = 0  # their FFN width
@@ -55,6 +58,14 @@ class ArchSpec:
 
     def tensor_shapes(self, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
         """(name, ggml ne) of every tensor, in the order they are written."""
+        if self.mla is not None:
+            from .deepseek2 import deepseek2_shapes
+
+            return deepseek2_shapes(self, n_vocab)
+        if self.arch == "gpt-oss":
+            from .gpt_oss import gpt_oss_shapes
+
+            return gpt_oss_shapes(self, n_vocab)
         E, H = self.n_embd, self.n_ff_exp
         q, kv = self.n_embd_q, self.n_embd_k_gqa
         out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (E, n_vocab))]
@@ -218,6 +229,94 @@ ARCHS: dict[str, ArchSpec] = {
                 ("leading_dense_block_count", 1, "u32"),
             ),
         ),
+        # DeepSeek-V2-Lite layout: MLA without q compression (attn_q), the absorbed attn_k_b/attn_v_b
+        # that current converters write (head_count_kv 1: MQA over the latent), one leading dense layer,
+        # a shared expert, softmax routing scaled by expert_weights_scale, YaRN RoPE with the
+        # converter's yarn_log_multiplier (0.1 * mscale_all_dim). rope NORM.
+        ArchSpec(
+            name="deepseek2-lite",
+            arch="deepseek2",
+            n_head_kv=1,
+            n_ff_exp=256,
+            n_ff_shexp=256,
+            rms_eps=1e-6,
+            rope_dims=16,
+            mla=(0, 64, 16, 32, 32),
+            n_dense_lead=1,
+            n_ff_dense=512,
+            extra_keys=(
+                ("leading_dense_block_count", 1, "u32"),
+                ("feed_forward_length", 512, "u32"),
+                ("expert_feed_forward_length", 256, "u32"),
+                ("expert_shared_count", 1, "u32"),
+                ("expert_weights_scale", 1.5, "f32"),
+                ("expert_weights_norm", False, "bool"),
+                ("expert_gating_func", 1, "u32"),
+                ("attention.q_lora_rank", 0, "u32"),
+                ("attention.kv_lora_rank", 64, "u32"),
+                ("attention.key_length", 64 + 16, "u32"),
+                ("attention.value_length", 64, "u32"),
+                ("attention.key_length_mla", 32 + 16, "u32"),
+                ("attention.value_length_mla", 32, "u32"),
+                ("rope.scaling.type", "yarn", "str"),
+                ("rope.scaling.factor", 4.0, "f32"),
+                ("rope.scaling.original_context_length", 128, "u32"),
+                ("rope.scaling.yarn_log_multiplier", 0.0707, "f32"),
+            ),
+        ),
+        # DeepSeek-V3 style (Moonlight, GLM-4.7-Flash): q_lora (attn_q_a -> norm -> attn_q_b), sigmoid
+        # scores with the exp_probs_b selection bias, group-limited routing (4 groups, best 2 kept),
+        # renormalised weights scaled by 2.5, one leading dense layer, a shared expert. No RoPE scaling.
+        ArchSpec(
+            name="deepseek2-v3",
+            arch="deepseek2",
+            n_head_kv=1,
+            n_ff_exp=256,
+            n_ff_shexp=256,
+            rms_eps=1e-6,
+            rope_dims=32,
+            mla=(128, 64, 32, 32, 32),
+            n_dense_lead=1,
+            n_ff_dense=512,
+            probs_bias=True,
+            extra_keys=(
+                ("leading_dense_block_count", 1, "u32"),
+                ("feed_forward_length", 512, "u32"),
+                ("expert_feed_forward_length", 256, "u32"),
+                ("expert_shared_count", 1, "u32"),
+                ("expert_weights_scale", 2.5, "f32"),
+                ("expert_weights_norm", True, "bool"),
+                ("expert_gating_func", 2, "u32"),
+                ("expert_group_count", 4, "u32"),
+                ("expert_group_used_count", 2, "u32"),
+                ("attention.q_lora_rank", 128, "u32"),
+                ("attention.kv_lora_rank", 64, "u32"),
+                ("attention.key_length", 64 + 32, "u32"),
+                ("attention.value_length", 64, "u32"),
+                ("attention.key_length_mla", 32 + 32, "u32"),
+                ("attention.value_length_mla", 32, "u32"),
+            ),
+        ),
+        # gpt-oss layout (llama.cpp arch gpt-oss, src/models/openai-moe.cpp): q/k/v/o biases, attention
+        # sinks, sliding-window attention on every second layer (window 16, so that it masks within the
+        # tests' lengths), post_attention_norm before the experts, router and expert biases, YaRN RoPE
+        # (NEOX), the clamped swiglu_oai activation, softmax over the selected experts. MXFP4 experts.
+        ArchSpec(
+            name="gpt-oss",
+            arch="gpt-oss",
+            n_ff_exp=256,
+            rms_eps=1e-5,
+            rope_freq_base=150000.0,
+            key_value_length=True,
+            ftypes=("f32", "q8_0", "mxfp4"),
+            extra_keys=(
+                ("expert_feed_forward_length", 256, "u32"),
+                ("attention.sliding_window", 16, "u32"),
+                ("rope.scaling.type", "yarn", "str"),
+                ("rope.scaling.factor", 8.0, "f32"),
+                ("rope.scaling.original_context_length", 64, "u32"),
+            ),
+        ),
     )
 }
 
@@ -226,4 +325,5 @@ FTYPES: dict[str, int | None] = {
     "f32": None,
     "q8_0": 7,  # LLAMA_FTYPE_MOSTLY_Q8_0
     "q4_k_m": 15,  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    "mxfp4": 38,  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE: MXFP4 experts (gpt-oss)
 }

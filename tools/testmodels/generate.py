@@ -170,6 +170,10 @@ def add_model_metadata(w: gguf.GGUFWriter, spec: ArchSpec, vocab: int) -> None:
         key = f"{arch}.{suffix}"
         if kind == "u32":
             w.add_uint32(key, int(value))
+        elif kind == "bool":
+            w.add_bool(key, bool(value))
+        elif kind == "str":
+            w.add_string(key, str(value))
         else:
             w.add_float32(key, float(value))
     w.add_head_count(spec.n_head)
@@ -177,7 +181,7 @@ def add_model_metadata(w: gguf.GGUFWriter, spec: ArchSpec, vocab: int) -> None:
     if spec.key_value_length:
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
-    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_dimension_count(spec.rope_dims or spec.head_dim)
     w.add_rope_freq_base(spec.rope_freq_base)
     w.add_layer_norm_rms_eps(spec.rms_eps)
     w.add_expert_count(spec.n_expert)
