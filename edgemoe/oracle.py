@@ -121,6 +121,9 @@ class LlamaCpp(Owned):
         cp.n_batch = n_ctx
         cp.n_ubatch = n_ctx  # the whole prompt in one ubatch: one graph, like edgemoe's prefill
         cp.n_seq_max = 1
+        # the library default, pinned: sliding-window layers (gpt-oss) keep every cell in position order,
+        # as edgemoe's cache does (a smaller SWA ring reorders cells once it wraps)
+        cp.swa_full = True
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         att = attention or ORACLE_DEFAULT

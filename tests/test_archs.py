@@ -68,8 +68,17 @@ def test_lookahead_routes_as_the_trunk(converted_models: dict[str, Path], model:
 def test_mla_cache_types_match_llama_cpp(fixture_models: list[Path], converted_models: dict[str, Path], model: str,
                                          attention: AttentionOptions) -> None:
     """The latent cache with and without flash attention (V a view of K, decompressed by attn_v_b after),
-    quantized where llama.cpp does not rotate it (latent head 96)."""
+    quantized: deepseek2-v3's latent head (96 + 32) is a multiple of 64 like real models' (512 + 64),
+    which llama.cpp rotates for other attention but not for MLA's K-only cache (build_attn_inp_k)."""
     src = next(p for p in fixture_models if p.stem == model)
+    if model.startswith("deepseek2-v3"):
+        from edgemoe.model.config import ModelConfig
+        from edgemoe.model.weights import GGUFTensors
+
+        w = GGUFTensors(converted_models[model] / "trunk.gguf")
+        cfg = ModelConfig.from_metadata(w.meta)
+        w.close()
+        assert cfg.head_dim % 64 == 0 and attention.resolve(cfg).rot_k == 0
     compare_with_llama_cpp(src, converted_models[model], n_predict=16, attention=attention)
 
 
@@ -127,6 +136,48 @@ def test_shadow_on_a_cluster_changes_nothing(shadowed: dict[str, Path], model: s
     assert np.array_equal(got[1], want[1])
 
 
+def test_shadow_requantized_from_mxfp4(fixture_models: list[Path], tmp_path: Path) -> None:
+    """--shadow-type q8_0 on the MXFP4 gpt-oss: the shadow's experts are the MXFP4 values exactly as
+    ggml dequantizes them, requantized; the shadow predictor on 4 workers predicts experts and
+    changes no token or logit."""
+    import gguf
+    from gguf.quants import quantize
+
+    from edgemoe.ggml import Compute, Context, GGMLType, lib
+    from edgemoe.ggml.context import aligned_copy, to_numpy
+
+    src = next(p for p in fixture_models if p.stem == "gpt-oss-mxfp4")
+    model = tmp_path / "m"
+    write_model(plan_conversion(src, shadow_type="q8_0"), model, progress=False)
+    source = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    shadow = {t.name: t for t in gguf.GGUFReader(model / "shadow-q8_0.gguf").tensors}
+    compute = Compute(1)
+    try:
+        for name in ("blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"):
+            s, t = source[name], shadow[name]
+            assert s.tensor_type == gguf.GGMLQuantizationType.MXFP4 and t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            n_per_row = int(s.shape[0])
+            rows = int(np.prod([int(d) for d in s.shape[1:]]))
+            raw = aligned_copy(np.asarray(s.data).view(np.uint8).reshape(rows, -1))
+            with Context(Context.overhead(8) + rows * n_per_row * 4 + (1 << 20)) as ctx:
+                w = ctx.external(raw.ctypes.data, int(GGMLType.MXFP4), n_per_row, rows, owner=raw)
+                values = ctx.get_rows(w, ctx.from_numpy(aligned_copy(np.arange(rows, dtype=np.int32))))
+                graph = ctx.graph()
+                lib.ggml_build_forward_expand(graph, values)
+                compute.run(graph)
+                want = quantize(to_numpy(values).reshape(rows, n_per_row).copy(), gguf.GGMLQuantizationType.Q8_0)
+            assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)), name
+    finally:
+        compute.close()
+    with Engine(model, n_ctx=256, n_threads=1) as engine:
+        want_tokens = greedy_tokens(engine, PROMPT, 8)
+    with open_engine(model, ClusterOptions(workers=4, predictor="shadow", residency="off"), n_ctx=256, n_threads=1) as engine:
+        got = greedy_tokens(engine, PROMPT, 8)
+        assert engine.experts.recall.correct > 0
+    assert got[0] == want_tokens[0]
+    assert np.array_equal(got[1], want_tokens[1])
+
+
 def test_experts_in_a_leading_dense_layer_are_named(tmp_path: Path) -> None:
     """deepseek2.leading_dense_block_count says which layers are dense; experts there are refused by name."""
     src = write_moe(tmp_path / "ds.gguf", arch="deepseek2", extra_u32={"deepseek2.leading_dense_block_count": 1})
@@ -136,23 +187,6 @@ def test_experts_in_a_leading_dense_layer_are_named(tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stdout == "" and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     assert "blk.0.ffn_" in lines[0] and "deepseek2.leading_dense_block_count" in lines[0], lines[0]
     assert not out.exists()
-
-
-def test_rotated_latent_cache_is_refused(converted_models: dict[str, Path]) -> None:
-    """Real latent heads (DeepSeek-V2: 512 + 64) are multiples of 64: llama.cpp Hadamard-rotates a
-    quantized cache of them, which edgemoe does not do for MLA yet, so it refuses instead of differing."""
-    import dataclasses
-
-    from edgemoe.errors import UserError
-    from edgemoe.model.config import ModelConfig
-    from edgemoe.model.weights import GGUFTensors
-
-    w = GGUFTensors(converted_models["deepseek2-v3-q8_0"] / "trunk.gguf")
-    cfg = dataclasses.replace(ModelConfig.from_metadata(w.meta), head_dim=576)
-    w.close()
-    assert AttentionOptions("f16", "f16").resolve(cfg).mla
-    with pytest.raises(UserError, match="multiple of 64"):
-        AttentionOptions("q8_0", "q8_0").resolve(cfg)
 
 
 def test_expert_biases_only_where_the_architecture_has_them(tmp_path: Path) -> None:

@@ -71,11 +71,10 @@ class AttentionOptions:
                                 "of this model, which llama.cpp refuses; use f32 or f16")
         rot_off = bool(int(os.environ.get(_ROT_DISABLE_ENV, "0") or "0"))
         if cfg.mla is not None:  # one latent "head" per token, V a view of K (llama.cpp's MLA cache)
-            if type_k in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off:
-                # llama.cpp Hadamard-rotates such a cache; edgemoe has that for Q/K/V heads, not for the latent
-                raise UserError(f"--cache-type-k {self.cache_type_k}: a quantized K cache of latent heads of "
-                                f"{cfg.head_dim} (a multiple of 64, rotated by llama.cpp) is not supported for "
-                                "multi-head latent attention (deepseek2) yet; use f32 or f16")
+            # never rotated: llama.cpp's K-only attention input (build_attn_inp_k, which deepseek2's MLA
+            # uses) has no Hadamard matrix, so even a quantized cache of a latent head that is a multiple
+            # of 64 (DeepSeek-V2's 512 + 64) stores Q and K as they are (the cache's attn_rot_k flag only
+            # matters to a context shift, which edgemoe does not do)
             return Attention(type_k, type_k, flash, mla=True)
         rot_k = _hadamard_size_k(cfg.head_dim) if type_k in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off else 0
         rot_v = 64 if type_v in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off else 0

@@ -267,6 +267,7 @@ ARCHS: dict[str, ArchSpec] = {
         # DeepSeek-V3 style (Moonlight, GLM-4.7-Flash): q_lora (attn_q_a -> norm -> attn_q_b), sigmoid
         # scores with the exp_probs_b selection bias, group-limited routing (4 groups, best 2 kept),
         # renormalised weights scaled by 2.5, one leading dense layer, a shared expert. No RoPE scaling.
+        # Its latent head (kv_lora 96 + rope 32 = 128) is a multiple of 64, as real models' 512 + 64.
         ArchSpec(
             name="deepseek2-v3",
             arch="deepseek2",
@@ -275,7 +276,7 @@ ARCHS: dict[str, ArchSpec] = {
             n_ff_shexp=256,
             rms_eps=1e-6,
             rope_dims=32,
-            mla=(128, 64, 32, 32, 32),
+            mla=(128, 96, 32, 32, 32),
             n_dense_lead=1,
             n_ff_dense=512,
             probs_bias=True,
@@ -290,9 +291,9 @@ ARCHS: dict[str, ArchSpec] = {
                 ("expert_group_count", 4, "u32"),
                 ("expert_group_used_count", 2, "u32"),
                 ("attention.q_lora_rank", 128, "u32"),
-                ("attention.kv_lora_rank", 64, "u32"),
-                ("attention.key_length", 64 + 32, "u32"),
-                ("attention.value_length", 64, "u32"),
+                ("attention.kv_lora_rank", 96, "u32"),
+                ("attention.key_length", 96 + 32, "u32"),
+                ("attention.value_length", 96, "u32"),
                 ("attention.key_length_mla", 32 + 32, "u32"),
                 ("attention.value_length_mla", 32, "u32"),
             ),
