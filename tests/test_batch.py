@@ -93,12 +93,16 @@ def check(engine_alone: Engine, engine_batch: Engine, plan=PLAN) -> None:
 
 # nine sequences, three starting per step: K-quant products of more than 7 rows take another ggml kernel
 WIDE = [(i // 3, [2 + i, 30 + 7 * i, 5][: 1 + i % 3]) for i in range(9)]
+# past gpt-oss's sliding window (16 in its test model): a prompt longer than it, another that decodes past it
+SWA_PLAN = [(0, [(7 * i) % 50 + 1 for i in range(21)]), (1, [5, 6]), (2, [11, 12, 13, 14, 15, 16, 17, 18, 19]), (13, [23, 4, 8])]
 
 
 @pytest.mark.parametrize("name,fuse,plan,n_seq", [("llama-moe-q4_k_m", True, PLAN, 3), ("qwen2moe-f32", True, PLAN, 3),
                                                   ("olmoe-q8_0", False, PLAN, 3), ("qwen3moe-q4_k_m", False, PLAN, 3),
                                                   ("llama-moe-q4_k_m", True, WIDE, 9), ("qwen3moe-q4_k_m", False, WIDE, 9),
-                                                  ("granitemoe-shexp-q4_k_m", True, WIDE, 9), ("ernie4_5-moe-q8_0", False, PLAN, 3)])
+                                                  ("granitemoe-shexp-q4_k_m", True, WIDE, 9), ("ernie4_5-moe-q8_0", False, PLAN, 3),
+                                                  ("deepseek2-v3-q4_k_m", True, WIDE, 9), ("deepseek2-lite-q8_0", False, PLAN, 3),
+                                                  ("gpt-oss-mxfp4", True, SWA_PLAN, 3), ("gpt-oss-q8_0", False, SWA_PLAN, 3)])
 def test_sequences_together_equal_each_alone(converted_models: dict[str, Path], name: str, fuse: bool,
                                              plan: list, n_seq: int) -> None:
     model = converted_models[name]
@@ -107,14 +111,21 @@ def test_sequences_together_equal_each_alone(converted_models: dict[str, Path], 
         check(one, many, plan)
 
 
-@pytest.mark.parametrize("cache", [("f16", "f16", "off"), ("f32", "f32", "off"), ("q8_0", "q4_0", "on")])
-def test_every_attention_mode_together_equals_alone(converted_models: dict[str, Path], cache: tuple[str, str, str]) -> None:
+@pytest.mark.parametrize("name,cache,plan", [
+    ("olmoe-q8_0", ("f16", "f16", "off"), WIDE), ("olmoe-q8_0", ("f32", "f32", "off"), WIDE),
+    ("olmoe-q8_0", ("q8_0", "q4_0", "on"), WIDE),
+    # MLA: V a view of the K cache (transposed per step without flash attention), attn_v_b after
+    ("deepseek2-v3-q8_0", ("f16", "f16", "off"), WIDE), ("deepseek2-v3-q8_0", ("q8_0", "q8_0", "on"), WIDE),
+    # sinks in the softmax, the SWA mask on every second layer, past the window
+    ("gpt-oss-q8_0", ("f16", "f16", "off"), SWA_PLAN), ("gpt-oss-q8_0", ("q8_0", "q4_0", "on"), SWA_PLAN)])
+def test_every_attention_mode_together_equals_alone(converted_models: dict[str, Path], name: str,
+                                                    cache: tuple[str, str, str], plan: list) -> None:
     """Without flash attention an F16 cache's K*Q takes another kernel for several rows: per sequence."""
     attention = AttentionOptions(*cache)
-    model = converted_models["olmoe-q8_0"]
+    model = converted_models[name]
     with Engine(model, n_ctx=N_CTX, n_threads=1, attention=attention) as one, \
-            Engine(model, n_ctx=N_CTX, n_threads=1, n_seq=9, attention=attention) as many:
-        check(one, many, WIDE)
+            Engine(model, n_ctx=N_CTX, n_threads=1, n_seq=len(plan), attention=attention) as many:
+        check(one, many, plan)
 
 
 @pytest.mark.parametrize("name,plan,n_seq", [("qwen2moe-q8_0", PLAN, 3), ("llama-moe-q4_k_m", WIDE, 9)])
