@@ -128,7 +128,8 @@ def test_every_attention_mode_together_equals_alone(converted_models: dict[str, 
         check(one, many, plan)
 
 
-@pytest.mark.parametrize("name,plan,n_seq", [("qwen2moe-q8_0", PLAN, 3), ("llama-moe-q4_k_m", WIDE, 9)])
+@pytest.mark.parametrize("name,plan,n_seq", [("qwen2moe-q8_0", PLAN, 3), ("llama-moe-q4_k_m", WIDE, 9),
+                                             ("deepseek2-v3-q4_k_m", WIDE, 9), ("gpt-oss-mxfp4", SWA_PLAN, 3)])
 def test_sequences_together_on_two_workers_equal_each_alone(converted_models: dict[str, Path], name: str,
                                                             plan: list, n_seq: int) -> None:
     model = converted_models[name]

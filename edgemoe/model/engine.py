@@ -298,6 +298,11 @@ class Engine:
     def _segment_bytes(self, inp: StepInputs) -> int:
         return Context.overhead(4096) + self.trunk.activation_bytes(len(inp.tokens), inp.n_kv, len(inp.out_ids))
 
+    def _outputs_only(self, il: int) -> bool:
+        """Whether only the output rows go on after layer il's attention: after the last layer's, as
+        llama.cpp gathers them there (gpt-oss gathers them at the head instead, all rows take its FFN)."""
+        return il == self.cfg.n_layer - 1 and not self.cfg.traits.out_rows_at_head
+
     def _attend_and_norm(self, ctx: Context, graph: object, il: int, x: TensorPtr,
                          inp: StepInputs) -> tuple[TensorPtr, TensorPtr, list[tuple[int, int]] | None]:
         """Layer il from its input to its FFN input: attention, the residual add and the FFN norm. After
@@ -305,8 +310,7 @@ class Engine:
         trunk = self.trunk
         cur = trunk.attention(ctx, graph, il, x, inp)
         groups = inp.groups
-        # only the output rows continue past the last attention (gpt-oss: they are gathered at the head)
-        if il == self.cfg.n_layer - 1 and not self.cfg.traits.out_rows_at_head:
+        if self._outputs_only(il):
             ids = ctx.from_numpy(inp.out_ids)
             cur, x = ctx.get_rows(cur, ids), ctx.get_rows(x, ids)
             groups = inp.out_groups
@@ -582,7 +586,7 @@ class Engine:
             if il < cfg.n_layer and "selected" in seg.outputs:
                 self.routing[il] = sel
                 # several sequences: the backend sees one step of each (a cluster plans it as one message per worker)
-                groups = inp.out_groups if il == cfg.n_layer - 1 else inp.groups
+                groups = inp.out_groups if self._outputs_only(il) else inp.groups
                 kw = {"groups": groups} if groups else {}
                 state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"], **kw))
                 self.stats.experts_s += time.perf_counter() - t1
