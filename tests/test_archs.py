@@ -82,6 +82,26 @@ def test_mla_cache_types_match_llama_cpp(fixture_models: list[Path], converted_m
     compare_with_llama_cpp(src, converted_models[model], n_predict=16, attention=attention)
 
 
+@pytest.mark.parametrize("model,attention,fuse", [("gpt-oss-mxfp4", AttentionOptions("f16", "f16", "off"), True),
+                                                  ("gpt-oss-q8_0", AttentionOptions("q8_0", "q4_0", "on"), False)],
+                         ids=lambda v: v if isinstance(v, (str, bool)) else f"k{v.cache_type_k}-v{v.cache_type_v}-fa{v.flash_attn}")
+def test_gpt_oss_past_the_sliding_window_matches_llama_cpp(fixture_models: list[Path], converted_models: dict[str, Path],
+                                                           model: str, attention: AttentionOptions, fuse: bool) -> None:
+    """Generating well past the window (16 in the test model) with the sinks, without flash attention
+    (the SWA mask in the softmax) and with it over a quantized cache: as llama.cpp. Both masks are
+    checked: the fused decode graph's rewritten in place, the per-layer graphs' built per step."""
+    from edgemoe.model.config import ModelConfig
+    from edgemoe.model.weights import GGUFTensors
+
+    w = GGUFTensors(converted_models[model] / "trunk.gguf")
+    cfg = ModelConfig.from_metadata(w.meta)
+    w.close()
+    n_predict = 40
+    assert 0 < cfg.n_swa < n_predict and any(cfg.is_swa(il) for il in range(cfg.n_layer))
+    src = next(p for p in fixture_models if p.stem == model)
+    compare_with_llama_cpp(src, converted_models[model], n_predict=n_predict, attention=attention, fuse=fuse)
+
+
 @pytest.mark.parametrize("args,phrase", [(["-ctk", "f16", "-ctv", "f32"], "both types must be the same"),
                                          (["-ctk", "q8_0", "-ctv", "q8_0"], "does not divide the head size 80")])
 def test_mla_cache_types_refused(converted_models: dict[str, Path], args: list[str], phrase: str) -> None:
