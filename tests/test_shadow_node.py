@@ -256,12 +256,34 @@ def test_silent_shadow_node_costs_at_most_three_heartbeats(model: Path, sig: str
                 victim.send_signal(signal.SIGCONT)
 
 
+# the node's entry point with a build that lasts over a second of Python holding the GIL in turns
+# (a small model builds in ~0.1 s on an idle machine: too short to tell heartbeats from luck)
+_SLOW_BUILD_NODE = """
+import sys, time
+import edgemoe.cluster.shadow_node as node_module
+from edgemoe.cli.main import main
+
+class SlowEngine(node_module.Engine):
+    def __init__(self, *args, **kwargs):
+        end = time.monotonic() + 1.2
+        while time.monotonic() < end:
+            sum(range(1000))
+        super().__init__(*args, **kwargs)
+
+node_module.Engine = SlowEngine
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_node_heartbeats_while_it_builds_its_shadow(model: Path) -> None:
-    """With heartbeats every 50 ms the node's build (the mirror and the shadow engine) lasts many
-    intervals; it still heartbeats throughout, so it is never dropped and joins at the first try."""
+    """With heartbeats every 50 ms the node's build (the mirror and the shadow engine, slowed to over
+    a second of busy Python) lasts many intervals; it still heartbeats throughout, so it is never
+    dropped and joins at the first try."""
     with Engine(model, n_ctx=256, n_threads=1) as engine:
         remote = RemoteShadowPredictor(engine, 1, heartbeat_s=0.05)
-        proc = node(remote.endpoint, model)
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD_NODE, "shadow", "--connect", remote.endpoint,
+                                 "--model", str(model), "--name", "test-shadow"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             remote.wait_for_shadow(60)
             assert remote.build_s is not None and remote.build_s > 3 * remote.heartbeat_s, remote.build_s
