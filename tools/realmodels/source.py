@@ -7,6 +7,7 @@ layers (the fast test configuration: a complete, loadable llama model, only shal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,15 +21,9 @@ from gguf.quants import dequantize
 from edgemoe.errors import UserError
 from edgemoe.format.gguf_io import open_gguf
 
+from .write import GGUFOut, MetaKV, TensorSpec
+
 ARCH = "llama"
-
-
-@dataclass(frozen=True)
-class MetaKV:
-    key: str
-    value: Any
-    vtype: GGUFValueType
-    sub_type: GGUFValueType | None
 
 
 @dataclass
@@ -107,8 +102,6 @@ def layer_of(name: str) -> int | None:
 
 def write_truncated(src: DenseModel, out_path: Path, n_layers: int) -> Path:
     """A copy of the dense model keeping only its first n_layers blocks (bytes copied as is)."""
-    from .write import GGUFOut
-
     if not 0 < n_layers <= src.n_layer:
         raise UserError(f"n_layers must be in 1..{src.n_layer}, got {n_layers}")
     out = GGUFOut(out_path, src.metadata, overrides={f"{ARCH}.block_count": (n_layers, GGUFValueType.UINT32)})
@@ -119,4 +112,37 @@ def write_truncated(src: DenseModel, out_path: Path, n_layers: int) -> Path:
     return out.write()
 
 
-__all__ = ["ARCH", "DenseFFN", "DenseModel", "MetaKV", "layer_of", "write_truncated"]
+def write_moe(src: DenseModel, out_path: Path, n_expert: int, n_used: int, n_ff_exp: int,
+              layer_tensors: Callable[[int], list[TensorSpec]]) -> Path:
+    """The dense model src  with every layer's FFN replaced by MoE tensors.
+
+    Every other tensor is copied byte for byte, in the source order; the layer's MoE tensors take
+    the place of its first FFN tensor. Every metadata key is copied with its type; only
+    llama.expert_count, llama.expert_used_count and llama.feed_forward_length (the expert width)
+    are set.
+    """
+    V = GGUFValueType
+    out = GGUFOut(out_path, src.metadata, overrides={
+        f"{ARCH}.feed_forward_length": (n_ff_exp, V.UINT32),
+        f"{ARCH}.expert_count": (n_expert, V.UINT32),
+        f"{ARCH}.expert_used_count": (n_used, V.UINT32),
+    })
+    done: set[int] = set()
+    for name in src.tensor_names():
+        il = layer_of(name)
+        if il is not None and name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            if il not in done:
+                done.add(il)
+                for tname, qtype, shape, data in layer_tensors(il):
+                    if callable(data):
+                        out.add_lazy(tname, qtype, shape, data)
+                    else:
+                        out.add(tname, data, qtype, shape)
+            continue
+        out.add(name, src.raw(name), src.qtype(name))
+    if len(done) != src.n_layer:
+        raise ValueError(f"{src.path}: FFN tensors found in {len(done)} of {src.n_layer} layers")
+    return out.write()
+
+
+__all__ = ["ARCH", "DenseFFN", "DenseModel", "MetaKV", "layer_of", "write_moe", "write_truncated"]

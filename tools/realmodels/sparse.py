@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from .moefy import LayerFit
-from .source import DenseModel
-from .write import TensorSpec, write_moe
+from .source import DenseModel, write_moe
+from .write import TensorSpec
 
 N_EXPERT = 16
 N_USED = 12

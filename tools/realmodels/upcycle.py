@@ -26,8 +26,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from .moefy import LayerFit
-from .source import DenseModel
-from .write import GGUFOut, TensorSpec, write_moe
+from .source import DenseModel, write_moe
+from .write import GGUFOut, TensorSpec
 
 N_EXPERT = 8
 N_USED = 2

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.imatrix import Imatrix
-from edgemoe.oracle import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d, copy_3d
+from edgemoe.llama_runner import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d, copy_3d
 from edgemoe.util.files import read_user_text
 
 _EXPERT_WEIGHT = re.compile(rb"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$")

@@ -15,7 +15,7 @@ from edgemoe.format.arch import ARCHITECTURES, MoeArch, interleaved_moe_layers, 
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
 from edgemoe.format.imatrix import Imatrix, read_imatrix
 from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, sha256_file, shadow_file_name, shadow_trunk_file_name
-from tools.convert import requant
+from edgemoe.convert import requant
 
 
 @dataclass
