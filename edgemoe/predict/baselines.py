@@ -6,6 +6,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from edgemoe.format.schema import T, tensor_name
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.weights import GGUFTensors
 from edgemoe.predict.base import Predictor, upcoming
@@ -83,10 +84,10 @@ class LookaheadPredictor(Predictor):
 
     def __init__(self, cfg: ModelConfig, weights: GGUFTensors, moe_layers: list[int], depth: int) -> None:
         self.cfg, self.moe_layers, self.depth = cfg, moe_layers, depth
-        self.norms = {l: _tensor_f32(weights, f"blk.{l}.ffn_norm.weight").reshape(-1) for l in moe_layers}
-        self.routers = {l: _tensor_f32(weights, f"blk.{l}.ffn_gate_inp.weight") for l in moe_layers}
-        self.biases = {l: _tensor_f32(weights, f"blk.{l}.exp_probs_b.bias").reshape(-1).astype(np.float64)
-                       for l in moe_layers if f"blk.{l}.exp_probs_b.bias" in weights}
+        self.norms = {l: _tensor_f32(weights, tensor_name(T.FFN_NORM, l)).reshape(-1) for l in moe_layers}
+        self.routers = {l: _tensor_f32(weights, tensor_name(T.FFN_GATE_INP, l)) for l in moe_layers}
+        self.biases = {l: _tensor_f32(weights, tensor_name(T.FFN_EXP_PROBS_B, l, "bias")).reshape(-1).astype(np.float64)
+                       for l in moe_layers if tensor_name(T.FFN_EXP_PROBS_B, l, "bias") in weights}
 
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
         x = residual.astype(np.float64).reshape(-1)

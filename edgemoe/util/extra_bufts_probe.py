@@ -52,16 +52,22 @@ def _write_probe_gguf(path: Path) -> None:
 
     q4, q8, f16, f32 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0,
                         gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
-    add("token_embd.weight", (n_vocab, _N_EMBD), f32)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(_N_EMBD, np.float32))
-    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        add(f"blk.0.{name}.weight", (_N_EMBD, _N_EMBD), q4)
-    w.add_tensor("blk.0.ffn_norm.weight", np.ones(_N_EMBD, np.float32))
-    add("blk.0.ffn_gate.weight", (_N_FF, _N_EMBD), q8)
-    add("blk.0.ffn_up.weight", (_N_FF, _N_EMBD), f16)
-    add("blk.0.ffn_down.weight", (_N_EMBD, _N_FF), q4)
-    w.add_tensor("output_norm.weight", np.ones(_N_EMBD, np.float32))
-    add("output.weight", (n_vocab, _N_EMBD), q8)
+    T = gguf.MODEL_TENSOR
+
+    def name(t: gguf.MODEL_TENSOR) -> str:
+        # gguf-py's names (edgemoe.format.schema's tensor_name sits above this module's layer)
+        return gguf.TENSOR_NAMES[t].format(bid=0) + ".weight"
+
+    add(name(T.TOKEN_EMBD), (n_vocab, _N_EMBD), f32)
+    w.add_tensor(name(T.ATTN_NORM), np.ones(_N_EMBD, np.float32))
+    for t in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT):
+        add(name(t), (_N_EMBD, _N_EMBD), q4)
+    w.add_tensor(name(T.FFN_NORM), np.ones(_N_EMBD, np.float32))
+    add(name(T.FFN_GATE), (_N_FF, _N_EMBD), q8)
+    add(name(T.FFN_UP), (_N_FF, _N_EMBD), f16)
+    add(name(T.FFN_DOWN), (_N_EMBD, _N_FF), q4)
+    w.add_tensor(name(T.OUTPUT_NORM), np.ones(_N_EMBD, np.float32))
+    add(name(T.OUTPUT), (n_vocab, _N_EMBD), q8)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgemoe.format.schema import T, tensor_name
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -57,49 +59,48 @@ class ArchSpec:
         """(name, ggml ne) of every tensor, in the order they are written."""
         E, H = self.n_embd, self.n_ff_exp
         q, kv = self.n_embd_q, self.n_embd_k_gqa
-        out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (E, n_vocab))]
+        out: list[tuple[str, tuple[int, ...]]] = [(tensor_name(T.TOKEN_EMBD), (E, n_vocab))]
         for i in range(self.n_layer):
-            p = f"blk.{i}."
-            out.append((p + "attn_norm.weight", (E,)))
-            out.append((p + "attn_q.weight", (E, q)))
-            out.append((p + "attn_k.weight", (E, kv)))
-            out.append((p + "attn_v.weight", (E, kv)))
+            out.append((tensor_name(T.ATTN_NORM, i), (E,)))
+            out.append((tensor_name(T.ATTN_Q, i), (E, q)))
+            out.append((tensor_name(T.ATTN_K, i), (E, kv)))
+            out.append((tensor_name(T.ATTN_V, i), (E, kv)))
             if self.qkv_bias:
-                out.append((p + "attn_q.bias", (q,)))
-                out.append((p + "attn_k.bias", (kv,)))
-                out.append((p + "attn_v.bias", (kv,)))
+                out.append((tensor_name(T.ATTN_Q, i, "bias"), (q,)))
+                out.append((tensor_name(T.ATTN_K, i, "bias"), (kv,)))
+                out.append((tensor_name(T.ATTN_V, i, "bias"), (kv,)))
             if self.qk_norm == "head":
-                out.append((p + "attn_q_norm.weight", (self.head_dim,)))
-                out.append((p + "attn_k_norm.weight", (self.head_dim,)))
+                out.append((tensor_name(T.ATTN_Q_NORM, i), (self.head_dim,)))
+                out.append((tensor_name(T.ATTN_K_NORM, i), (self.head_dim,)))
             elif self.qk_norm == "full":
-                out.append((p + "attn_q_norm.weight", (q,)))
-                out.append((p + "attn_k_norm.weight", (kv,)))
-            out.append((p + "attn_output.weight", (q, E)))
+                out.append((tensor_name(T.ATTN_Q_NORM, i), (q,)))
+                out.append((tensor_name(T.ATTN_K_NORM, i), (kv,)))
+            out.append((tensor_name(T.ATTN_OUT, i), (q, E)))
             if self.attn_out_bias:
-                out.append((p + "attn_output.bias", (E,)))
-            out.append((p + "ffn_norm.weight", (E,)))
+                out.append((tensor_name(T.ATTN_OUT, i, "bias"), (E,)))
+            out.append((tensor_name(T.FFN_NORM, i), (E,)))
             if i < self.n_dense_lead:
                 D = self.n_ff_dense
-                out.append((p + "ffn_gate.weight", (E, D)))
-                out.append((p + "ffn_up.weight", (E, D)))
-                out.append((p + "ffn_down.weight", (D, E)))
+                out.append((tensor_name(T.FFN_GATE, i), (E, D)))
+                out.append((tensor_name(T.FFN_UP, i), (E, D)))
+                out.append((tensor_name(T.FFN_DOWN, i), (D, E)))
                 continue
-            out.append((p + "ffn_gate_inp.weight", (E, self.n_expert)))
+            out.append((tensor_name(T.FFN_GATE_INP, i), (E, self.n_expert)))
             if self.probs_bias:
-                out.append((p + "exp_probs_b.bias", (self.n_expert,)))
-            out.append((p + "ffn_gate_exps.weight", (E, H, self.n_expert)))
-            out.append((p + "ffn_up_exps.weight", (E, H, self.n_expert)))
-            out.append((p + "ffn_down_exps.weight", (H, E, self.n_expert)))
+                out.append((tensor_name(T.FFN_EXP_PROBS_B, i, "bias"), (self.n_expert,)))
+            out.append((tensor_name(T.FFN_GATE_EXP, i), (E, H, self.n_expert)))
+            out.append((tensor_name(T.FFN_UP_EXP, i), (E, H, self.n_expert)))
+            out.append((tensor_name(T.FFN_DOWN_EXP, i), (H, E, self.n_expert)))
             if self.n_ff_shexp:
                 S = self.n_ff_shexp
                 if self.shexp_gated:
-                    out.append((p + "ffn_gate_inp_shexp.weight", (E,)))
-                out.append((p + "ffn_gate_shexp.weight", (E, S)))
-                out.append((p + "ffn_up_shexp.weight", (E, S)))
-                out.append((p + "ffn_down_shexp.weight", (S, E)))
-        out.append(("output_norm.weight", (E,)))
+                    out.append((tensor_name(T.FFN_GATE_INP_SHEXP, i), (E,)))
+                out.append((tensor_name(T.FFN_GATE_SHEXP, i), (E, S)))
+                out.append((tensor_name(T.FFN_UP_SHEXP, i), (E, S)))
+                out.append((tensor_name(T.FFN_DOWN_SHEXP, i), (S, E)))
+        out.append((tensor_name(T.OUTPUT_NORM), (E,)))
         if not self.tied_output:
-            out.append(("output.weight", (E, n_vocab)))
+            out.append((tensor_name(T.OUTPUT), (E, n_vocab)))
         return out
 
 
