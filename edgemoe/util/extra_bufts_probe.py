@@ -25,7 +25,7 @@ def _write_probe_gguf(path: Path) -> None:
     rng = np.random.default_rng(0)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     n_vocab = len(tokens)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_context_length(128)
     w.add_embedding_length(_N_EMBD)
     w.add_block_count(1)

@@ -29,7 +29,7 @@ from edgemoe.util.files import atomic_path
 
 from . import corpus, moefy, sparse, upcycle
 from .calibrate import ffn_inputs
-from .source import DenseModel, write_truncated
+from .source import ARCH, DenseModel, write_truncated
 
 MODEL_NAMES: tuple[str, ...] = ("demo-moe", "sparse-moe")
 MODELS_JSON = "models.json"
@@ -200,7 +200,7 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
                 say(f"  importance matrix: {done}/{total} chunks, {time.perf_counter() - t:.0f} s")
 
         write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
-                                               max_chunks=IMATRIX_CHUNKS, progress=progress), "llama")
+                                               max_chunks=IMATRIX_CHUNKS, progress=progress), ARCH)
         plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_fallback_type=SHADOW_FALLBACK_TYPE,
                                shadow_imatrix=imatrix)
         say(f"converting {name}: the trunk, one file per expert, and a 4-bit copy of the experts for the shadow "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgemoe.format.schema import T, tensor_name
+from edgemoe.format.schema import MODEL_ARCH, T, arch_name, tensor_name
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ ARCHS: dict[str, ArchSpec] = {
         # (pairs of consecutive values). Routing: softmax over all experts, top-k, renormalized.
         ArchSpec(
             name="llama-moe",
-            arch="llama",
+            arch=arch_name(MODEL_ARCH.LLAMA),
             n_ff_exp=512,
             extra_keys=(("feed_forward_length", 512, "u32"),),
         ),
@@ -120,7 +120,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Routing: softmax, top-k, NOT renormalized.
         ArchSpec(
             name="qwen2moe",
-            arch="qwen2moe",
+            arch=arch_name(MODEL_ARCH.QWEN2MOE),
             n_ff_exp=256,
             n_ff_shexp=512,
             rms_eps=1e-6,
@@ -136,7 +136,7 @@ ARCHS: dict[str, ArchSpec] = {
         # the expert width is qwen3moe.expert_feed_forward_length (256). Routing renormalized.
         ArchSpec(
             name="qwen3moe",
-            arch="qwen3moe",
+            arch=arch_name(MODEL_ARCH.QWEN3MOE),
             n_ff_exp=256,
             rms_eps=1e-6,
             qk_norm="head",
@@ -152,7 +152,7 @@ ARCHS: dict[str, ArchSpec] = {
         # olmoe.feed_forward_length. rope NEOX. Routing: softmax, top-k, NOT renormalized.
         ArchSpec(
             name="olmoe",
-            arch="olmoe",
+            arch=arch_name(MODEL_ARCH.OLMOE),
             n_head_kv=8,
             n_ff_exp=256,
             qk_norm="full",
@@ -166,7 +166,7 @@ ARCHS: dict[str, ArchSpec] = {
         # ernie4_5-moe test the tied head). rope NORM. Routing: softmax, top-k renormalised.
         ArchSpec(
             name="granitemoe",
-            arch="granitemoe",
+            arch=arch_name(MODEL_ARCH.GRANITE_MOE),
             n_ff_exp=256,
             ftypes=("q8_0", "q4_k_m"),
             extra_keys=(
@@ -180,7 +180,7 @@ ARCHS: dict[str, ArchSpec] = {
         # GraniteMoeShared: the same plus an ungated shared expert (expert_shared_feed_forward_length).
         ArchSpec(
             name="granitemoe-shexp",
-            arch="granitemoe",
+            arch=arch_name(MODEL_ARCH.GRANITE_MOE),
             n_ff_exp=256,
             n_ff_shexp=512,
             shexp_gated=False,
@@ -200,7 +200,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Routing: softmax, top-k of probs + bias, weights from the unbiased probs, renormalised.
         ArchSpec(
             name="ernie4_5-moe",
-            arch="ernie4_5-moe",
+            arch=arch_name(MODEL_ARCH.ERNIE4_5_MOE),
             n_ff_exp=256,
             n_ff_shexp=256,
             shexp_gated=False,
