@@ -202,3 +202,15 @@ def test_edgemoe_never_imports_tools_or_tests() -> None:
     bad = {str(p.relative_to(REPO)): found for p in sorted((REPO / "edgemoe").rglob("*.py"))
            if (found := outside_imports(p.read_text(), ("tools", "tests")))}
     assert bad == {}
+
+
+def test_only_edgemoe_is_installed() -> None:
+    """pyproject's package discovery finds edgemoe and its subpackages, never tools/ or tests/ (which
+    would land in site-packages as top-level `tools` and `tests`)."""
+    tomllib = pytest.importorskip("tomllib")
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = find_packages(where=str(REPO), include=find["include"], exclude=find.get("exclude", ()))
+    assert "edgemoe" in found and "edgemoe.convert" in found
+    assert [p for p in found if p.split(".")[0] != "edgemoe"] == []
