@@ -16,8 +16,8 @@ from typing import Callable
 
 import llama_cpp
 import numpy as np
-from gguf import GGMLQuantizationType
 
+from edgemoe.format.schema import GGMLQuantizationType, Keys
 from edgemoe.ggml.lib import ggml_tensor
 from edgemoe.model.kvcache import CACHE_TYPES, AttentionOptions
 from edgemoe.util.llamacpp import init_llama, load_model, meta_str, model_params, tokenize
@@ -83,9 +83,9 @@ class LlamaCpp(Owned):
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_layer: int = llama_cpp.llama_model_n_layer(self._model)
-        self.arch: str = meta_str(self._model, "general.architecture") or ""
-        self.n_expert: int = int(meta_str(self._model, f"{self.arch}.expert_count") or 0)
-        self.n_expert_used: int = int(meta_str(self._model, f"{self.arch}.expert_used_count") or 0)
+        self.arch: str = meta_str(self._model, Keys.General.ARCHITECTURE) or ""
+        self.n_expert: int = int(meta_str(self._model, Keys.LLM.EXPERT_COUNT.format(arch=self.arch)) or 0)
+        self.n_expert_used: int = int(meta_str(self._model, Keys.LLM.EXPERT_USED_COUNT.format(arch=self.arch)) or 0)
         self.n_ctx = n_ctx
 
         cp = llama_cpp.llama_context_default_params()
