@@ -53,7 +53,7 @@ def _converter_fingerprint() -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for p in sorted([*(REPO / "tools" / "convert").glob("*.py"), *(REPO / "edgemoe" / "format").glob("*.py")]):
+    for p in sorted([*(REPO / "edgemoe" / "convert").glob("*.py"), *(REPO / "edgemoe" / "format").glob("*.py")]):
         h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()
 
@@ -64,7 +64,7 @@ def converted_models(fixture_models: list[Path]) -> dict[str, Path]:
     import json
     import shutil
 
-    from tools.convert import plan_conversion, write_model
+    from edgemoe.convert import plan_conversion, write_model
 
     fixtures = json.loads((FIXTURES_DIR / "fixtures.json").read_text())
     sha = {Path(e["file"]).stem: e["sha256"] for e in fixtures["files"]}
@@ -85,7 +85,7 @@ def converted_models(fixture_models: list[Path]) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def shadow_model(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """llama-moe-q8_0 converted with a Q4_0 shadow of its experts (for the shadow node's tests)."""
-    from tools.convert import plan_conversion, write_model
+    from edgemoe.convert import plan_conversion, write_model
 
     out = tmp_path_factory.mktemp("shadow-node") / "m"
     write_model(plan_conversion(fixtures_dir / "llama-moe-q8_0.gguf", shadow_type="q4_0"), out, progress=False)

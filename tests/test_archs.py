@@ -25,7 +25,7 @@ from edgemoe.predict.baselines import LookaheadPredictor
 from tests.cli import edgemoe
 from tests.test_engine import compare_with_llama_cpp
 from tests.synthetic import write_moe
-from tools.convert import plan_conversion, write_model
+from edgemoe.convert import plan_conversion, write_model
 
 DEEPSEEK2 = ("deepseek2-lite", "deepseek2-v3")
 ROUTED = (*DEEPSEEK2, "gpt-oss")  # models whose routing differs from plain softmax top-k

@@ -18,10 +18,10 @@ from edgemoe.errors import UserError
 from edgemoe.model.engine import Engine
 from edgemoe.model.experts import LocalExperts
 from edgemoe.model.generate import greedy_tokens
-from edgemoe.predict import PredictorOptions
-from edgemoe.predict.baselines import LookaheadPredictor, make_predictor
+from edgemoe.predict import PredictorOptions, make_predictor
+from edgemoe.predict.baselines import LookaheadPredictor
 from tests.test_engine import compare_with_llama_cpp
-from tools.convert import plan_conversion, write_model
+from edgemoe.convert import plan_conversion, write_model
 from tools.testmodels.archs import ARCHS
 from tools.testmodels.generate import write_f32
 

@@ -16,8 +16,8 @@ from edgemoe.format.gguf_io import metadata, open_gguf, tensor_bytes
 from edgemoe.format.manifest import expert_file_name, load_manifest, verify_model_dir
 from tests.cli import edgemoe
 from tests.synthetic import write_moe
-from tools.convert import plan_conversion, write_model
-from tools.convert import write as write_mod
+from edgemoe.convert import plan_conversion, write_model
+from edgemoe.convert import write as write_mod
 
 
 

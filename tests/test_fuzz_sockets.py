@@ -202,7 +202,7 @@ def test_worker_sockets(converted_models: dict[str, Path], tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def shadow_model(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tools.convert import plan_conversion, write_model
+    from edgemoe.convert import plan_conversion, write_model
 
     out = tmp_path_factory.mktemp("shadow") / "model"
     write_model(plan_conversion(fixtures_dir / "olmoe-q8_0.gguf", shadow_type="q4_0"), out, progress=False)

@@ -15,10 +15,10 @@ from edgemoe.format import keys
 from edgemoe.format.gguf_io import get_str, metadata, open_gguf, tensor_ne
 from edgemoe.format.imatrix import read_imatrix, write_imatrix
 from edgemoe.format.manifest import load_manifest, sha256_file
-from edgemoe.oracle import LlamaCpp, copy_3d
+from edgemoe.llama_runner import LlamaCpp, copy_3d
 from tests.cli import edgemoe
-from tools.convert import plan_conversion, write_model
-from tools.convert.imatrix import collect_imatrix
+from edgemoe.convert import plan_conversion, write_model
+from edgemoe.convert.imatrix import collect_imatrix
 
 Q = GGMLQuantizationType
 MODEL = "llama-moe-f32"

@@ -15,7 +15,7 @@ from edgemoe.util.extra_bufts import ENV_VAR, probe
 
 REPO = Path(__file__).resolve().parent.parent
 # The one place that may build model parameters or load a llama.cpp model, and its probe.
-ALLOWED = {REPO / "edgemoe" / "util" / "llamacpp.py", REPO / "edgemoe" / "util" / "extra_bufts.py"}
+ALLOWED = {REPO / "edgemoe" / "util" / "llamacpp.py", REPO / "edgemoe" / "util" / "extra_bufts_probe.py"}
 # Names through which llama-cpp-python loads weights or sets their buffer types.
 LOADERS = {"Llama", "llama_model_default_params", "llama_model_params", "llama_model_load_from_file",
            "llama_load_model_from_file"}

@@ -722,13 +722,13 @@ def test_disk_full_during_convert_is_one_error_line(fixtures_dir: Path, tmp_path
     (the real full disk is the next test, skipped there)."""
     import errno
 
-    import tools.convert
+    import edgemoe.convert
     from edgemoe.cli.main import main
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tools.convert, "write_model", full)
+    monkeypatch.setattr(edgemoe.convert, "write_model", full)
     assert main(["convert", str(fixtures_dir / f"{Q8}.gguf"), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "No space left" in err and err.count("\n") == 1, err

@@ -26,7 +26,7 @@ from edgemoe.model.generate import greedy_tokens
 from edgemoe.predict import PREDICTORS, PredictorOptions, make_predictor
 from tests.cli import edgemoe
 from tests.synthetic import write_moe
-from tools.convert import plan_conversion, write_model
+from edgemoe.convert import plan_conversion, write_model
 
 Q = GGMLQuantizationType
 PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]

@@ -26,7 +26,7 @@ from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
 from tests.cli import edgemoe
 from tests.liveness import generate_with, wait_until
-from tools.convert import plan_conversion, write_model
+from edgemoe.convert import plan_conversion, write_model
 
 PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
 N_PREDICT = 12

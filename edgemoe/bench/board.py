@@ -22,12 +22,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from edgemoe.format.manifest import expert_file_name, load_manifest
+from edgemoe.plan.pipeline import BoardSpeed
 
 
 @dataclass
@@ -217,5 +218,27 @@ def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> 
     return BoardMeasurement(cores(), memory_total(), threads, storage, comp, rtt, bw, ovh, base, req)
 
 
+def this_machine(model_dir: str | os.PathLike[str], threads: int, profile: str | None = None) -> tuple[BoardSpeed, int]:
+    """(speeds, worker baseline bytes) of this machine: from a measured profile, else measured now."""
+    if profile is not None:
+        from edgemoe.errors import UserError
+        from edgemoe.plan.cluster import board_speed, missing_speeds, resolve_profile
+
+        p = resolve_profile(profile)
+        if missing_speeds(p):
+            raise UserError(f"{profile}: lacks {', '.join(missing_speeds(p))} (write it with edgemoe profile-board)")
+        return replace(board_speed(p), threads=threads), p.worker_baseline or 0
+    from edgemoe.plan.facts import facts_of_dir
+
+    model_dir = Path(model_dir)
+    n_embd = facts_of_dir(model_dir).n_embd
+    comp = compute_rate(model_dir, threads, n_embd)
+    rtt, bw = loopback(n_embd)
+    storage = storage_rate(model_dir)
+    speed = BoardSpeed("this-machine", cores(), threads, comp * 1e6, storage * 1e6, rtt * 1e-6, bw * 1e6,
+                       layer_overhead(model_dir, threads, comp) * 1e-6, request_cost(model_dir, threads) * 1e-6)
+    return speed, worker_baseline()
+
+
 __all__ = ["BoardMeasurement", "compute_rate", "cores", "layer_overhead", "loopback", "measure_board",
-           "memory_total", "request_cost", "storage_rate", "worker_baseline"]
+           "memory_total", "request_cost", "storage_rate", "this_machine", "worker_baseline"]

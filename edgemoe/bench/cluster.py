@@ -181,7 +181,8 @@ def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4,
                 r.shadow_node_peak_rss = max(shadow.peak_rss().values(), default=0)
             r.coordinator_peak_rss = peak_rss_bytes()
         r.llama_cpp_peak_rss = ref.peak_rss
-    from edgemoe.plan.local import predict_local_cluster, this_machine
+    from edgemoe.bench.board import this_machine
+    from edgemoe.plan.local import predict_local_cluster
 
     machine, baseline = this_machine(model, threads, board_profile)
     pred = predict_local_cluster(model, workers=workers, memory_budget=memory_budget, predictor=predictor, recall=r.recall,

@@ -109,7 +109,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _all_predictors() -> list[str]:
-    from edgemoe.predict.baselines import PREDICTORS
+    from edgemoe.predict import PREDICTORS
 
     return list(PREDICTORS)
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.src or not args.out_dir:
         raise UserError("convert needs SRC.gguf and OUT_DIR (or --verify DIR)")
 
-    from tools.convert import plan_conversion, write_model
+    from edgemoe.convert import plan_conversion, write_model
 
     plan = plan_conversion(args.src, shadow_type=args.shadow_type, shadow_trunk_type=args.shadow_trunk_type,
                            shadow_fallback_type=args.shadow_fallback_type, shadow_imatrix=args.shadow_imatrix)

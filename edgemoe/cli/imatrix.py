@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: is a directory; name the imatrix file to write")
     from edgemoe.format.gguf_io import get_str, open_gguf
     from edgemoe.format.imatrix import write_imatrix
-    from tools.convert.imatrix import collect_imatrix, read_text
+    from edgemoe.convert.imatrix import collect_imatrix, read_text
 
     arch = get_str(open_gguf(args.src), "general.architecture") or ""
     text = read_text(args.text)

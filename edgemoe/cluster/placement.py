@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from edgemoe.format.schema import expert_tensor_name
 from edgemoe.format.shard import ExpertId
 
 
@@ -82,7 +83,7 @@ def counts_from_imatrix(counts: Mapping[str, "Iterable[float]"], moe_layers: Ite
     (the rows each expert's down projection saw: how often the router picked it)."""
     out: dict[ExpertId, float] = {}
     for layer in moe_layers:
-        c = counts.get(f"blk.{layer}.ffn_down_exps.weight")
+        c = counts.get(expert_tensor_name(layer, "down"))
         if c is None:
             continue
         for e, n in enumerate(c):

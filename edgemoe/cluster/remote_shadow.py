@@ -24,8 +24,7 @@ from edgemoe.cluster.keys import ServerKeys
 from edgemoe.cluster.link import Peer, RouterLink
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import manifest_hash
-from edgemoe.predict.base import Predictor
-from edgemoe.predict.baselines import upcoming
+from edgemoe.predict.base import Predictor, upcoming
 
 log = logging.getLogger("edgemoe.coordinator.shadow")
 

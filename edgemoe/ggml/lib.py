@@ -12,6 +12,7 @@ import os
 from ctypes import POINTER, c_bool, c_char, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint8, c_void_p
 
 import llama_cpp
+from gguf import GGMLQuantizationType
 
 # A failed ggml assert aborts the process; without this it first attaches gdb to print a backtrace.
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
@@ -25,24 +26,8 @@ GGML_MAX_N_THREADS = 512
 _GGML_OBJECT_SIZE = 32
 
 
-class GGMLType(enum.IntEnum):
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    IQ4_NL = 20
-    I32 = 26
-    I64 = 27
-    BF16 = 30
-    MXFP4 = 39  # gpt-oss experts: 32 values per 17-byte block
+# ggml's type enum is gguf-py's (the same numbers as ggml.h's enum ggml_type, which gguf-py mirrors).
+GGMLType = GGMLQuantizationType
 
 
 class GGMLPrec(enum.IntEnum):

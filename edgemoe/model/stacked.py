@@ -14,6 +14,7 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.arch import ARCHITECTURES
+from edgemoe.format.schema import expert_tensor_name
 from edgemoe.ggml import Compute, Context, lib
 from edgemoe.ggml.context import aligned_empty, to_numpy
 from edgemoe.model.expert_ffn import moe_ffn
@@ -52,10 +53,10 @@ class StackedExperts(ExpertBackend):
     def _parts(self, il: int) -> dict[str, object]:
         out = {}
         for part in ("gate", "up", "gate_up", "down"):
-            t = self.w.get(f"blk.{il}.ffn_{part}_exps.weight")
+            t = self.w.get(expert_tensor_name(il, part))
             if t is not None:
                 out[part] = t
-            b = self.w.get(f"blk.{il}.ffn_{part}_exps.bias")
+            b = self.w.get(expert_tensor_name(il, part, "bias"))
             if b is not None:
                 out[part + "_b"] = b
         return out

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgemoe.cluster.profile import DeviceProfile, load_profile
 from edgemoe.errors import UserError
+from edgemoe.format.schema import expert_tensor_name
 from edgemoe.plan.facts import ModelFacts
 from edgemoe.plan.memory import DEFAULT_WORKER_BASELINE, MemoryPlan, WorkerSpec, plan_memory
 from edgemoe.plan.pipeline import BoardSpeed, SpeedPrediction, predict_decode
@@ -69,7 +70,7 @@ def routing_counts(imatrix_path: str | os.PathLike[str], facts: ModelFacts) -> d
     out: dict[int, np.ndarray] = {}
     for layer in facts.moe_layers:
         for part in ("gate", "gate_up", "up"):
-            c = im.counts.get(f"blk.{layer}.ffn_{part}_exps.weight")
+            c = im.counts.get(expert_tensor_name(layer, part))
             if c is not None:
                 out[layer] = np.asarray(c, dtype=np.float64)
                 break

@@ -17,6 +17,7 @@ import numpy as np
 from edgemoe.errors import UserError
 from edgemoe.format.arch import has_shared_expert, parse_expert_tensor_name
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf
+from edgemoe.format.schema import Keys, T, tensor_name
 from edgemoe.format.manifest import (MANIFEST_NAME, TRUNK_NAME, Manifest, expert_file_name, load_manifest)
 
 
@@ -84,23 +85,23 @@ def _type_name(t: Any) -> str:
 
 def _dims(reader, arch: str) -> tuple[int, int, int]:
     """(n_embd, n_ff_exp, n_layers) from a GGUF's metadata."""
-    n_embd = get_int(reader, f"{arch}.embedding_length") or 0
-    n_ff = get_int(reader, f"{arch}.expert_feed_forward_length") or get_int(reader, f"{arch}.feed_forward_length") or 0
-    n_layers = get_int(reader, f"{arch}.block_count") or 0
+    n_embd = get_int(reader, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)) or 0
+    n_ff = get_int(reader, Keys.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=arch)) or get_int(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch)) or 0
+    n_layers = get_int(reader, Keys.LLM.BLOCK_COUNT.format(arch=arch)) or 0
     return n_embd, n_ff, n_layers
 
 
 def _trunk_extras(reader, arch: str, n_layers: int) -> dict[str, Any]:
     """head/embedding bytes and the F16 KV cache's bytes per token, from a GGUF holding the trunk."""
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    embd = sizes.get("token_embd.weight", 0)
-    tied = "output.weight" not in sizes
-    n_head = get_int(reader, f"{arch}.attention.head_count") or 1
-    n_head_kv = get_int(reader, f"{arch}.attention.head_count_kv") or n_head
-    n_embd = get_int(reader, f"{arch}.embedding_length") or 0
-    head_dim = get_int(reader, f"{arch}.attention.key_length") or (n_embd // n_head if n_head else 0)
-    mla = get_int(reader, f"{arch}.attention.key_length_mla") is not None  # deepseek2: V lives in the K cache
-    return {"embd_bytes": embd, "head_bytes": embd if tied else sizes["output.weight"], "head_tied": tied,
+    embd = sizes.get(tensor_name(T.TOKEN_EMBD), 0)
+    tied = tensor_name(T.OUTPUT) not in sizes
+    n_head = get_int(reader, Keys.Attention.HEAD_COUNT.format(arch=arch)) or 1
+    n_head_kv = get_int(reader, Keys.Attention.HEAD_COUNT_KV.format(arch=arch)) or n_head
+    n_embd = get_int(reader, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)) or 0
+    head_dim = get_int(reader, Keys.Attention.KEY_LENGTH.format(arch=arch)) or (n_embd // n_head if n_head else 0)
+    mla = get_int(reader, Keys.Attention.KEY_LENGTH_MLA.format(arch=arch)) is not None  # deepseek2: V lives in the K cache
+    return {"embd_bytes": embd, "head_bytes": embd if tied else sizes[tensor_name(T.OUTPUT)], "head_tied": tied,
             "kv_bytes_per_token": (1 if mla else 2) * 2 * n_layers * n_head_kv * head_dim}
 
 
@@ -108,10 +109,10 @@ def facts_of_gguf(path: str | os.PathLike[str]) -> ModelFacts:
     """Facts of an unconverted GGUF (MoE or dense: a dense model has 0 experts)."""
     p = Path(path)
     reader = open_gguf(p)
-    arch = get_str(reader, "general.architecture") or "?"
+    arch = get_str(reader, Keys.General.ARCHITECTURE) or "?"
     n_embd, n_ff, n_layers = _dims(reader, arch)
-    n_expert = get_int(reader, f"{arch}.expert_count") or 0
-    n_used = get_int(reader, f"{arch}.expert_used_count") or 0
+    n_expert = get_int(reader, Keys.LLM.EXPERT_COUNT.format(arch=arch)) or 0
+    n_used = get_int(reader, Keys.LLM.EXPERT_USED_COUNT.format(arch=arch)) or 0
     trunk_types: Counter[str] = Counter()
     expert_types: Counter[str] = Counter()
     trunk_bytes = expert_bytes = 0
@@ -129,7 +130,7 @@ def facts_of_gguf(path: str | os.PathLike[str]) -> ModelFacts:
             expert_types[_type_name(t)] += 1
     shard = {layer: b // n_expert for layer, b in sorted(per_layer.items())}
     return ModelFacts(
-        path=str(p), kind="gguf", name=get_str(reader, "general.name") or p.stem, architecture=arch,
+        path=str(p), kind="gguf", name=get_str(reader, Keys.General.NAME) or p.stem, architecture=arch,
         n_layers=n_layers, n_embd=n_embd, n_ff_exp=n_ff, n_experts=n_expert, n_experts_used=n_used,
         moe_layers=sorted(shard), shared_expert=has_shared_expert(t.name for t in reader.tensors),
         trunk_bytes=trunk_bytes, expert_bytes=expert_bytes, shard_bytes=shard,

@@ -6,15 +6,13 @@ decides, so a wrong prediction costs time, never correctness.
 
 from edgemoe.predict.base import Predictor, PredictorOptions, RecallMeter
 from edgemoe.predict.baselines import (
-    PREDICTORS,
     FrequencyPredictor,
     LookaheadPredictor,
     PreviousPredictor,
     RandomPredictor,
     ReactivePredictor,
-    make_predictor,
-    parse_predictor,
 )
+from edgemoe.predict.registry import PREDICTORS, make_predictor, parse_predictor
 
 __all__ = ["Predictor", "PredictorOptions", "RecallMeter", "LookaheadPredictor", "RandomPredictor", "ReactivePredictor",
            "PreviousPredictor", "FrequencyPredictor", "make_predictor", "parse_predictor", "PREDICTORS"]

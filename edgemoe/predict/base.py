@@ -1,4 +1,4 @@
-"""The predictor interface and recall accounting (OD-MoE paper, eq. 2-3)."""
+"""The predictor interface, the layers a prediction covers (`upcoming`) and recall accounting (OD-MoE paper, eq. 2-3)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def upcoming(moe_layers: list[int], current: int, depth: int) -> list[int]:
+    """The next `depth` MoE layers after layer `current` (-1: before the token's first layer)."""
+    return [l for l in moe_layers if l > current][:depth]
 
 
 @dataclass

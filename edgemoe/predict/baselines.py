@@ -6,15 +6,10 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from edgemoe.errors import UserError
+from edgemoe.format.schema import T, tensor_name
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.weights import GGUFTensors
-from edgemoe.predict.base import Predictor, PredictorOptions
-
-
-def upcoming(moe_layers: list[int], current: int, depth: int) -> list[int]:
-    """The next `depth` MoE layers after layer `current` (-1: before the token's first layer)."""
-    return [l for l in moe_layers if l > current][:depth]
+from edgemoe.predict.base import Predictor, upcoming
 
 
 class ReactivePredictor(Predictor):
@@ -78,13 +73,16 @@ class LookaheadPredictor(Predictor):
 
     def __init__(self, cfg: ModelConfig, weights: GGUFTensors, moe_layers: list[int], depth: int) -> None:
         self.cfg, self.moe_layers, self.depth = cfg, moe_layers, depth
-        norm = lambda l: f"blk.{l}.ffn_norm.weight" if f"blk.{l}.ffn_norm.weight" in weights else f"blk.{l}.post_attention_norm.weight"  # noqa: E731
+        def norm(l: int) -> str:  # gpt-oss names its FFN norm post_attention_norm
+            name = tensor_name(T.FFN_NORM, l)
+            return name if name in weights else tensor_name(T.ATTN_POST_NORM, l)
+
         self.norms = {l: _tensor_f32(weights, norm(l)).reshape(-1) for l in moe_layers}
-        self.routers = {l: _tensor_f32(weights, f"blk.{l}.ffn_gate_inp.weight") for l in moe_layers}
-        self.router_biases = {l: _tensor_f32(weights, f"blk.{l}.ffn_gate_inp.bias").reshape(-1)
-                              for l in moe_layers if f"blk.{l}.ffn_gate_inp.bias" in weights}
-        self.biases = {l: _tensor_f32(weights, f"blk.{l}.exp_probs_b.bias").reshape(-1)
-                       for l in moe_layers if f"blk.{l}.exp_probs_b.bias" in weights}
+        self.routers = {l: _tensor_f32(weights, tensor_name(T.FFN_GATE_INP, l)) for l in moe_layers}
+        self.router_biases = {l: _tensor_f32(weights, tensor_name(T.FFN_GATE_INP, l, "bias")).reshape(-1)
+                              for l in moe_layers if tensor_name(T.FFN_GATE_INP, l, "bias") in weights}
+        self.biases = {l: _tensor_f32(weights, tensor_name(T.FFN_EXP_PROBS_B, l, "bias")).reshape(-1)
+                       for l in moe_layers if tensor_name(T.FFN_EXP_PROBS_B, l, "bias") in weights}
 
     def route(self, layer: int, residual: np.ndarray) -> list[int]:
         """The experts layer `layer`'s router would pick for this residual stream (its FFN input)."""
@@ -168,55 +166,3 @@ class FrequencyPredictor(Predictor):
     def after_router(self, layer: int, residual: np.ndarray, selected: np.ndarray) -> dict[int, list[int]]:
         self.counts[layer][np.asarray(selected, dtype=np.int64)] += 1
         return self._top(upcoming(self.moe_layers, layer, self.depth))
-
-
-PREDICTORS = ("reactive", "random", "lookahead", "previous", "frequency", "shadow", "reanchor")
-_SHADOWS = ("shadow", "reanchor")
-
-
-def parse_predictor(spec: str, options: PredictorOptions | None = None) -> tuple[str, PredictorOptions]:
-    """NAME, or for shadow/reanchor NAME@T<i>KV<j> (alignment periods, the paper's notation) and
-    reanchor@d<D> (re-anchor depth), e.g. shadow@T0KV0, reanchor@T1KV1@d2. Returns (name, options)."""
-    import dataclasses
-    import re
-
-    base = options or PredictorOptions()
-    name, *mods = spec.strip().split("@")
-    if name not in PREDICTORS:
-        raise UserError(f"unknown predictor '{spec}' (available: {', '.join(PREDICTORS)}; "
-                        f"shadow and reanchor take @T<i>KV<j>, reanchor @d<D>)")
-    changes: dict[str, int] = {}
-    for mod in mods:
-        m_align = re.fullmatch(r"[Tt](\d+)[Kk][Vv](\d+)", mod)
-        m_depth = re.fullmatch(r"[dD](\d+)", mod)
-        if m_align and name in _SHADOWS:
-            changes.update(align_token=int(m_align[1]), align_kv=int(m_align[2]))
-        elif m_depth and name == "reanchor" and int(m_depth[1]) >= 1:
-            changes["reanchor_depth"] = int(m_depth[1])
-        else:
-            raise UserError(f"predictor '{spec}': '@{mod}' is not an option of {name} "
-                            "(shadow/reanchor: @T<i>KV<j>; reanchor: @d<D>, D >= 1)")
-    return name, dataclasses.replace(base, **changes)
-
-
-def make_predictor(name: str, cfg: ModelConfig, weights: GGUFTensors, moe_layers: list[int], depth: int,
-                   seed: int = 0, *, main=None, options: PredictorOptions | None = None) -> Predictor:
-    """A predictor by name (or spec, see parse_predictor). The shadow predictors need `main`: the
-    engine they follow (its model directory, trunk, KV cache and eval listeners)."""
-    name, opts = parse_predictor(name, options)
-    if name == "reactive":
-        return ReactivePredictor()
-    if name == "random":
-        return RandomPredictor(cfg, moe_layers, depth, seed)
-    if name == "lookahead":
-        return LookaheadPredictor(cfg, weights, moe_layers, depth)
-    if name == "previous":
-        return PreviousPredictor(moe_layers, depth)
-    if name == "frequency":
-        return FrequencyPredictor(cfg, moe_layers, depth)
-    if main is None:
-        raise ValueError(f"the {name} predictor needs the main engine (main=...)")
-    from edgemoe.predict.shadow import ReanchorPredictor, ShadowPredictor
-
-    cls = ShadowPredictor if name == "shadow" else ReanchorPredictor
-    return cls(main, depth, opts)

@@ -45,8 +45,7 @@ from edgemoe.model.engine import KV_PAD, Engine
 from edgemoe.model.stacked import StackedExperts
 from edgemoe.model.kvcache import KVCache
 from edgemoe.model.weights import GGUFTensors
-from edgemoe.predict.base import Predictor, PredictorOptions
-from edgemoe.predict.baselines import upcoming
+from edgemoe.predict.base import Predictor, PredictorOptions, upcoming
 from edgemoe.util.proc import lower_thread_priority
 
 log = logging.getLogger("edgemoe.shadow")

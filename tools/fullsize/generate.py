@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgemoe.errors import UserError
+from edgemoe.format.schema import MODEL_ARCH, arch_name
 from tools.testmodels.archs import ArchSpec
 from edgemoe.util.files import atomic_path
 from tools.testmodels.generate import _scale, add_model_metadata, model_seed, n_vocab
@@ -52,7 +53,7 @@ MODELS: dict[str, ArchSpec] = {
         # reads the expert width from olmoe.feed_forward_length.
         ArchSpec(
             name="olmoe-1b-7b",
-            arch="olmoe",
+            arch=arch_name(MODEL_ARCH.OLMOE),
             n_embd=2048,
             n_layer=16,
             n_head=16,
@@ -73,7 +74,7 @@ MODELS: dict[str, ArchSpec] = {
         # (tie_word_embeddings false). feed_forward_length is the (unused) dense width 6144.
         ArchSpec(
             name="qwen3-30b-a3b",
-            arch="qwen3moe",
+            arch=arch_name(MODEL_ARCH.QWEN3MOE),
             n_embd=2048,
             n_layer=48,
             n_head=32,

@@ -2,7 +2,7 @@
 
     OUT_DIR/demo-moe.gguf     8 identical experts (upcycled), top-2: computes the dense model
     OUT_DIR/sparse-moe.gguf   16 disjoint experts (MoEfied), top-12: a genuinely sparse model
-    OUT_DIR/<name>/           the same, converted to trunk + per-expert shards (tools.convert)
+    OUT_DIR/<name>/           the same, converted to trunk + per-expert shards (edgemoe.convert)
     OUT_DIR/models.json       sizes, sha256, the builder fingerprint, config, corpus
 
 Deterministic: the same fingerprint (this package's source, the converter's source, library and
@@ -29,7 +29,7 @@ from edgemoe.util.files import atomic_path
 
 from . import corpus, moefy, sparse, upcycle
 from .calibrate import ffn_inputs
-from .source import DenseModel, write_truncated
+from .source import ARCH, DenseModel, write_truncated
 
 MODEL_NAMES: tuple[str, ...] = ("demo-moe", "sparse-moe")
 MODELS_JSON = "models.json"
@@ -45,7 +45,7 @@ class BuildConfig:
     sparse_experts: int = sparse.N_EXPERT
     sparse_used: int = sparse.N_USED
     refit_lam: float | None = sparse.REFIT_LAM  # None: keep the dense down matrices (the note's recipe)
-    convert: bool = True  # also write OUT_DIR/<name>/ with tools.convert
+    convert: bool = True  # also write OUT_DIR/<name>/ with edgemoe.convert
     n_threads: int = 2
 
 
@@ -87,10 +87,10 @@ def fingerprint(config: BuildConfig = BuildConfig()) -> str:
 
 
 def converter_fingerprint() -> str:
-    """Hash of the converter's source (tools/convert, edgemoe/format): the converted directories
+    """Hash of the converter's source (edgemoe/convert, edgemoe/format): the converted directories
     are redone, without rebuilding the GGUF files, when it changes."""
     h = hashlib.sha256()
-    _hash_files(h, [*sorted((_REPO / "tools" / "convert").glob("*.py")), *sorted((_REPO / "edgemoe" / "format").glob("*.py"))])
+    _hash_files(h, [*sorted((_REPO / "edgemoe" / "convert").glob("*.py")), *sorted((_REPO / "edgemoe" / "format").glob("*.py"))])
     return h.hexdigest()
 
 
@@ -171,10 +171,10 @@ def _write_models_json(out_dir: Path, meta: dict[str, Any]) -> None:
 
 
 def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, log=None) -> None:
-    """(Re)write OUT_DIR/<name>/ from OUT_DIR/<name>.gguf with tools.convert; record it in models.json."""
+    """(Re)write OUT_DIR/<name>/ from OUT_DIR/<name>.gguf with edgemoe.convert; record it in models.json."""
     from edgemoe.format.imatrix import write_imatrix
-    from tools.convert import plan_conversion, write_model
-    from tools.convert.imatrix import collect_imatrix
+    from edgemoe.convert import plan_conversion, write_model
+    from edgemoe.convert.imatrix import collect_imatrix
 
     out_dir = Path(out_dir)
     meta = read_models_json(out_dir)
@@ -200,7 +200,7 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
                 say(f"  importance matrix: {done}/{total} chunks, {time.perf_counter() - t:.0f} s")
 
         write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
-                                               max_chunks=IMATRIX_CHUNKS, progress=progress), "llama")
+                                               max_chunks=IMATRIX_CHUNKS, progress=progress), ARCH)
         plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_fallback_type=SHADOW_FALLBACK_TYPE,
                                shadow_imatrix=imatrix)
         say(f"converting {name}: the trunk, one file per expert, and a 4-bit copy of the experts for the shadow "

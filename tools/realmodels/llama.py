@@ -3,9 +3,9 @@
 One 512-token chunk is one ``llama_decode`` (one ubatch, logits for every row, so llama.cpp does
 not drop rows before the last layer's FFN). ``capture`` names graph tensors to copy out through
 ``cb_eval`` (llama.cpp's per-layer names: ``ffn_norm-<il>``, ``ffn_moe_logits-<il>``,
-``ffn_moe_topk-<il>``, ...), with the ``GgmlTensor`` struct of :mod:`edgemoe.oracle`.
+``ffn_moe_topk-<il>``, ...), with the ``GgmlTensor`` struct of :mod:`edgemoe.llama_runner`.
 
-The context is the oracle's (`edgemoe.oracle.LlamaCpp`: F32 KV cache, flash attention, no weight
+The context is the runner's under the oracle (`edgemoe.llama_runner.LlamaCpp`: F32 KV cache, flash attention, no weight
 repacking), so the numbers are those of the kernels edgemoe itself calls.
 """
 
@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from edgemoe.oracle import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d
+from edgemoe.llama_runner import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d
 
 _NAME = re.compile(rb"^([a-z_]+)-(\d+)$")
 

@@ -22,9 +22,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
+from edgemoe.format.schema import T, tensor_name
+
 from .moefy import LayerFit
-from .source import DenseModel
-from .write import TensorSpec, write_moe
+from .source import DenseModel, write_moe
+from .write import TensorSpec
 
 N_EXPERT = 16
 N_USED = 12
@@ -42,26 +44,25 @@ def scaled_router(fit: LayerFit, X: np.ndarray, std: float = ROUTER_STD) -> np.n
 
 
 def layer_tensors(src: DenseModel, il: int, fit: LayerFit, router: np.ndarray, n_used: int) -> list[TensorSpec]:
-    p = f"blk.{il}."
     n_expert, width = fit.groups.shape
     n_embd = src.n_embd
-    gate_q = src.raw(p + "ffn_gate.weight")  # [n_ff, row bytes] Q4_1
-    up_q = src.raw(p + "ffn_up.weight")
-    for name, q in (("gate", gate_q), ("up", up_q)):
-        if src.qtype(f"{p}ffn_{name}.weight") in (Q.F32, Q.F16):
+    gate_q = src.raw(tensor_name(T.FFN_GATE, il))  # [n_ff, row bytes] Q4_1
+    up_q = src.raw(tensor_name(T.FFN_UP, il))
+    for t in (T.FFN_GATE, T.FFN_UP):
+        if src.qtype(tensor_name(t, il)) in (Q.F32, Q.F16):
             raise ValueError(f"{src.path}: expected quantized FFN weights in layer {il}")
-    gtype = src.qtype(p + "ffn_gate.weight")
-    utype = src.qtype(p + "ffn_up.weight")
+    gtype = src.qtype(tensor_name(T.FFN_GATE, il))
+    utype = src.qtype(tensor_name(T.FFN_UP, il))
 
     def down() -> np.ndarray:
         d = np.stack([fit.down[:, g] for g in fit.groups]) * np.float32(n_used)  # [E, n_embd, width]
         return quantize(d.astype(np.float32), DOWN_TYPE)
 
     return [
-        (p + "ffn_gate_inp.weight", Q.F32, (n_expert, n_embd), np.ascontiguousarray(router.T)),
-        (p + "ffn_gate_exps.weight", gtype, (n_expert, width, n_embd), lambda: np.ascontiguousarray(gate_q[fit.groups])),
-        (p + "ffn_up_exps.weight", utype, (n_expert, width, n_embd), lambda: np.ascontiguousarray(up_q[fit.groups])),
-        (p + "ffn_down_exps.weight", DOWN_TYPE, (n_expert, n_embd, width), down),
+        (tensor_name(T.FFN_GATE_INP, il), Q.F32, (n_expert, n_embd), np.ascontiguousarray(router.T)),
+        (tensor_name(T.FFN_GATE_EXP, il), gtype, (n_expert, width, n_embd), lambda: np.ascontiguousarray(gate_q[fit.groups])),
+        (tensor_name(T.FFN_UP_EXP, il), utype, (n_expert, width, n_embd), lambda: np.ascontiguousarray(up_q[fit.groups])),
+        (tensor_name(T.FFN_DOWN_EXP, il), DOWN_TYPE, (n_expert, n_embd, width), down),
     ]
 
 

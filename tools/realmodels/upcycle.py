@@ -25,9 +25,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
+from edgemoe.format.schema import T, tensor_name
+
 from .moefy import LayerFit
-from .source import DenseModel
-from .write import GGUFOut, TensorSpec, write_moe
+from .source import DenseModel, is_dense_ffn, write_moe
+from .write import GGUFOut, TensorSpec
 
 N_EXPERT = 8
 N_USED = 2
@@ -36,12 +38,12 @@ EXPERT_TYPE = Q.Q8_0
 
 def requantized_ffn(src: DenseModel, il: int, qtype: Q = EXPERT_TYPE) -> dict[str, np.ndarray]:
     """The layer's gate/up/down weights requantized to qtype: {part: bytes [rows, row bytes]}."""
-    return {part: quantize(src.dequant(f"blk.{il}.ffn_{part}.weight"), qtype) for part in ("gate", "up", "down")}
+    return {part: quantize(src.dequant(tensor_name(t, il)), qtype)
+            for part, t in (("gate", T.FFN_GATE), ("up", T.FFN_UP), ("down", T.FFN_DOWN))}
 
 
 def layer_tensors(src: DenseModel, il: int, fit: LayerFit, n_expert: int = N_EXPERT) -> list[TensorSpec]:
     """blk.il's router and stacked experts (n_expert copies of the requantized dense FFN)."""
-    p = f"blk.{il}."
     n_embd, n_ff = src.n_embd, src.n_ff
     router = np.ascontiguousarray(fit.router.T, dtype=np.float32)  # [E, n_embd] = ggml ne (n_embd, E)
     if router.shape != (n_expert, n_embd):
@@ -58,10 +60,10 @@ def layer_tensors(src: DenseModel, il: int, fit: LayerFit, n_expert: int = N_EXP
         return fn
 
     return [
-        (p + "ffn_gate_inp.weight", Q.F32, (n_expert, n_embd), router),
-        (p + "ffn_gate_exps.weight", EXPERT_TYPE, (n_expert, n_ff, n_embd), stacked("gate")),
-        (p + "ffn_up_exps.weight", EXPERT_TYPE, (n_expert, n_ff, n_embd), stacked("up")),
-        (p + "ffn_down_exps.weight", EXPERT_TYPE, (n_expert, n_embd, n_ff), stacked("down")),
+        (tensor_name(T.FFN_GATE_INP, il), Q.F32, (n_expert, n_embd), router),
+        (tensor_name(T.FFN_GATE_EXP, il), EXPERT_TYPE, (n_expert, n_ff, n_embd), stacked("gate")),
+        (tensor_name(T.FFN_UP_EXP, il), EXPERT_TYPE, (n_expert, n_ff, n_embd), stacked("up")),
+        (tensor_name(T.FFN_DOWN_EXP, il), EXPERT_TYPE, (n_expert, n_embd, n_ff), stacked("down")),
     ]
 
 
@@ -76,8 +78,7 @@ def write_dense_requantized(src: DenseModel, out_path: Path, qtype: Q = EXPERT_T
     demo-moe must equal (up to float rounding), and the measure of requantization noise."""
     out = GGUFOut(out_path, src.metadata)
     for name in src.tensor_names():
-        parts = name.split(".")
-        if parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+        if is_dense_ffn(name):
             out.add(name, quantize(src.dequant(name), qtype), qtype, src.shape(name))
         else:
             out.add(name, src.raw(name), src.qtype(name))

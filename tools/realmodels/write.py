@@ -19,10 +19,19 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quant_shape_to_byte_shape
 
-from .source import MetaKV
 from edgemoe.util.files import atomic_path
 
 Q = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class MetaKV:
+    """One metadata key with its exact GGUF value type (and element type for arrays)."""
+
+    key: str
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None
 
 
 @dataclass
@@ -114,47 +123,10 @@ class GGUFOut:
         return self.path
 
 
-__all__ = ["GGUFOut"]
 
 
 # (name, type, numpy-order shape, data or data function) of one tensor
 TensorSpec = tuple[str, GGMLQuantizationType, tuple[int, ...], "np.ndarray | Callable[[], np.ndarray]"]
 
 
-def write_moe(src, out_path: Path, n_expert: int, n_used: int, n_ff_exp: int,
-              layer_tensors: Callable[[int], list[TensorSpec]]) -> Path:
-    """The dense model src (a source.DenseModel) with every layer's FFN replaced by MoE tensors.
-
-    Every other tensor is copied byte for byte, in the source order; the layer's MoE tensors take
-    the place of its first FFN tensor. Every metadata key is copied with its type; only
-    llama.expert_count, llama.expert_used_count and llama.feed_forward_length (the expert width)
-    are set.
-    """
-    from gguf import GGUFValueType as V
-
-    from .source import ARCH, layer_of
-
-    out = GGUFOut(out_path, src.metadata, overrides={
-        f"{ARCH}.feed_forward_length": (n_ff_exp, V.UINT32),
-        f"{ARCH}.expert_count": (n_expert, V.UINT32),
-        f"{ARCH}.expert_used_count": (n_used, V.UINT32),
-    })
-    done: set[int] = set()
-    for name in src.tensor_names():
-        il = layer_of(name)
-        if il is not None and name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
-            if il not in done:
-                done.add(il)
-                for tname, qtype, shape, data in layer_tensors(il):
-                    if callable(data):
-                        out.add_lazy(tname, qtype, shape, data)
-                    else:
-                        out.add(tname, data, qtype, shape)
-            continue
-        out.add(name, src.raw(name), src.qtype(name))
-    if len(done) != src.n_layer:
-        raise ValueError(f"{src.path}: FFN tensors found in {len(done)} of {src.n_layer} layers")
-    return out.write()
-
-
-__all__ += ["TensorSpec", "write_moe"]
+__all__ = ["GGUFOut", "MetaKV", "TensorSpec"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgemoe.format.schema import MODEL_ARCH, T, arch_name, tensor_name
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -68,49 +70,48 @@ class ArchSpec:
             return gpt_oss_shapes(self, n_vocab)
         E, H = self.n_embd, self.n_ff_exp
         q, kv = self.n_embd_q, self.n_embd_k_gqa
-        out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (E, n_vocab))]
+        out: list[tuple[str, tuple[int, ...]]] = [(tensor_name(T.TOKEN_EMBD), (E, n_vocab))]
         for i in range(self.n_layer):
-            p = f"blk.{i}."
-            out.append((p + "attn_norm.weight", (E,)))
-            out.append((p + "attn_q.weight", (E, q)))
-            out.append((p + "attn_k.weight", (E, kv)))
-            out.append((p + "attn_v.weight", (E, kv)))
+            out.append((tensor_name(T.ATTN_NORM, i), (E,)))
+            out.append((tensor_name(T.ATTN_Q, i), (E, q)))
+            out.append((tensor_name(T.ATTN_K, i), (E, kv)))
+            out.append((tensor_name(T.ATTN_V, i), (E, kv)))
             if self.qkv_bias:
-                out.append((p + "attn_q.bias", (q,)))
-                out.append((p + "attn_k.bias", (kv,)))
-                out.append((p + "attn_v.bias", (kv,)))
+                out.append((tensor_name(T.ATTN_Q, i, "bias"), (q,)))
+                out.append((tensor_name(T.ATTN_K, i, "bias"), (kv,)))
+                out.append((tensor_name(T.ATTN_V, i, "bias"), (kv,)))
             if self.qk_norm == "head":
-                out.append((p + "attn_q_norm.weight", (self.head_dim,)))
-                out.append((p + "attn_k_norm.weight", (self.head_dim,)))
+                out.append((tensor_name(T.ATTN_Q_NORM, i), (self.head_dim,)))
+                out.append((tensor_name(T.ATTN_K_NORM, i), (self.head_dim,)))
             elif self.qk_norm == "full":
-                out.append((p + "attn_q_norm.weight", (q,)))
-                out.append((p + "attn_k_norm.weight", (kv,)))
-            out.append((p + "attn_output.weight", (q, E)))
+                out.append((tensor_name(T.ATTN_Q_NORM, i), (q,)))
+                out.append((tensor_name(T.ATTN_K_NORM, i), (kv,)))
+            out.append((tensor_name(T.ATTN_OUT, i), (q, E)))
             if self.attn_out_bias:
-                out.append((p + "attn_output.bias", (E,)))
-            out.append((p + "ffn_norm.weight", (E,)))
+                out.append((tensor_name(T.ATTN_OUT, i, "bias"), (E,)))
+            out.append((tensor_name(T.FFN_NORM, i), (E,)))
             if i < self.n_dense_lead:
                 D = self.n_ff_dense
-                out.append((p + "ffn_gate.weight", (E, D)))
-                out.append((p + "ffn_up.weight", (E, D)))
-                out.append((p + "ffn_down.weight", (D, E)))
+                out.append((tensor_name(T.FFN_GATE, i), (E, D)))
+                out.append((tensor_name(T.FFN_UP, i), (E, D)))
+                out.append((tensor_name(T.FFN_DOWN, i), (D, E)))
                 continue
-            out.append((p + "ffn_gate_inp.weight", (E, self.n_expert)))
+            out.append((tensor_name(T.FFN_GATE_INP, i), (E, self.n_expert)))
             if self.probs_bias:
-                out.append((p + "exp_probs_b.bias", (self.n_expert,)))
-            out.append((p + "ffn_gate_exps.weight", (E, H, self.n_expert)))
-            out.append((p + "ffn_up_exps.weight", (E, H, self.n_expert)))
-            out.append((p + "ffn_down_exps.weight", (H, E, self.n_expert)))
+                out.append((tensor_name(T.FFN_EXP_PROBS_B, i, "bias"), (self.n_expert,)))
+            out.append((tensor_name(T.FFN_GATE_EXP, i), (E, H, self.n_expert)))
+            out.append((tensor_name(T.FFN_UP_EXP, i), (E, H, self.n_expert)))
+            out.append((tensor_name(T.FFN_DOWN_EXP, i), (H, E, self.n_expert)))
             if self.n_ff_shexp:
                 S = self.n_ff_shexp
                 if self.shexp_gated:
-                    out.append((p + "ffn_gate_inp_shexp.weight", (E,)))
-                out.append((p + "ffn_gate_shexp.weight", (E, S)))
-                out.append((p + "ffn_up_shexp.weight", (E, S)))
-                out.append((p + "ffn_down_shexp.weight", (S, E)))
-        out.append(("output_norm.weight", (E,)))
+                    out.append((tensor_name(T.FFN_GATE_INP_SHEXP, i), (E,)))
+                out.append((tensor_name(T.FFN_GATE_SHEXP, i), (E, S)))
+                out.append((tensor_name(T.FFN_UP_SHEXP, i), (E, S)))
+                out.append((tensor_name(T.FFN_DOWN_SHEXP, i), (S, E)))
+        out.append((tensor_name(T.OUTPUT_NORM), (E,)))
         if not self.tied_output:
-            out.append(("output.weight", (E, n_vocab)))
+            out.append((tensor_name(T.OUTPUT), (E, n_vocab)))
         return out
 
 
@@ -121,7 +122,7 @@ ARCHS: dict[str, ArchSpec] = {
         # (pairs of consecutive values). Routing: softmax over all experts, top-k, renormalized.
         ArchSpec(
             name="llama-moe",
-            arch="llama",
+            arch=arch_name(MODEL_ARCH.LLAMA),
             n_ff_exp=512,
             extra_keys=(("feed_forward_length", 512, "u32"),),
         ),
@@ -130,7 +131,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Routing: softmax, top-k, NOT renormalized.
         ArchSpec(
             name="qwen2moe",
-            arch="qwen2moe",
+            arch=arch_name(MODEL_ARCH.QWEN2MOE),
             n_ff_exp=256,
             n_ff_shexp=512,
             rms_eps=1e-6,
@@ -146,7 +147,7 @@ ARCHS: dict[str, ArchSpec] = {
         # the expert width is qwen3moe.expert_feed_forward_length (256). Routing renormalized.
         ArchSpec(
             name="qwen3moe",
-            arch="qwen3moe",
+            arch=arch_name(MODEL_ARCH.QWEN3MOE),
             n_ff_exp=256,
             rms_eps=1e-6,
             qk_norm="head",
@@ -162,7 +163,7 @@ ARCHS: dict[str, ArchSpec] = {
         # olmoe.feed_forward_length. rope NEOX. Routing: softmax, top-k, NOT renormalized.
         ArchSpec(
             name="olmoe",
-            arch="olmoe",
+            arch=arch_name(MODEL_ARCH.OLMOE),
             n_head_kv=8,
             n_ff_exp=256,
             qk_norm="full",
@@ -176,7 +177,7 @@ ARCHS: dict[str, ArchSpec] = {
         # ernie4_5-moe test the tied head). rope NORM. Routing: softmax, top-k renormalised.
         ArchSpec(
             name="granitemoe",
-            arch="granitemoe",
+            arch=arch_name(MODEL_ARCH.GRANITE_MOE),
             n_ff_exp=256,
             ftypes=("q8_0", "q4_k_m"),
             extra_keys=(
@@ -190,7 +191,7 @@ ARCHS: dict[str, ArchSpec] = {
         # GraniteMoeShared: the same plus an ungated shared expert (expert_shared_feed_forward_length).
         ArchSpec(
             name="granitemoe-shexp",
-            arch="granitemoe",
+            arch=arch_name(MODEL_ARCH.GRANITE_MOE),
             n_ff_exp=256,
             n_ff_shexp=512,
             shexp_gated=False,
@@ -210,7 +211,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Routing: softmax, top-k of probs + bias, weights from the unbiased probs, renormalised.
         ArchSpec(
             name="ernie4_5-moe",
-            arch="ernie4_5-moe",
+            arch=arch_name(MODEL_ARCH.ERNIE4_5_MOE),
             n_ff_exp=256,
             n_ff_shexp=256,
             shexp_gated=False,

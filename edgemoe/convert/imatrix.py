@@ -10,7 +10,6 @@ routed experts are collected: they are what the shadow requantizes.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +18,10 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.imatrix import Imatrix
-from edgemoe.oracle import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d, copy_3d
+from edgemoe.format.schema import expert_tensor_name, parse_expert_tensor
+from edgemoe.llama_runner import GGML_TYPE_F32, GGML_TYPE_I32, GgmlTensor, LlamaCpp, copy_2d, copy_3d
 from edgemoe.util.files import read_user_text
 
-_EXPERT_WEIGHT = re.compile(rb"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -42,7 +41,7 @@ class _Collector(LlamaCpp):
         super().__init__(model_path, n_ctx=n_ctx, n_threads=n_threads, cb_eval=self._eval_cb)
         # the graph is aborted after the last layer's down experts: the output head (a matmul of
         # every row with the whole vocabulary) would add nothing to the sums
-        self._last = f"blk.{self.n_layer - 1}.ffn_down_exps.weight".encode()
+        self._last = expert_tensor_name(self.n_layer - 1, "down").encode()
 
     @staticmethod
     def _weight(t: GgmlTensor) -> GgmlTensor | None:
@@ -50,7 +49,8 @@ class _Collector(LlamaCpp):
         if not t.src[0] or not t.src[1] or not t.src[2]:
             return None
         w = GgmlTensor.from_address(t.src[0])
-        return w if _EXPERT_WEIGHT.match(w.name) else None
+        e = parse_expert_tensor(w.name.decode(errors="replace"))
+        return w if e is not None and e[2] == "weight" else None
 
     def _eval_cb(self, t: GgmlTensor, ask: bool) -> bool:
         w = self._weight(t)

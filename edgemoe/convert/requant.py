@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize, quantize
 
 from edgemoe.errors import UserError
+from edgemoe.format.schema import GGMLQuantizationType, block_size, row_nbytes
 
 Q = GGMLQuantizationType
 
@@ -51,15 +51,6 @@ def parse_shadow_type(name: str, option: str = "--shadow-type") -> GGMLQuantizat
     if t is None:
         raise UserError(f"{option} {name}: unknown type (available: {', '.join(SHADOW_TYPES)})")
     return t
-
-
-def block_size(t: GGMLQuantizationType) -> int:
-    return GGML_QUANT_SIZES[t][0]
-
-
-def row_nbytes(t: GGMLQuantizationType, n_per_row: int) -> int:
-    bs, ts = GGML_QUANT_SIZES[t]
-    return n_per_row // bs * ts
 
 
 def types_for_rows(row_lengths: list[int]) -> list[str]:

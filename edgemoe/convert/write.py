@@ -27,8 +27,8 @@ from edgemoe.format.manifest import (
     shadow_file_name,
     shadow_trunk_file_name,
 )
-from tools.convert import requant
-from tools.convert.plan import ConversionPlan, requantize_in_trunk
+from edgemoe.convert import requant
+from edgemoe.convert.plan import ConversionPlan, requantize_in_trunk
 
 ROLE_SHADOW, ROLE_SHADOW_TRUNK, SHADOW_TYPE_KEY = keys.ROLE_SHADOW, keys.ROLE_SHADOW_TRUNK, keys.SHADOW_TYPE
 

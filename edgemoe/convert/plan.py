@@ -15,7 +15,8 @@ from edgemoe.format.arch import ARCHITECTURES, MoeArch, interleaved_moe_layers, 
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
 from edgemoe.format.imatrix import Imatrix, read_imatrix
 from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, sha256_file, shadow_file_name, shadow_trunk_file_name
-from tools.convert import requant
+from edgemoe.format.schema import expert_tensor_name
+from edgemoe.convert import requant
 
 
 @dataclass
@@ -267,12 +268,12 @@ def _check_expert_shapes(src: Path, layer: int, tensors: list[StackedExpertTenso
     w = {t.part: t.ne for t in tensors if t.kind == "weight"}
     down = w["down"]
     if len(down) != 3:
-        raise UserError(f"{src}: blk.{layer}.ffn_down_exps.weight has shape {list(down)}; expected [n_ff, n_embd, n_expert]")
+        raise UserError(f"{src}: {expert_tensor_name(layer, 'down')} has shape {list(down)}; expected [n_ff, n_embd, n_expert]")
     n_ff, n_embd = down[0], down[1]
     expected = {"gate": (n_embd, n_ff), "up": (n_embd, n_ff), "gate_up": (n_embd, 2 * n_ff)}
     for part, ne in w.items():
         if part in expected and tuple(ne[:2]) != expected[part]:
             raise UserError(
-                f"{src}: blk.{layer}.ffn_{part}_exps.weight has shape {list(ne)}; "
+                f"{src}: {expert_tensor_name(layer, part)} has shape {list(ne)}; "
                 f"expected {[*expected[part], down[2]]} to match ffn_down_exps {list(down)}"
             )
