@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from edgemoe.bench.recall import bench_recall
-from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.predict import PredictorOptions
 from edgemoe.predict.baselines import LookaheadPredictor
 from tests.cli import edgemoe
+from tests.shadow_cluster import assert_shadow_cluster_equals_in_process
 from tests.test_engine import compare_with_llama_cpp
 from tests.synthetic import write_moe
 from edgemoe.convert import plan_conversion, write_model
@@ -146,14 +146,7 @@ def test_identical_shadow_predicts_every_expert(shadowed: dict[str, Path], model
 
 @pytest.mark.parametrize("model", ["deepseek2-v3", "gpt-oss"])
 def test_shadow_on_a_cluster_changes_nothing(shadowed: dict[str, Path], model: str) -> None:
-    model = shadowed[model]
-    with Engine(model, n_ctx=256, n_threads=1) as engine:
-        want = greedy_tokens(engine, PROMPT, 8)
-    with open_engine(model, ClusterOptions(workers=4, predictor="shadow", residency="off"), n_ctx=256, n_threads=1) as engine:
-        got = greedy_tokens(engine, PROMPT, 8)
-        assert engine.experts.recall.correct > 0
-    assert got[0] == want[0]
-    assert np.array_equal(got[1], want[1])
+    assert_shadow_cluster_equals_in_process(shadowed[model], PROMPT, workers=4)
 
 
 def test_shadow_requantized_from_mxfp4(fixture_models: list[Path], tmp_path: Path) -> None:
@@ -189,13 +182,7 @@ def test_shadow_requantized_from_mxfp4(fixture_models: list[Path], tmp_path: Pat
             assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)), name
     finally:
         compute.close()
-    with Engine(model, n_ctx=256, n_threads=1) as engine:
-        want_tokens = greedy_tokens(engine, PROMPT, 8)
-    with open_engine(model, ClusterOptions(workers=4, predictor="shadow", residency="off"), n_ctx=256, n_threads=1) as engine:
-        got = greedy_tokens(engine, PROMPT, 8)
-        assert engine.experts.recall.correct > 0
-    assert got[0] == want_tokens[0]
-    assert np.array_equal(got[1], want_tokens[1])
+    assert_shadow_cluster_equals_in_process(model, PROMPT, workers=4)
 
 
 def test_experts_in_a_leading_dense_layer_are_named(tmp_path: Path) -> None:

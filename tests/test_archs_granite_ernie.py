@@ -9,17 +9,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgemoe.bench.recall import _Recorder, bench_recall
-from edgemoe.cluster.session import ClusterOptions, open_engine
 from edgemoe.errors import UserError
 from edgemoe.model.engine import Engine
 from edgemoe.model.experts import LocalExperts
 from edgemoe.model.generate import greedy_tokens
-from edgemoe.predict import PredictorOptions, make_predictor
+from edgemoe.predict import PredictorOptions
 from edgemoe.predict.baselines import LookaheadPredictor
+from tests.shadow_cluster import assert_shadow_cluster_equals_in_process
 from tests.test_engine import compare_with_llama_cpp
 from edgemoe.convert import plan_conversion, write_model
 from tools.testmodels.archs import ARCHS
@@ -79,19 +78,7 @@ def test_identical_shadow_predicts_exactly(shadowed: dict[str, Path], stem: str)
 
 @pytest.mark.parametrize("stem", SHADOWED)
 def test_shadow_on_a_cluster_changes_nothing(shadowed: dict[str, Path], stem: str) -> None:
-    model = shadowed[stem]
-    with Engine(model, n_ctx=128, n_threads=1) as engine:
-        want_tokens, want_logits = greedy_tokens(engine, PROMPT, 8)
-    with open_engine(model, ClusterOptions(workers=2, predictor="shadow", residency="off"), n_ctx=128, n_threads=1) as engine:
-        cluster = engine.experts
-        # a shadow the coordinator waits for: whether a background one is in time is the machine's load
-        cluster.predictor.close()
-        cluster.predictor = make_predictor("shadow", engine.cfg, engine.weights, engine.moe_layers, depth=1,
-                                           main=engine, options=PredictorOptions(sync=True))
-        tokens, logits = greedy_tokens(engine, PROMPT, 8)
-        assert cluster.recall.correct > 0
-    assert tokens == want_tokens
-    assert np.array_equal(logits, want_logits)
+    assert_shadow_cluster_equals_in_process(shadowed[stem], PROMPT, workers=2, n_ctx=128)
 
 
 def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path: Path) -> None:
