@@ -24,10 +24,15 @@ class _Reader(GGUFReader):
     on a plain view of the same mapping it takes a fraction of that, with identical results.
     """
 
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+    def _plain_view(self) -> np.ndarray:
+        """The memory map as a plain ndarray (made once per map)."""
         plain = self.__dict__.get("_plain")
         if plain is None or plain.base is not self.data:
             plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        return plain
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        plain = self._plain_view()
         count = int(count)
         dt = np.dtype(dtype)
         arr = plain[offset : offset + dt.itemsize * count].view(dtype=dt)[:count]
@@ -75,7 +80,7 @@ class _SkimReader(_Reader):
             return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
         if itype != GGUFValueType.STRING or n < _SKIM_MIN:
             return super()._get_field_parts(orig_offs, raw_type)
-        buf = memoryview(self.__dict__.get("_plain") if self.__dict__.get("_plain") is not None else self.data.view(np.ndarray))
+        buf = memoryview(self._plain_view())
         end = offs
         for _ in range(n):  # each string: a u64 length, then its bytes
             end += 8 + int.from_bytes(buf[end:end + 8], "little")
