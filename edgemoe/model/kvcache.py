@@ -213,6 +213,23 @@ class KVCache:
         k, v = self.read_rows(il, lo, hi)
         return self._to_f32(k, self.attn.type_k, self.n_embd_kv), self._to_f32(v, self.attn.type_v, self.n_embd_v)
 
+    @property
+    def row_width(self) -> int:
+        """The width of K and V rows stacked as one array (the shadow link's kv_rows): the wider of the
+        two, the narrower V (deepseek2's legacy layout) padded with zeros."""
+        return max(self.n_embd_kv, self.n_embd_v)
+
+    def read_f32_stacked(self, il: int, lo: int, hi: int) -> np.ndarray:
+        """read_f32's K and V as one float32 array [2, n, row_width]."""
+        k, v = self.read_f32(il, lo, hi)
+        out = np.zeros((2, hi - lo, self.row_width), np.float32)
+        out[0, :, : k.shape[1]], out[1, :, : v.shape[1]] = k, v
+        return out
+
+    def write_f32_stacked(self, il: int, lo: int, rows: np.ndarray) -> None:
+        """Store rows as read_f32_stacked gives them."""
+        self.write_f32(il, lo, rows[0, :, : self.n_embd_kv], rows[1, :, : self.n_embd_v])
+
     def write_f32(self, il: int, lo: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store float32 rows, converted to the cache types."""
         self.write_rows(il, lo, self._from_f32(k, self.attn.type_k), self._from_f32(v, self.attn.type_v))
