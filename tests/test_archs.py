@@ -270,9 +270,10 @@ def test_expert_biases_only_where_the_architecture_has_them(tmp_path: Path) -> N
     assert "blk.0.ffn_up_exps.bias" in line and "F16" in line and "must be F32" in line
 
 
-@pytest.mark.parametrize("model", ["deepseek2-lite-q8_0", "gpt-oss-mxfp4", "olmoe-q8_0"])
+@pytest.mark.parametrize("model", ["deepseek2-lite-q8_0", "deepseek2-legacy-q8_0", "gpt-oss-mxfp4", "olmoe-q8_0"])
 def test_plan_counts_the_kv_cache_the_engine_allocates(fixture_models: list[Path], model: str) -> None:
-    """`edgemoe plan`'s F16 KV bytes per token equal the engine's cache (MLA: K only, V is inside it)."""
+    """`edgemoe plan`'s F16 KV bytes per token equal the engine's cache (MLA: K only, V is inside it;
+    the legacy attn_kv_b layout: K rows of 64-value heads, V rows of 32)."""
     from edgemoe.model.config import ModelConfig
     from edgemoe.model.kvcache import KVCache
     from edgemoe.model.weights import GGUFTensors
