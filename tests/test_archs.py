@@ -27,7 +27,7 @@ from tests.test_engine import compare_with_llama_cpp
 from tests.synthetic import write_moe
 from edgemoe.convert import plan_conversion, write_model
 
-DEEPSEEK2 = ("deepseek2-lite", "deepseek2-v3")
+DEEPSEEK2 = ("deepseek2-lite", "deepseek2-v3", "deepseek2-legacy")
 ROUTED = (*DEEPSEEK2, "gpt-oss")  # models whose routing differs from plain softmax top-k
 PROMPT = [1, 504, 3458, 28, 314, 1110, 253, 2821, 17, 99]
 PROMPTS = ["The history of the Roman Empire began when", "def fibonacci(n):"]
@@ -112,14 +112,50 @@ def test_mla_cache_types_refused(converted_models: dict[str, Path], args: list[s
     assert lines[0].startswith("error: --cache-type-k") and phrase in lines[0], lines[0]
 
 
-def test_legacy_kv_b_layout_is_refused(tmp_path: Path) -> None:
-    """Without attention.key_length_mla a deepseek2 file is the legacy attn_kv_b layout: one error naming it."""
+def test_legacy_kv_b_layout_reads_as_multi_head_attention(converted_models: dict[str, Path]) -> None:
+    """Without attention.key_length_mla a deepseek2 file is the legacy attn_kv_b layout: as llama.cpp
+    reads it, MHA over every head, K heads key_length (nope 48 + rope 16) and V heads value_length (32)
+    wide, in a K and a V cache of their own row sizes; the K/V types checked against each head."""
+    from edgemoe.model.config import ModelConfig
+    from edgemoe.model.kvcache import KVCache
+    from edgemoe.model.weights import GGUFTensors
+
+    w = GGUFTensors(converted_models["deepseek2-legacy-q8_0"] / "trunk.gguf")
+    cfg = ModelConfig.from_metadata(w.meta)
+    assert "blk.0.attn_kv_b.weight" in w and "blk.0.attn_k_b.weight" not in w
+    w.close()
+    assert cfg.mla is not None and not cfg.mla.absorbed
+    assert (cfg.head_dim, cfg.head_v, cfg.n_head_kv, cfg.n_embd_kv, cfg.n_embd_v) == (64, 32, 8, 512, 256)
+    for flash in ("on", "off"):
+        kv = KVCache(cfg, 16, AttentionOptions("f16", "f16", flash).resolve(cfg))
+        assert kv.k[0].shape == (16, 512) and kv.v[0].shape == ((256, 16) if flash == "off" else (16, 256))
+    a = AttentionOptions("q8_0", "q8_0", "on").resolve(cfg)
+    assert (a.rot_k, a.rot_v, a.mla) == (64, 0, False)  # K's 64 is rotated as llama.cpp's attn_rot_k, V's 32 not
+
+
+def test_deepseek2_without_key_length_is_refused(tmp_path: Path) -> None:
+    """A deepseek2 file with neither the MLA nor the legacy head sizes: one error naming the key."""
     src = write_moe(tmp_path / "ds.gguf", arch="deepseek2", extra_u32={
         "deepseek2.context_length": 64, "deepseek2.attention.head_count": 2, "deepseek2.attention.kv_lora_rank": 16,
         "deepseek2.rope.dimension_count": 8})
     res = edgemoe("run", str(src), "-p", "Hello", "-n", "1")
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and "attn_kv_b" in lines[0] and "not supported" in lines[0], res.stderr
+    assert res.returncode == 2 and len(lines) == 1 and "attention.key_length" in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("model,attention,fuse", [
+    ("deepseek2-legacy-f32", AttentionOptions("f32", "f32", "off"), True),
+    ("deepseek2-legacy-q8_0", AttentionOptions("f16", "f16", "off"), False),
+    ("deepseek2-legacy-q8_0", AttentionOptions("q8_0", "q8_0", "on"), True),
+    ("deepseek2-legacy-f32", AttentionOptions("q4_0", "f32", "off"), False),
+    ("deepseek2-legacy-q8_0", AttentionOptions("f32", "q4_0", "auto"), False)],
+    ids=lambda v: v if isinstance(v, (str, bool)) else f"k{v.cache_type_k}-v{v.cache_type_v}-fa{v.flash_attn}")
+def test_legacy_kv_b_cache_types_match_llama_cpp(fixture_models: list[Path], converted_models: dict[str, Path],
+                                                 model: str, attention: AttentionOptions, fuse: bool) -> None:
+    """The legacy layout's K and V caches of different widths (V transposed without flash attention),
+    quantized K rotated, with the fused decode graph and per layer: tokens, routing and logits as llama.cpp."""
+    src = next(p for p in fixture_models if p.stem == model)
+    compare_with_llama_cpp(src, converted_models[model], n_predict=16, attention=attention, fuse=fuse)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +180,7 @@ def test_identical_shadow_predicts_every_expert(shadowed: dict[str, Path], model
     assert all(p["recall"] == 1.0 for p in r.predictors.values()), {s: p["recall"] for s, p in r.predictors.items()}
 
 
-@pytest.mark.parametrize("model", ["deepseek2-v3", "gpt-oss"])
+@pytest.mark.parametrize("model", ["deepseek2-v3", "deepseek2-legacy", "gpt-oss"])
 def test_shadow_on_a_cluster_changes_nothing(shadowed: dict[str, Path], model: str) -> None:
     assert_shadow_cluster_equals_in_process(shadowed[model], PROMPT, workers=4)
 
@@ -234,9 +270,10 @@ def test_expert_biases_only_where_the_architecture_has_them(tmp_path: Path) -> N
     assert "blk.0.ffn_up_exps.bias" in line and "F16" in line and "must be F32" in line
 
 
-@pytest.mark.parametrize("model", ["deepseek2-lite-q8_0", "gpt-oss-mxfp4", "olmoe-q8_0"])
+@pytest.mark.parametrize("model", ["deepseek2-lite-q8_0", "deepseek2-legacy-q8_0", "gpt-oss-mxfp4", "olmoe-q8_0"])
 def test_plan_counts_the_kv_cache_the_engine_allocates(fixture_models: list[Path], model: str) -> None:
-    """`edgemoe plan`'s F16 KV bytes per token equal the engine's cache (MLA: K only, V is inside it)."""
+    """`edgemoe plan`'s F16 KV bytes per token equal the engine's cache (MLA: K only, V is inside it;
+    the legacy attn_kv_b layout: K rows of 64-value heads, V rows of 32)."""
     from edgemoe.model.config import ModelConfig
     from edgemoe.model.kvcache import KVCache
     from edgemoe.model.weights import GGUFTensors

@@ -102,6 +102,7 @@ SWA_PLAN = [(0, [(7 * i) % 50 + 1 for i in range(21)]), (1, [5, 6]), (2, [11, 12
                                                   ("llama-moe-q4_k_m", True, WIDE, 9), ("qwen3moe-q4_k_m", False, WIDE, 9),
                                                   ("granitemoe-shexp-q4_k_m", True, WIDE, 9), ("ernie4_5-moe-q8_0", False, PLAN, 3),
                                                   ("deepseek2-v3-q4_k_m", True, WIDE, 9), ("deepseek2-lite-q8_0", False, PLAN, 3),
+                                                  ("deepseek2-legacy-q8_0", True, WIDE, 9), ("deepseek2-legacy-f32", False, PLAN, 3),
                                                   ("gpt-oss-mxfp4", True, SWA_PLAN, 3), ("gpt-oss-q8_0", False, SWA_PLAN, 3)])
 def test_sequences_together_equal_each_alone(converted_models: dict[str, Path], name: str, fuse: bool,
                                              plan: list, n_seq: int) -> None:
@@ -116,6 +117,8 @@ def test_sequences_together_equal_each_alone(converted_models: dict[str, Path], 
     ("olmoe-q8_0", ("q8_0", "q4_0", "on"), WIDE),
     # MLA: V a view of the K cache (transposed per step without flash attention), attn_v_b after
     ("deepseek2-v3-q8_0", ("f16", "f16", "off"), WIDE), ("deepseek2-v3-q8_0", ("q8_0", "q8_0", "on"), WIDE),
+    # the legacy attn_kv_b layout: K and V caches of different widths (V transposed without flash attention)
+    ("deepseek2-legacy-q8_0", ("f16", "f16", "off"), WIDE), ("deepseek2-legacy-q8_0", ("q8_0", "q4_0", "on"), WIDE),
     # sinks in the softmax, the SWA mask on every second layer, past the window
     ("gpt-oss-q8_0", ("f16", "f16", "off"), SWA_PLAN), ("gpt-oss-q8_0", ("q8_0", "q4_0", "on"), SWA_PLAN)])
 def test_every_attention_mode_together_equals_alone(converted_models: dict[str, Path], name: str,

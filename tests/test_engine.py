@@ -88,9 +88,10 @@ def _label(a: AttentionOptions) -> str:
 
 def _accepts(src: Path, attention: AttentionOptions) -> bool:
     """The MLA cache (deepseek2) holds V in K: one type for both (llama.cpp's rule); quantized only where
-    its block divides the latent head (deepseek2-v3's 96, not deepseek2-lite's 80). Refusals: test_archs."""
+    its block divides the latent head (deepseek2-v3's 96, not deepseek2-lite's 80). Refusals: test_archs.
+    deepseek2's legacy attn_kv_b layout is plain MHA with K and V caches: any combination."""
     a = attention
-    if not src.stem.startswith("deepseek2"):
+    if not src.stem.startswith("deepseek2") or src.stem.startswith("deepseek2-legacy"):
         return True
     return a.cache_type_k == a.cache_type_v and (a.cache_type_k in ("f32", "f16") or
                                                   (src.stem.startswith("deepseek2-v3") and a.flash_attn != "off"))

@@ -115,11 +115,11 @@ class RemoteShadowPredictor(Predictor):
             return
         self._sent_to = min(self._sent_to, pos)  # the main model went back: those rows are new
         kv = engine.kv
-        rows_per_message = max(1, P.KV_CHUNK_BYTES // (2 * len(kv.k) * kv.n_embd_kv * 4))
+        rows_per_message = max(1, P.KV_CHUNK_BYTES // (2 * len(kv.k) * kv.row_width * 4))
         for lo in range(self._sent_to, pos, rows_per_message):
             hi = min(pos, lo + rows_per_message)
             # float32 on the wire whatever the cache types (the shadow node stores them in its own)
-            rows = np.stack([np.stack(kv.read_f32(il, lo, hi)) for il in range(len(kv.k))])
+            rows = np.stack([kv.read_f32_stacked(il, lo, hi) for il in range(len(kv.k))])
             self._send(self._peer, P.encode(P.KV_ROWS, rows, lo=lo))
         self._sent_to = pos
         self._send(self._peer, P.encode(P.JOB, gen=self._gen, pos=pos, tokens=[int(t) for t in tokens]))

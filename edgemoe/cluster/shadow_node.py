@@ -51,7 +51,7 @@ def _kv_row_bytes(model_dir: Path) -> int:
 
     trunk = model_dir / TRUNK_NAME
     cfg = ModelConfig.from_metadata(metadata(GGUFReader(trunk)), str(trunk))
-    return cfg.n_layer * 2 * cfg.n_embd_kv * 4
+    return cfg.n_layer * 2 * max(cfg.n_embd_kv, cfg.n_embd_v) * 4
 
 
 class _NoExperts(ExpertBackend):
@@ -232,12 +232,12 @@ class ShadowNode:
         kv, cfg = self.mirror.kv, self.mirror.cfg
         rows, lo = msg.tensor, msg["lo"]
         n = rows.shape[2] if rows.ndim == 4 else 0
-        if rows.shape != (cfg.n_layer, 2, n, cfg.n_embd_kv) or not 0 <= lo <= kv.n_ctx - n:
+        if rows.shape != (cfg.n_layer, 2, n, kv.row_width) or not 0 <= lo <= kv.n_ctx - n:
             self.log.warning("dropped K/V rows of shape %s at %d (the model needs [%d, 2, n, %d] within %d rows)",
-                             list(rows.shape), lo, cfg.n_layer, cfg.n_embd_kv, kv.n_ctx)
+                             list(rows.shape), lo, cfg.n_layer, kv.row_width, kv.n_ctx)
             return
         for il in range(cfg.n_layer):
-            kv.write_f32(il, lo, rows[il, 0], rows[il, 1])
+            kv.write_f32_stacked(il, lo, rows[il])
         kv.mark_used(lo + n)
 
     def _job(self, msg: P.Message) -> None:

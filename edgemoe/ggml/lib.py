@@ -124,7 +124,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_silu": (T, [CTX, T]),
     "ggml_sigmoid": (T, [CTX, T]),
     "ggml_fill": (T, [CTX, T, c_float]),
-    "ggml_concat": (T, [CTX, T, T, c_int]),
+    "ggml_repeat_4d": (T, [CTX, T, I64, I64, I64, I64]),
     "ggml_transpose": (T, [CTX, T]),
     "ggml_add_id": (T, [CTX, T, T, T]),
     "ggml_swiglu_oai": (T, [CTX, T, T, c_float, c_float]),
@@ -142,6 +142,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_get_rows": (T, [CTX, T, T]),
     "ggml_set_rows": (T, [CTX, T, T, T]),
     "ggml_rope_ext": (T, [CTX, T, T, T, c_int, c_int, c_int, c_float, c_float, c_float, c_float, c_float, c_float]),
+    "ggml_rope_set_offset": (T, [T, c_int]),  # rotate dims [n_offs, n_offs + n_dims) (deepseek2's legacy q)
     "ggml_flash_attn_ext": (T, [CTX, T, T, T, T, c_float, c_float, c_float]),
     "ggml_flash_attn_ext_set_n_kv_max": (None, [T, c_int32]),
     "ggml_prec_set_acc": (c_bool, [T, c_int]),

@@ -82,7 +82,9 @@ class MLAConfig:
     """deepseek2's multi-head latent attention (llama.cpp hparams n_lora_q, n_lora_kv, *_mla).
 
     The KV cache holds one "head" per token: the normed kv_lora latent followed by the roped k_pe
-    (head_dim = kv_lora_rank + rope dims); V is a view of its first kv_lora_rank values."""
+    (head_dim = kv_lora_rank + rope dims); V is a view of its first kv_lora_rank values.
+    The legacy attn_kv_b layout (absorbed False) is plain MHA instead: K heads head_k wide (the
+    cache's head_dim), V heads head_v wide (head_dim_v), each in a cache of its own."""
 
     q_lora_rank: int  # 0: one attn_q projection (V2-Lite); else attn_q_a -> norm -> attn_q_b
     kv_lora_rank: int
@@ -137,6 +139,7 @@ class ModelConfig:
     n_group_used: int = 0
     rope: Rope | None = None  # None: no YaRN (n_ctx_orig = n_ctx_train, plain scaling)
     mla: MLAConfig | None = None
+    head_dim_v: int = 0  # V head size where it differs from K's (deepseek2's legacy attn_kv_b); 0: head_dim
     # gpt-oss: sliding-window layers (llama.cpp's is_swa), their window and RoPE base; attention sinks;
     # the clamped swiglu_oai expert activation; the router's softmax over the selected experts only
     n_swa: int = 0
@@ -165,7 +168,17 @@ class ModelConfig:
 
     @property
     def n_embd_kv(self) -> int:
+        """One token's K row in the cache (all KV heads)."""
         return self.head_dim * self.n_head_kv
+
+    @property
+    def head_v(self) -> int:
+        return self.head_dim_v or self.head_dim
+
+    @property
+    def n_embd_v(self) -> int:
+        """One token's V row in the cache: n_embd_kv except where V heads have their own size."""
+        return self.head_v * self.n_head_kv
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], source: str = "model") -> "ModelConfig":
@@ -206,7 +219,10 @@ class ModelConfig:
             extra.update(_routing(meta, arch, source))
         if arch == "deepseek2":
             extra["mla"], head_dim, kq = _deepseek2_attention(meta, arch, source, rope, freq_scale)
-            n_head_kv = 1 if extra["mla"].absorbed else n_head
+            if extra["mla"].absorbed:
+                n_head_kv = 1
+            else:  # the legacy layout's MHA: K and V heads of their own sizes in a K and a V cache
+                n_head_kv, extra["head_dim_v"] = n_head, extra["mla"].head_v
             attn_scale = kq
         elif arch == "gpt-oss":
             extra.update(_gpt_oss(meta, arch, source))
@@ -328,11 +344,14 @@ def _deepseek2_attention(meta: dict[str, Any], arch: str, source: str, rope: Rop
     head_k_mla = int(meta.get(f"{arch}.attention.key_length_mla", 0) or 0)
     head_v_mla = int(meta.get(f"{arch}.attention.value_length_mla", 0) or 0)
     absorbed = head_k_mla != 0 and head_v_mla != 0
-    if not absorbed:  # legacy attn_kv_b files: the MHA head sizes are key_length/value_length
-        raise UserError(f"{source}: deepseek2 files without {arch}.attention.key_length_mla (the legacy attn_kv_b "
-                        "layout) are not supported yet; re-convert with a current llama.cpp converter")
     head_dim = req("attention.key_length")
-    if head_dim != kv_lora + n_rot or req("attention.value_length") != kv_lora:
+    if not absorbed:
+        # legacy attn_kv_b files: plain multi-head attention with K heads key_length (nope + rope) and
+        # V heads value_length wide (llama.cpp's n_embd_head_k_mla() falls back to n_embd_head_k)
+        head_k_mla, head_v_mla = head_dim, req("attention.value_length")
+        if head_k_mla <= n_rot:
+            raise UserError(f"{source}: deepseek2 key length {head_k_mla} leaves no dims beside the {n_rot} rotary ones")
+    elif head_dim != kv_lora + n_rot or req("attention.value_length") != kv_lora:
         raise UserError(f"{source}: MLA key/value lengths {head_dim}/{req('attention.value_length')} "
                         f"do not match kv_lora_rank {kv_lora} + rope {n_rot}")
     # llama_model_deepseek2::graph: undo yarn_attn_factor_adjust, then pre-scale kq_scale

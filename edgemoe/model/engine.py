@@ -281,7 +281,7 @@ class Engine:
             out_groups = groups if logits_all else [(i, 1) for i in range(len(items))]
         v_idx = None
         if attn.v_trans:  # element j of token i goes to j * n_cells + cell (llama.cpp's set_input_v_idxs)
-            j = np.arange(self.cfg.n_embd_kv, dtype=np.int64)
+            j = np.arange(self.cfg.n_embd_v, dtype=np.int64)
             v_idx = aligned_copy((cells[:, None] + j[None, :] * n_cells).reshape(-1))
         return StepInputs(
             tokens=aligned_copy(np.concatenate([t for _, t in items]).astype(np.int32)),

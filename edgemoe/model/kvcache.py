@@ -57,27 +57,29 @@ class AttentionOptions:
             raise UserError(f"--flash-attn {self.flash_attn}: expected one of {', '.join(FLASH_ATTN_MODES)}")
         type_k, type_v = CACHE_TYPES[self.cache_type_k], CACHE_TYPES[self.cache_type_v]
         flash = self.flash_attn != "off"  # auto: on, as llama.cpp resolves it on the CPU
-        if cfg.mla is not None and type_k != type_v:
+        latent = cfg.mla is not None and cfg.mla.absorbed
+        if latent and type_k != type_v:
             raise UserError(f"--cache-type-k {self.cache_type_k} --cache-type-v {self.cache_type_v}: multi-head "
                             "latent attention (deepseek2) keeps V in the K cache, so both types must be the same, "
                             "as llama.cpp requires")
         if type_v in _QUANTIZED and not flash:
             raise UserError(f"--cache-type-v {self.cache_type_v} needs flash attention, as in llama.cpp "
                             f"(--flash-attn on or auto); llama.cpp accepts {WORKING}")
-        for flag, name, t in (("--cache-type-k", self.cache_type_k, type_k), ("--cache-type-v", self.cache_type_v, type_v)):
+        for flag, name, t, head in (("--cache-type-k", self.cache_type_k, type_k, cfg.head_dim),
+                                    ("--cache-type-v", self.cache_type_v, type_v, cfg.head_v)):
             blck = int(lib.ggml_blck_size(int(t)))
-            if cfg.head_dim % blck:
-                raise UserError(f"{flag} {name}: its block size {blck} does not divide the head size {cfg.head_dim} "
+            if head % blck:
+                raise UserError(f"{flag} {name}: its block size {blck} does not divide the head size {head} "
                                 "of this model, which llama.cpp refuses; use f32 or f16")
         rot_off = bool(int(os.environ.get(_ROT_DISABLE_ENV, "0") or "0"))
-        if cfg.mla is not None:  # one latent "head" per token, V a view of K (llama.cpp's MLA cache)
+        if latent:  # one latent "head" per token, V a view of K (llama.cpp's MLA cache)
             # never rotated: llama.cpp's K-only attention input (build_attn_inp_k, which deepseek2's MLA
             # uses) has no Hadamard matrix, so even a quantized cache of a latent head that is a multiple
             # of 64 (DeepSeek-V2's 512 + 64) stores Q and K as they are (the cache's attn_rot_k flag only
             # matters to a context shift, which edgemoe does not do)
             return Attention(type_k, type_k, flash, mla=True)
         rot_k = _hadamard_size_k(cfg.head_dim) if type_k in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off else 0
-        rot_v = 64 if type_v in _QUANTIZED and cfg.head_dim % 64 == 0 and not rot_off else 0
+        rot_v = 64 if type_v in _QUANTIZED and cfg.head_v % 64 == 0 and not rot_off else 0
         return Attention(type_k, type_v, flash, rot_k, rot_v)
 
 
@@ -132,25 +134,28 @@ class KVCache:
     """K and V per layer in llama.cpp's layout for the resolved attention.
 
     k[il]: [n_ctx, row] of the cache type (float32/float16, or uint8 bytes of quantized rows).
-    v[il]: the same, or, without flash attention, transposed [n_embd_kv, n_ctx] (f32/f16 only).
+    v[il]: the same with n_embd_v values a row, or, without flash attention, transposed
+    [n_embd_v, n_ctx] (f32/f16 only). n_embd_v == n_embd_kv except for deepseek2's legacy layout.
     read_rows/write_rows give token rows in either layout; nbytes is the memory the cache holds.
     """
 
     def __init__(self, cfg: ModelConfig, n_ctx: int, attn: Attention | None = None) -> None:
         self.attn = attn or AttentionOptions().resolve(cfg)
         self.n_ctx = n_ctx
-        self.n_embd_kv = cfg.n_embd_kv
+        self.n_embd_kv = cfg.n_embd_kv  # a K row
+        self.n_embd_v = cfg.n_embd_v  # a V row
         # zero-filled and lazily backed: a long context costs memory only as far as it is used
-        self.k = [self._alloc(self.attn.type_k, False) for _ in range(cfg.n_layer)]
+        self.k = [self._alloc(self.attn.type_k, False, self.n_embd_kv) for _ in range(cfg.n_layer)]
         # MLA: V is K's first values; the same arrays keep read/write/copy of token rows uniform
-        self.v = list(self.k) if self.attn.mla else [self._alloc(self.attn.type_v, self.attn.v_trans) for _ in range(cfg.n_layer)]
+        self.v = list(self.k) if self.attn.mla else [self._alloc(self.attn.type_v, self.attn.v_trans, self.n_embd_v)
+                                                   for _ in range(cfg.n_layer)]
         self.used = 0  # rows written so far (high-water mark)
 
-    def _alloc(self, t: GGMLType, transposed: bool) -> np.ndarray:
+    def _alloc(self, t: GGMLType, transposed: bool, width: int) -> np.ndarray:
         if t in _NP_TYPES:
-            shape = (self.n_embd_kv, self.n_ctx) if transposed else (self.n_ctx, self.n_embd_kv)
+            shape = (width, self.n_ctx) if transposed else (self.n_ctx, width)
             return aligned_empty(shape, _NP_TYPES[t], zero=True)
-        return aligned_empty((self.n_ctx, _row_bytes(t, self.n_embd_kv)), np.uint8, zero=True)
+        return aligned_empty((self.n_ctx, _row_bytes(t, width)), np.uint8, zero=True)
 
     def mark_used(self, n_rows: int) -> None:
         self.used = max(self.used, n_rows)
@@ -170,10 +175,10 @@ class KVCache:
 
     # ggml views ------------------------------------------------------------------------------
     def tensor(self, ctx: Context, il: int, which: str) -> TensorPtr:
-        """The layer's whole K or V buffer as a ggml tensor [n_embd_kv, n_ctx] (llama.cpp's layers[il].k/v)."""
+        """The layer's whole K or V buffer as a ggml tensor [n_embd_kv or n_embd_v, n_ctx] (llama.cpp's layers[il].k/v)."""
         arr = self.k[il] if which == "k" else self.v[il]
         t = self.attn.type_k if which == "k" else self.attn.type_v
-        return ctx.external(arr.ctypes.data, int(t), self.n_embd_kv, self.n_ctx, owner=arr)
+        return ctx.external(arr.ctypes.data, int(t), self.n_embd_kv if which == "k" else self.n_embd_v, self.n_ctx, owner=arr)
 
     # token rows ------------------------------------------------------------------------------
     def read_rows(self, il: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,18 +209,35 @@ class KVCache:
         self.mark_used(hi)
 
     def read_f32(self, il: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [lo, hi) of K and V as float32 [n, n_embd_kv] (dequantized where stored quantized)."""
+        """Rows [lo, hi) of K and V as float32 [n, n_embd_kv] and [n, n_embd_v] (dequantized where stored quantized)."""
         k, v = self.read_rows(il, lo, hi)
-        return self._to_f32(k, self.attn.type_k), self._to_f32(v, self.attn.type_v)
+        return self._to_f32(k, self.attn.type_k, self.n_embd_kv), self._to_f32(v, self.attn.type_v, self.n_embd_v)
+
+    @property
+    def row_width(self) -> int:
+        """The width of K and V rows stacked as one array (the shadow link's kv_rows): the wider of the
+        two, the narrower V (deepseek2's legacy layout) padded with zeros."""
+        return max(self.n_embd_kv, self.n_embd_v)
+
+    def read_f32_stacked(self, il: int, lo: int, hi: int) -> np.ndarray:
+        """read_f32's K and V as one float32 array [2, n, row_width]."""
+        k, v = self.read_f32(il, lo, hi)
+        out = np.zeros((2, hi - lo, self.row_width), np.float32)
+        out[0, :, : k.shape[1]], out[1, :, : v.shape[1]] = k, v
+        return out
+
+    def write_f32_stacked(self, il: int, lo: int, rows: np.ndarray) -> None:
+        """Store rows as read_f32_stacked gives them."""
+        self.write_f32(il, lo, rows[0, :, : self.n_embd_kv], rows[1, :, : self.n_embd_v])
 
     def write_f32(self, il: int, lo: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store float32 rows, converted to the cache types."""
         self.write_rows(il, lo, self._from_f32(k, self.attn.type_k), self._from_f32(v, self.attn.type_v))
 
-    def _to_f32(self, rows: np.ndarray, t: GGMLType) -> np.ndarray:
+    def _to_f32(self, rows: np.ndarray, t: GGMLType, width: int) -> np.ndarray:
         if t in _NP_TYPES:
             return rows.astype(np.float32)
-        return dequantize(rows, GGMLQuantizationType(int(t))).reshape(rows.shape[0], self.n_embd_kv).astype(np.float32)
+        return dequantize(rows, GGMLQuantizationType(int(t))).reshape(rows.shape[0], width).astype(np.float32)
 
     def _from_f32(self, rows: np.ndarray, t: GGMLType) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.float32)

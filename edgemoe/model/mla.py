@@ -5,6 +5,10 @@ attention over one cached "head" per token: the RMS-normed kv_lora latent follow
 shared k_pe. Each query head is projected into the latent space by attn_k_b (q_nope absorbed) and
 joined with its own roped q_pe; the attention output, a latent per head, is decompressed by
 attn_v_b before attn_output. V is a view of the K cache's first kv_lora_rank values (no V cache).
+
+Files from older converters carry attn_kv_b instead (mla_legacy_attention): the latent is
+decompressed before attention, which is then ordinary multi-head attention with K heads of
+nope + rope values and V heads of head_v values, each in a cache of its own.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ def _row(t: TensorPtr, n: int) -> int:
     return int(lib.ggml_row_size(int(t.contents.type), n))
 
 
-def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, inp: "StepInputs") -> TensorPtr:
-    """attn_norm -> q (q_lora or plain) and the compressed kv -> split RoPE -> absorbed MQA -> wo."""
+def _q_and_latent(trunk: "Trunk", ctx: Context, il: int, x: TensorPtr,
+                  inp: "StepInputs") -> tuple[TensorPtr, TensorPtr, TensorPtr, TensorPtr]:
+    """What both layouts share: attn_norm -> q [head_k, n_head, T] (q_lora or plain), the normed
+    latent kv_cmpr [kv_lora, T] and the roped shared k_pe [n_rot, 1, T]; also the positions."""
     cfg, mla = trunk.cfg, trunk.cfg.mla
     assert mla is not None
     lw = lambda n: trunk._lw(il, n)  # noqa: E731
     n_tok = int(x.contents.ne[1])
     g = inp.groups  # several sequences: each one's rows keep the kernels they get alone
     n_head, n_rot, kv_lora = cfg.n_head, cfg.rope_dims, mla.kv_lora_rank
-    nope = mla.head_k - n_rot
     cur = trunk.norm(ctx, x, lw("attn_norm.weight"))
 
     if lw("attn_q.weight") is not None:  # V2-Lite: no q compression
@@ -46,6 +51,19 @@ def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, in
     pos = ctx.from_numpy(inp.pos)
     k_pe = trunk.rope(ctx, k_pe, pos, il)
     kv_cmpr = trunk.norm(ctx, kv_cmpr, lw("attn_kv_a_norm.weight"))
+    return q, kv_cmpr, k_pe, pos
+
+
+def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, inp: "StepInputs") -> TensorPtr:
+    """attn_norm -> q (q_lora or plain) and the compressed kv -> split RoPE -> absorbed MQA -> wo."""
+    cfg, mla = trunk.cfg, trunk.cfg.mla
+    assert mla is not None
+    lw = lambda n: trunk._lw(il, n)  # noqa: E731
+    n_tok = int(x.contents.ne[1])
+    g = inp.groups
+    n_head, n_rot, kv_lora = cfg.n_head, cfg.rope_dims, mla.kv_lora_rank
+    nope = mla.head_k - n_rot
+    q, kv_cmpr, k_pe, pos = _q_and_latent(trunk, ctx, il, x, inp)
 
     qc = q.contents
     q_nope = ctx.view_3d(q, nope, n_head, n_tok, qc.nb[1], qc.nb[2], 0)
@@ -71,3 +89,23 @@ def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, in
     vview = ctx.view_4d(kc, kv_lora, 1, inp.n_kv, 1, kvc.nb[1], kvc.nb[2], kvc.nb[3], 0)
     out = trunk.attend_mha(ctx, q_cur, kview, vview, inp, v_mla=lw("attn_v_b.weight"), il=il)
     return trunk.matmul(ctx, lw("attn_output.weight"), out, g)
+
+
+def mla_legacy_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, inp: "StepInputs") -> TensorPtr:
+    """The legacy attn_kv_b layout (deepseek2.cpp's non-MLA branch): the latent is decompressed by
+    attn_kv_b into per-head k_nope and V; K = k_nope + the shared k_pe repeated over the heads; Q
+    roped on its trailing n_rot dims in place (ggml_rope_set_offset); then plain multi-head
+    attention through the K and V caches (Trunk.attend_qkv), K heads nope + rope, V heads head_v wide."""
+    cfg, mla = trunk.cfg, trunk.cfg.mla
+    assert mla is not None
+    n_tok = int(x.contents.ne[1])
+    n_head, n_rot, head_v = cfg.n_head, cfg.rope_dims, mla.head_v
+    nope = mla.head_k - n_rot
+    q, kv_cmpr, k_pe, pos = _q_and_latent(trunk, ctx, il, x, inp)
+    kv = trunk.matmul(ctx, trunk._lw(il, "attn_kv_b.weight"), kv_cmpr, inp.groups)  # [n_head * (nope + v), T]
+    head_row = _row(kv, nope + head_v)
+    k_nope = ctx.view_3d(kv, nope, n_head, n_tok, head_row, head_row * n_head, 0)
+    v_cur = ctx.cont(ctx.view_3d(kv, head_v, n_head, n_tok, head_row, head_row * n_head, _row(kv, nope)))
+    q_cur = lib.ggml_rope_set_offset(trunk.rope(ctx, q, pos, il), nope)  # rope the trailing dims only
+    k_cur = ctx.concat(k_nope, ctx.repeat_4d(k_pe, n_rot, n_head, n_tok, 1), 0)  # [nope + rope, n_head, T]
+    return trunk.attend_qkv(ctx, graph, il, q_cur, k_cur, v_cur, inp)

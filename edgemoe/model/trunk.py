@@ -20,7 +20,7 @@ from edgemoe.ggml.lib import GGMLPrec
 from edgemoe.ggml.repack import Repacker
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.kvcache import KVCache, hadamard
-from edgemoe.model.mla import mla_attention
+from edgemoe.model.mla import mla_attention, mla_legacy_attention
 from edgemoe.model.weights import GGUFTensors
 
 GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
@@ -139,7 +139,9 @@ class Trunk:
         """attn_norm -> q/k/v (+bias, q/k norm) -> RoPE -> KV store -> flash attention -> wo."""
         cfg, tr = self.cfg, self.cfg.traits
         if cfg.mla is not None:
-            return mla_attention(self, ctx, graph, il, x, inp)
+            if cfg.mla.absorbed:
+                return mla_attention(self, ctx, graph, il, x, inp)
+            return mla_legacy_attention(self, ctx, graph, il, x, inp)
         n_tok = x.contents.ne[1]
         cur = self.norm(ctx, x, self._lw(il, "attn_norm.weight"))
 
@@ -161,6 +163,14 @@ class Trunk:
         pos = ctx.from_numpy(inp.pos)
         q = self.rope(ctx, q, pos, il)
         k = self.rope(ctx, k, pos, il)
+        cur = self.attend_qkv(ctx, graph, il, q, k, v, inp)
+        wo_b = self._lw(il, "attn_output.bias") if tr.attn_out_bias else None
+        return ctx.add(cur, wo_b) if wo_b is not None else cur
+
+    def attend_qkv(self, ctx: Context, graph, il: int, q: TensorPtr, k: TensorPtr, v: TensorPtr,
+                   inp: StepInputs) -> TensorPtr:
+        """llama.cpp's build_attn from the roped Q/K and V ([head, heads, T] each): the quantized
+        cache's Hadamard rotations, the KV store, attention, attn_output (without its bias)."""
         attn = self.kv.attn
         if attn.rot_k:  # quantized K: rotate Q and K alike (their dot products are unchanged)
             q, k = self._rotate(ctx, q, attn.rot_k), self._rotate(ctx, k, attn.rot_k)
@@ -171,9 +181,7 @@ class Trunk:
         cur = self._attend(ctx, graph, il, q, k, v, inp)
         if attn.rot_v:  # rotate the output back (the matrix is its own inverse)
             cur = self._rotate(ctx, cur, attn.rot_v)
-        cur = self.matmul(ctx, self._lw(il, "attn_output.weight"), cur, inp.groups)
-        wo_b = self._lw(il, "attn_output.bias") if tr.attn_out_bias else None
-        return ctx.add(cur, wo_b) if wo_b is not None else cur
+        return self.matmul(ctx, self._lw(il, "attn_output.weight"), cur, inp.groups)
 
     def _rotate(self, ctx: Context, x: TensorPtr, n: int) -> TensorPtr:
         """llama_mul_mat_hadamard: x viewed as rows of n, times the Walsh-Hadamard matrix."""
@@ -195,25 +203,26 @@ class Trunk:
         attn = kv.attn
         n_tok = int(k.contents.ne[2])
         n_kv, n_ctx, d, h_kv = inp.n_kv, kv.n_ctx, cfg.head_dim, cfg.n_head_kv
+        dv, n_v = cfg.head_v, cfg.n_embd_v  # V heads may be narrower than K's (deepseek2's legacy layout)
         kc, vc = kv.tensor(ctx, il, "k"), kv.tensor(ctx, il, "v")
         idx = ctx.from_numpy(inp.kv_idx)
         lib.ggml_build_forward_expand(graph, ctx.set_rows(kc, ctx.view_2d(k, cfg.n_embd_kv, n_tok, k.contents.nb[2], 0), idx))
         if attn.v_trans:  # one cache row per element: v_idx addresses channel j of cell c at j*n_ctx + c
-            merged = v.contents.nb[2] == 4 * cfg.n_embd_kv  # dims 0-2 mergeable (llama.cpp's cpy_v test)
-            v2 = ctx.reshape_2d(v, cfg.n_embd_kv, n_tok) if merged else ctx.cont_2d(v, cfg.n_embd_kv, n_tok)
-            store = ctx.set_rows(ctx.reshape_2d(vc, 1, cfg.n_embd_kv * n_ctx), ctx.reshape_2d(v2, 1, cfg.n_embd_kv * n_tok),
+            merged = v.contents.nb[2] == 4 * n_v  # dims 0-2 mergeable (llama.cpp's cpy_v test)
+            v2 = ctx.reshape_2d(v, n_v, n_tok) if merged else ctx.cont_2d(v, n_v, n_tok)
+            store = ctx.set_rows(ctx.reshape_2d(vc, 1, n_v * n_ctx), ctx.reshape_2d(v2, 1, n_v * n_tok),
                                  ctx.from_numpy(inp.v_idx))
         else:
-            store = ctx.set_rows(vc, ctx.view_2d(v, cfg.n_embd_kv, n_tok, v.contents.nb[2], 0), idx)
+            store = ctx.set_rows(vc, ctx.view_2d(v, n_v, n_tok, v.contents.nb[2], 0), idx)
         lib.ggml_build_forward_expand(graph, store)
 
         rs_k = lambda n: int(lib.ggml_row_size(int(attn.type_k), n))  # noqa: E731
         rs_v = lambda n: int(lib.ggml_row_size(int(attn.type_v), n))  # noqa: E731
         kview = ctx.view_4d(kc, d, h_kv, n_kv, 1, rs_k(d), rs_k(cfg.n_embd_kv), rs_k(cfg.n_embd_kv * n_ctx), 0)
         if attn.v_trans:
-            vview = ctx.view_4d(vc, n_kv, h_kv, d, 1, rs_v(n_ctx * d), rs_v(n_ctx), rs_v(n_ctx * cfg.n_embd_kv), 0)
+            vview = ctx.view_4d(vc, n_kv, h_kv, dv, 1, rs_v(n_ctx * dv), rs_v(n_ctx), rs_v(n_ctx * n_v), 0)
         else:
-            vview = ctx.view_4d(vc, d, h_kv, n_kv, 1, rs_v(d), rs_v(cfg.n_embd_kv), rs_v(cfg.n_embd_kv * n_ctx), 0)
+            vview = ctx.view_4d(vc, dv, h_kv, n_kv, 1, rs_v(dv), rs_v(n_v), rs_v(n_v * n_ctx), 0)
         return self.attend_mha(ctx, q, kview, vview, inp, il=il)
 
     def attend_mha(self, ctx: Context, q: TensorPtr, kview: TensorPtr, vview: TensorPtr, inp: StepInputs,

@@ -101,8 +101,10 @@ def _trunk_extras(reader, arch: str, n_layers: int) -> dict[str, Any]:
     n_embd = get_int(reader, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)) or 0
     head_dim = get_int(reader, Keys.Attention.KEY_LENGTH.format(arch=arch)) or (n_embd // n_head if n_head else 0)
     mla = get_int(reader, Keys.Attention.KEY_LENGTH_MLA.format(arch=arch)) is not None  # deepseek2: V lives in the K cache
+    # V heads of their own size where value_length differs (deepseek2's legacy attn_kv_b layout)
+    head_v = 0 if mla else (get_int(reader, Keys.Attention.VALUE_LENGTH.format(arch=arch)) or head_dim)
     return {"embd_bytes": embd, "head_bytes": embd if tied else sizes[tensor_name(T.OUTPUT)], "head_tied": tied,
-            "kv_bytes_per_token": (1 if mla else 2) * 2 * n_layers * n_head_kv * head_dim}
+            "kv_bytes_per_token": 2 * n_layers * n_head_kv * (head_dim + head_v)}
 
 
 def facts_of_gguf(path: str | os.PathLike[str]) -> ModelFacts:

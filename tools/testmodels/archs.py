@@ -43,6 +43,7 @@ class ArchSpec:
     rope_dims: int = 0  # rope.dimension_count (0: head_dim)
     # deepseek2 (multi-head latent attention): q_lora (0: plain attn_q), kv_lora, rope/nope/v head dims
     mla: tuple[int, int, int, int, int] | None = None
+    mla_legacy: bool = False  # the older converters' unsplit attn_kv_b instead of attn_k_b/attn_v_b
     shexp_gated: bool = True  # the shared expert has ffn_gate_inp_shexp (qwen2moe); False: added as is
     n_dense_lead: int = 0  # leading layers with a dense FFN (ffn_{gate,up,down}) instead of experts
     n_ff_dense: int = 0  # their FFN width
@@ -259,6 +260,41 @@ ARCHS: dict[str, ArchSpec] = {
                 ("attention.value_length", 64, "u32"),
                 ("attention.key_length_mla", 32 + 16, "u32"),
                 ("attention.value_length_mla", 32, "u32"),
+                ("rope.scaling.type", "yarn", "str"),
+                ("rope.scaling.factor", 4.0, "f32"),
+                ("rope.scaling.original_context_length", 128, "u32"),
+                ("rope.scaling.yarn_log_multiplier", 0.0707, "f32"),
+            ),
+        ),
+        # The legacy layout older converters wrote: one attn_kv_b [kv_lora, n_head * (nope + v)] instead
+        # of attn_k_b/attn_v_b, no attention.*_mla keys, head_count_kv = head_count. llama.cpp runs it as
+        # plain multi-head attention with K heads nope + rope = 64 and V heads 32 wide (different sizes,
+        # K's a multiple of 64: a quantized K cache is Hadamard-rotated, V's is not). Otherwise as -lite.
+        ArchSpec(
+            name="deepseek2-legacy",
+            arch="deepseek2",
+            n_head_kv=8,
+            n_ff_exp=256,
+            n_ff_shexp=256,
+            rms_eps=1e-6,
+            rope_dims=16,
+            mla=(0, 64, 16, 48, 32),
+            mla_legacy=True,
+            n_dense_lead=1,
+            n_ff_dense=512,
+            ftypes=("f32", "q8_0"),
+            extra_keys=(
+                ("leading_dense_block_count", 1, "u32"),
+                ("feed_forward_length", 512, "u32"),
+                ("expert_feed_forward_length", 256, "u32"),
+                ("expert_shared_count", 1, "u32"),
+                ("expert_weights_scale", 1.5, "f32"),
+                ("expert_weights_norm", False, "bool"),
+                ("expert_gating_func", 1, "u32"),
+                ("attention.q_lora_rank", 0, "u32"),
+                ("attention.kv_lora_rank", 64, "u32"),
+                ("attention.key_length", 48 + 16, "u32"),
+                ("attention.value_length", 32, "u32"),
                 ("rope.scaling.type", "yarn", "str"),
                 ("rope.scaling.factor", 4.0, "f32"),
                 ("rope.scaling.original_context_length", 128, "u32"),

@@ -3,6 +3,7 @@
 The absorbed MLA layout current converters write: attn_kv_a_mqa [n_embd, kv_lora + rope],
 attn_k_b [nope, kv_lora, n_head], attn_v_b [kv_lora, v_head, n_head]; attn_q (V2-Lite) or
 attn_q_a / attn_q_a_norm / attn_q_b (q_lora); leading dense layers; exp_probs_b; shared experts.
+With spec.mla_legacy, the older converters' layout: one attn_kv_b [kv_lora, n_head * (nope + v)].
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ def deepseek2_shapes(spec: "ArchSpec", n_vocab: int) -> list[tuple[str, tuple[in
             out.append((p + "attn_q.weight", (E, nh * head_k)))
         out.append((p + "attn_kv_a_mqa.weight", (E, kv_lora + rope)))
         out.append((p + "attn_kv_a_norm.weight", (kv_lora,)))
-        out.append((p + "attn_k_b.weight", (nope, kv_lora, nh)))
-        out.append((p + "attn_v_b.weight", (kv_lora, v_head, nh)))
+        if spec.mla_legacy:  # older converters: k_b and v_b unsplit, per head nope rows then v_head rows
+            out.append((p + "attn_kv_b.weight", (kv_lora, nh * (nope + v_head))))
+        else:
+            out.append((p + "attn_k_b.weight", (nope, kv_lora, nh)))
+            out.append((p + "attn_v_b.weight", (kv_lora, v_head, nh)))
         out.append((p + "attn_output.weight", (nh * v_head, E)))
         out.append((p + "ffn_norm.weight", (E,)))
         if i < spec.n_dense_lead:
