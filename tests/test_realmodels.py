@@ -194,6 +194,37 @@ def test_demo_moe_computes_the_dense_model(small: Path, eval_tokens: list[int], 
     assert (lm.argmax(1) == ld.argmax(1)).mean() > 0.9
 
 
+def test_demo_imatrix_is_what_llama_cpp_measures_pooled_over_the_copies(small: Path) -> None:
+    """demo-moe's shadow importance (made from the dense model's calibration activations) equals
+    llama.cpp's own imatrix collection on demo-moe over the same chunks, pooled over each layer's
+    identical experts; every copy gets it, so each layer's shadow experts come out byte-identical."""
+    from edgemoe.convert.imatrix import _Collector
+    from edgemoe.format.imatrix import read_imatrix
+    from edgemoe.format.schema import expert_tensor_name
+    from edgemoe.model.tokenizer import Tokenizer
+
+    with Tokenizer(dense_path(small, SMALL)) as tok:
+        chunks = corpus.calibration_chunks(lambda s: tok.tokenize(s, add_special=False), SMALL.calib_chunks)
+    with _Collector(small / "demo-moe.gguf", corpus.CHUNK, 2) as c:
+        for chunk in chunks:
+            c.clear()
+            c.decode(chunk, 0, logits_all=True)
+    ours = read_imatrix(small / "demo-moe.imatrix.gguf")
+    assert ours.chunk_count == len(chunks) and set(ours.sums) == set(c.sums)
+    for name, sums in c.sums.items():
+        measured = sums.sum(axis=0) / c.counts[name].sum()  # llama.cpp's, pooled over the experts
+        mine = [ours.weights(name, e) for e in range(len(sums))]
+        assert all(np.array_equal(m, mine[0]) for m in mine), name
+        err = np.abs(mine[0] - measured).max() / np.abs(measured).max()
+        # layer 0's FFN input is the same in both models; after it, and in down's input, demo-moe's
+        # Q8_0 experts differ from the dense Q4_1 FFN by requantization noise
+        assert err < (1e-5 if name == expert_tensor_name(0, "gate") or name == expert_tensor_name(0, "up") else 2e-2), (name, err)
+    shadow = GGUFReader(small / "demo-moe" / load_manifest(small / "demo-moe").shadow["file"])
+    for t in shadow.tensors:
+        experts = np.asarray(t.data).reshape(t.shape[-1], -1)
+        assert all(np.array_equal(x, experts[0]) for x in experts), t.name
+
+
 def test_routers_are_token_dependent(small: Path, eval_tokens: list[int]) -> None:
     for name, k in (("demo-moe", 2), ("sparse-moe", 12)):
         _, cap = _logits(small / f"{name}.gguf", eval_tokens, capture=("ffn_moe_topk",))

@@ -107,6 +107,30 @@ def test_requantized_experts_dequantize_close_to_the_source(tmp_path: Path, shad
         assert err > 0 or shadow_type in ("q8_0", "f16")
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_copies_of_an_expert_are_requantized_once(monkeypatch: pytest.MonkeyPatch, weighted: bool) -> None:
+    """An upcycled layer's identical experts (same bytes, same importance) are quantized once and the
+    copy is byte for byte what quantizing each again gives; a copy with other importance is not reused."""
+    from edgemoe.convert import requant
+
+    rng = np.random.default_rng(0)
+    n_per_row, rows = 256, 48
+    a, b = (requant.requantize_rows(rng.standard_normal((rows, n_per_row)).astype(np.float32), Q.Q8_0) for _ in range(2))
+    raw = np.concatenate([a, b, a, a]).reshape(-1)  # experts 0, 2, 3 are copies
+    w = [rng.uniform(0.5, 2, n_per_row).astype(np.float32) for _ in range(2)]
+    importance = [w[0], w[0], w[0], w[1]] if weighted else None  # weighted: expert 3 differs from 0 by its weighting
+    ne = (n_per_row, rows, 4)
+    per_expert = [requant.requantize_rows(requant.dequantize_rows(x, Q.Q8_0, n_per_row), Q.Q4_K,
+                                          importance[i] if importance else None) for i, x in enumerate([a, b, a, a])]
+    calls: list[int] = []
+    real = requant.requantize_rows
+    monkeypatch.setattr(requant, "requantize_rows", lambda r, t, imp=None: calls.append(len(r)) or real(r, t, imp))
+    monkeypatch.setattr(requant, "_CHUNK_FLOATS", 16 * n_per_row)  # 3 chunks per expert
+    out = b"".join(np.ascontiguousarray(c).tobytes() for c in requant.requantized_chunks(raw, Q.Q8_0, ne, Q.Q4_K, importance))
+    assert out == b"".join(p.tobytes() for p in per_expert)
+    assert sum(calls) == rows * (3 if weighted else 2)  # expert 2 (and unweighted 3) copied from expert 0
+
+
 def test_impossible_shadow_types_are_user_errors(tmp_path: Path) -> None:
     src = write_moe(tmp_path / "m.gguf", n_embd=64, n_ff=96)  # rows of 64 and 96: no K-quant fits
     before = sorted(os.listdir(tmp_path))

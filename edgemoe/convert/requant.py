@@ -8,6 +8,7 @@ rows so that a large tensor never has to be dequantized whole.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -118,23 +119,42 @@ def requantized_chunks(raw: np.ndarray, src_type: GGMLQuantizationType, ne: tupl
     """A tensor's bytes (raw, type src_type, shape ne) as type t, a chunk of rows at a time.
 
     importance: for a stacked expert tensor, one column weighting per expert (None for an expert the
-    imatrix never saw); a chunk then never spans two experts."""
+    imatrix never saw); a chunk never spans two experts. An expert whose bytes and weighting equal an
+    earlier one's (an upcycled model's copies) is quantized once: rows quantize independently, so the
+    copy is byte for byte what quantizing it again would give."""
     n_per_row = ne[0]
     n_rows = int(np.prod(ne[1:], dtype=np.int64))
     rb = row_nbytes(src_type, n_per_row)
     step = max(1, _CHUNK_FLOATS // n_per_row)
-    per_mat = n_rows // len(importance) if importance else n_rows
-    tasks = []
-    for m0 in range(0, n_rows, per_mat):
-        weights = importance[m0 // per_mat] if importance else None
-        for r0 in range(m0, m0 + per_mat, step):
-            tasks.append((r0, min(m0 + per_mat, r0 + step), weights))
+    n_mat = len(importance) if importance else (int(ne[2]) if len(ne) == 3 else 1)
+    per_mat = n_rows // n_mat
+    weights = importance or [None] * n_mat
+    first: dict[bytes, int] = {}  # digest of (expert bytes, weighting) -> the first expert with it
+    same_as: list[int] = []
+    for m in range(n_mat):
+        h = hashlib.blake2b(memoryview(raw[m * per_mat * rb:(m + 1) * per_mat * rb]), digest_size=16)
+        if weights[m] is not None:
+            h.update(np.ascontiguousarray(weights[m], dtype=np.float32).tobytes())
+        same_as.append(first.setdefault(h.digest() + bytes([weights[m] is None]), m))
+    keep = {same_as[m] for m in range(n_mat) if same_as[m] != m}  # originals whose chunks are reused later
+    tasks = [(r0, min((m + 1) * per_mat, r0 + step), weights[m])
+             for m in range(n_mat) if same_as[m] == m for r0 in range(m * per_mat, (m + 1) * per_mat, step)]
 
     def one(task: tuple[int, int, np.ndarray | None]) -> np.ndarray:
-        r0, r1, weights = task
-        return requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t, weights)
+        r0, r1, w = task
+        return requantize_rows(dequantize_rows(raw[r0 * rb:r1 * rb], src_type, n_per_row), t, w)
 
-    yield from ordered_parallel(one, tasks)
+    results = ordered_parallel(one, tasks)
+    kept: dict[int, list[np.ndarray]] = {}
+    for m in range(n_mat):
+        if same_as[m] != m:
+            yield from kept[same_as[m]]
+            continue
+        for _ in range(m * per_mat, (m + 1) * per_mat, step):
+            chunk = next(results)
+            if m in keep:
+                kept.setdefault(m, []).append(chunk)
+            yield chunk
 
 
 def ordered_parallel(fn, tasks: list, n_threads: int | None = None) -> Iterator:

@@ -2,6 +2,7 @@
 
     OUT_DIR/demo-moe.gguf     8 identical experts (upcycled), top-2: computes the dense model
     OUT_DIR/sparse-moe.gguf   16 disjoint experts (MoEfied), top-12: a genuinely sparse model
+    OUT_DIR/demo-moe.imatrix.gguf  its shadow's importance matrix, from the calibration activations
     OUT_DIR/<name>/           the same, converted to trunk + per-expert shards (edgemoe.convert)
     OUT_DIR/models.json       sizes, sha256, the builder fingerprint, config, corpus
 
@@ -23,7 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgemoe.errors import UserError
+from edgemoe.format.imatrix import write_imatrix
 from edgemoe.format.manifest import sha256_file
 from edgemoe.util.files import atomic_path
 
@@ -109,6 +113,8 @@ def _ggufs_fresh(out_dir: Path, meta: dict[str, Any] | None, config: BuildConfig
         p = out_dir / f"{name}.gguf"
         if e is None or not p.is_file() or p.stat().st_size != e["size"]:
             return False
+        if "imatrix" in e and not (out_dir / e["imatrix"]["file"]).is_file():
+            return False
     return True
 
 
@@ -172,7 +178,6 @@ def _write_models_json(out_dir: Path, meta: dict[str, Any]) -> None:
 
 def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, log=None) -> None:
     """(Re)write OUT_DIR/<name>/ from OUT_DIR/<name>.gguf with edgemoe.convert; record it in models.json."""
-    from edgemoe.format.imatrix import write_imatrix
     from edgemoe.convert import plan_conversion, write_model
     from edgemoe.convert.imatrix import collect_imatrix
 
@@ -192,15 +197,19 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
         src = out_dir / f"{name}.gguf"
         imatrix = out_dir / f"{name}.imatrix.gguf"
         say = log or (lambda msg: None)
-        say(f"converting {name}: measuring which experts matter on {IMATRIX_CHUNKS} chunks of text "
-            "(importance matrix, llama.cpp)")
+        recorded = meta["models"][name].get("imatrix")
+        if recorded is not None:  # made with the model (demo-moe: see upcycle.py)
+            check_recorded(imatrix, recorded["sha256"])
+        else:
+            say(f"converting {name}: measuring which experts matter on {IMATRIX_CHUNKS} chunks of text "
+                "(importance matrix, llama.cpp)")
 
-        def progress(done: int, total: int) -> None:
-            if done % 4 == 0 or done == total:
-                say(f"  importance matrix: {done}/{total} chunks, {time.perf_counter() - t:.0f} s")
+            def progress(done: int, total: int) -> None:
+                if done % 4 == 0 or done == total:
+                    say(f"  importance matrix: {done}/{total} chunks, {time.perf_counter() - t:.0f} s")
 
-        write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
-                                               max_chunks=IMATRIX_CHUNKS, progress=progress), ARCH)
+            write_imatrix(imatrix, collect_imatrix(src, text, dataset="stdlib calibration modules", chunk_size=corpus.CHUNK,
+                                                   max_chunks=IMATRIX_CHUNKS, progress=progress), ARCH)
         plan = plan_conversion(src, shadow_type=SHADOW_TYPE, shadow_fallback_type=SHADOW_FALLBACK_TYPE,
                                shadow_imatrix=imatrix)
         say(f"converting {name}: the trunk, one file per expert, and a 4-bit copy of the experts for the shadow "
@@ -212,6 +221,13 @@ def convert_models(out_dir: Path | str, names: tuple[str, ...] = MODEL_NAMES, lo
             log(f"converted {name}.gguf -> {out_dir / name}/")
     meta["converter_fingerprint"] = cfp
     _write_models_json(out_dir, meta)
+
+
+def check_recorded(path: Path, sha256: str) -> None:
+    """A build product models.json records, with its bytes (else the models must be rebuilt)."""
+    if not path.is_file() or sha256_file(path) != sha256:
+        raise UserError(f"{path}: missing or changed since the build; rebuild with `python -m tools.realmodels "
+                        f"{path.parent} --force`")
 
 
 def dense_path(out_dir: Path | str, config: BuildConfig = BuildConfig()) -> Path:
@@ -267,6 +283,7 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
     # per-layer fits
     say(f"splitting each of the {src.n_layer} feed-forward layers into experts and fitting a router to each (numpy)")
     demo_fits: list[moefy.LayerFit] = []
+    demo_importance: list[tuple[np.ndarray, np.ndarray]] = []
     sparse_fits: list[moefy.LayerFit] = []
     routers = []
     for il in range(src.n_layer):
@@ -275,6 +292,7 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
         if "demo-moe" in names:
             demo_fits.append(moefy.fit_layer(X[il], ffn, upcycle.N_EXPERT, None, (il, upcycle.N_EXPERT), H=H,
                                              relative=True))
+            demo_importance.append(upcycle.dense_importance(X[il], H))
         if "sparse-moe" in names:
             f = moefy.fit_layer(X[il], ffn, config.sparse_experts, config.sparse_used, (il, config.sparse_experts),
                                 refit_lam=config.refit_lam, H=H)
@@ -290,10 +308,16 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
     old = read_models_json(out_dir)
     if old and old.get("fingerprint") == fp:
         entries = {k: v for k, v in old.get("models", {}).items() if k not in names and (out_dir / v["file"]).is_file()}
+    n_tokens = len(chunks) * corpus.CHUNK
     for name in names:
         path = out_dir / f"{name}.gguf"
+        imatrix: dict[str, str] = {}
         if name == "demo-moe":
             upcycle.write_demo(src, demo_fits, path)
+            im_path = out_dir / f"{name}.imatrix.gguf"
+            write_imatrix(im_path, upcycle.demo_imatrix(demo_importance, n_tokens, len(chunks), corpus.CHUNK), ARCH)
+            imatrix = {"imatrix": {"file": im_path.name, "sha256": sha256_file(im_path),
+                                   "source": "the dense FFN's inputs on the calibration text"}}
             info = {"n_expert": upcycle.N_EXPERT, "n_expert_used": upcycle.N_USED, "expert_width": src.n_ff,
                     "expert_type": upcycle.EXPERT_TYPE.name, "experts": "identical copies of the dense FFN",
                     "router": "least squares on centred log output norms of 8 co-activation clusters"}
@@ -304,7 +328,7 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
                     "experts": "disjoint co-activation clusters of the dense FFN's neurons, down refitted for top-k",
                     "router": f"least squares on log expert output norms, logit std {sparse.ROUTER_STD}"}
         t = lap(f"write {name}", t)
-        entries[name] = {"file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path), **info}
+        entries[name] = {"file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path), **info, **imatrix}
         say(f"wrote {path} ({entries[name]['size'] / 1e6:.1f} MB, sha256 {entries[name]['sha256'][:16]})")
         if (out_dir / name).is_dir():
             shutil.rmtree(out_dir / name)  # a conversion of the previous file is stale

@@ -15,6 +15,12 @@ trained router's load-balancing loss does (the uncentred fit leaves experts that
 in some layers and one pair taking a third of the tokens), while the load stays unequal and many
 decisions are near ties. Used on identical copies it changes nothing in the output and exercises
 everything else: distribution, loading, prediction.
+
+The shadow's importance matrix is the dense FFN's own: every copy of a layer computes the same FFN,
+so the column importance of its weights is the mean square of what that FFN receives (gate/up: the
+FFN input; down: silu(gate x) * (up x)) over all calibration tokens, whichever copies the router
+picks. Taken from the calibration activations already in hand (no second llama.cpp pass), and equal
+for the copies, so the converter quantizes each layer's shadow once (edgemoe.convert.requant).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from edgemoe.format.schema import T, tensor_name
+from edgemoe.format.imatrix import Imatrix
+from edgemoe.format.schema import T, expert_tensor_name, tensor_name
 
 from .moefy import LayerFit
 from .source import DenseModel, is_dense_ffn, write_moe
@@ -67,6 +74,25 @@ def layer_tensors(src: DenseModel, il: int, fit: LayerFit, n_expert: int = N_EXP
     ]
 
 
+def dense_importance(X: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of squares per input column over the tokens: (of the FFN inputs X [T, n_embd], of the
+    hidden activations H [T, n_ff]), float64."""
+    return np.square(X, dtype=np.float64).sum(axis=0), np.square(H, dtype=np.float64).sum(axis=0)
+
+
+def demo_imatrix(sums: list[tuple[np.ndarray, np.ndarray]], n_tokens: int, chunk_count: int, chunk_size: int,
+                 n_expert: int = N_EXPERT) -> Imatrix:
+    """demo-moe's importance matrix from each layer's dense_importance over n_tokens tokens: every
+    copy of a layer gets the same sums and count (see the module docstring)."""
+    im = Imatrix(datasets=["stdlib calibration modules (the dense FFN's inputs, llama.cpp)"],
+                 chunk_count=chunk_count, chunk_size=chunk_size)
+    for il, (sx, sh) in enumerate(sums):
+        counts = np.full(n_expert, n_tokens, dtype=np.float32)
+        for part, s in (("gate", sx), ("up", sx), ("down", sh)):
+            im.add(expert_tensor_name(il, part), np.tile(s.astype(np.float32), (n_expert, 1)), counts)
+    return im
+
+
 def write_demo(src: DenseModel, fits: list[LayerFit], out_path: Path,
                n_expert: int = N_EXPERT, n_used: int = N_USED) -> Path:
     """Write demo-moe: expert width = the dense FFN width (llama.feed_forward_length unchanged)."""
@@ -85,4 +111,4 @@ def write_dense_requantized(src: DenseModel, out_path: Path, qtype: Q = EXPERT_T
     return out.write()
 
 
-__all__ = ["EXPERT_TYPE", "N_EXPERT", "N_USED", "layer_tensors", "requantized_ffn", "write_demo", "write_dense_requantized"]
+__all__ = ["EXPERT_TYPE", "N_EXPERT", "N_USED", "demo_imatrix", "dense_importance", "layer_tensors", "requantized_ffn", "write_demo", "write_dense_requantized"]
