@@ -37,7 +37,7 @@ from edgemoe.format.manifest import load_manifest, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "build" / "models"
-SMALL = BuildConfig(n_layers=2, calib_chunks=4)
+SMALL = BuildConfig(n_layers=2, calib_chunks=4, demo_calib_chunks=2)  # demo-moe fitted on the first 2
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_corpus_is_fixed_and_disjoint() -> None:
 
 def test_build_is_deterministic(small: Path, tmp_path: Path) -> None:
     # a second build (without conversion: the GGUF bytes must not depend on it)
-    build_all(tmp_path, config=BuildConfig(n_layers=2, calib_chunks=4, convert=False))
+    build_all(tmp_path, config=BuildConfig(n_layers=2, calib_chunks=4, demo_calib_chunks=2, convert=False))
     first = read_models_json(small)
     second = read_models_json(tmp_path)
     for name in MODEL_NAMES:
@@ -91,6 +91,7 @@ def test_models_json_and_freshness(small: Path) -> None:
     assert not is_fresh(small, BuildConfig(n_layers=2, calib_chunks=5))  # another config: stale
     assert meta["config"]["n_layers"] == 2
     assert meta["corpus"]["calibration_tokens"] == 4 * corpus.CHUNK
+    assert meta["corpus"]["demo_calibration_tokens"] == 2 * corpus.CHUNK
     for name in MODEL_NAMES:
         e = meta["models"][name]
         assert e["size"] == (small / e["file"]).stat().st_size
@@ -103,8 +104,8 @@ def test_models_json_and_freshness(small: Path) -> None:
 
 
 def test_demo_first_then_the_rest_builds_each_model_once(small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """make demo builds demo-moe alone; make real-models then adds sparse-moe without redoing demo-moe,
-    and every file has the bytes of the build that made both at once. A changed converter then
+    """make demo builds demo-moe alone (calibrating on its own first chunks only); make real-models then
+    adds sparse-moe without redoing demo-moe, and every file has the bytes of the build that made both at once. A changed converter then
     redoes only the conversion (of the models asked for), never a GGUF."""
     import tools.realmodels.build as b
 
@@ -204,7 +205,7 @@ def test_demo_imatrix_is_what_llama_cpp_measures_pooled_over_the_copies(small: P
     from edgemoe.model.tokenizer import Tokenizer
 
     with Tokenizer(dense_path(small, SMALL)) as tok:
-        chunks = corpus.calibration_chunks(lambda s: tok.tokenize(s, add_special=False), SMALL.calib_chunks)
+        chunks = corpus.calibration_chunks(lambda s: tok.tokenize(s, add_special=False), SMALL.demo_calib_chunks)
     with _Collector(small / "demo-moe.gguf", corpus.CHUNK, 2) as c:
         for chunk in chunks:
             c.clear()
@@ -253,7 +254,7 @@ def test_missing_package_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def test_cli_skips_a_fresh_build(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tools.realmodels.__main__ import main
 
-    assert main([str(small), "--layers", "2", "--calib-chunks", "4"]) == 0
+    assert main([str(small), "--layers", "2", "--calib-chunks", "4", "--demo-calib-chunks", "2"]) == 0
     assert "up to date" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse rejects an unknown model name
         main([str(small), "--only", "nope"])

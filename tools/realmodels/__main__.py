@@ -24,10 +24,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="cut-down build: only SmolLM2's first N layers (tests)")
     ap.add_argument("--calib-chunks", type=int, default=BuildConfig.calib_chunks, metavar="N",
                     help=f"calibration chunks of 512 tokens (default {BuildConfig.calib_chunks})")
+    ap.add_argument("--demo-calib-chunks", type=int, default=BuildConfig.demo_calib_chunks, metavar="N",
+                    help=f"of those, the first N fit demo-moe's router (default {BuildConfig.demo_calib_chunks})")
     ap.add_argument("--no-convert", action="store_true", help="do not write the converted OUT_DIR/<name>/")
     ap.add_argument("-t", "--threads", type=int, default=2, help="CPU threads (default 2)")
     args = ap.parse_args(argv)
-    config = BuildConfig(n_layers=args.layers, calib_chunks=args.calib_chunks, convert=not args.no_convert,
+    config = BuildConfig(n_layers=args.layers, calib_chunks=args.calib_chunks, demo_calib_chunks=args.demo_calib_chunks,
+                         convert=not args.no_convert,
                          n_threads=args.threads)
     names = tuple(args.only) if args.only else MODEL_NAMES
     t0 = time.perf_counter()

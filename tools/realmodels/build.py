@@ -46,6 +46,9 @@ class BuildConfig:
 
     n_layers: int | None = None  # None: all of SmolLM2's layers; N: a copy cut to its first N
     calib_chunks: int = 48  # calibration chunks of corpus.CHUNK tokens
+    # demo-moe's router is fitted on the first of them only: its experts are identical copies, so the
+    # router only has to look like a real one, and half the text halves the demo's build (make demo)
+    demo_calib_chunks: int = 24
     sparse_experts: int = sparse.N_EXPERT
     sparse_used: int = sparse.N_USED
     refit_lam: float | None = sparse.REFIT_LAM  # None: keep the dense down matrices (the note's recipe)
@@ -273,7 +276,10 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
 
     # calibration
     with Tokenizer(dense) as tok:
-        chunks = corpus.calibration_chunks(lambda s: tok.tokenize(s, add_special=False), config.calib_chunks)
+        n_demo = min(config.calib_chunks, config.demo_calib_chunks)
+        chunks = corpus.calibration_chunks(lambda s: tok.tokenize(s, add_special=False),
+                                           config.calib_chunks if "sparse-moe" in names else n_demo)
+    demo_rows = n_demo * corpus.CHUNK  # calibration_chunks' first n chunks are the same for any total
     say(f"building {', '.join(names)} from SmolLM2-135M (once; later runs reuse it). First SmolLM2 reads "
         f"{len(chunks)} chunks x {corpus.CHUNK} tokens of text (Python's own docstrings) so we can see what its "
         "feed-forward layers receive (llama.cpp)")
@@ -288,12 +294,15 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
     routers = []
     for il in range(src.n_layer):
         ffn = src.ffn(il)
-        H = moefy.hidden(X[il], ffn)
         if "demo-moe" in names:
-            demo_fits.append(moefy.fit_layer(X[il], ffn, upcycle.N_EXPERT, None, (il, upcycle.N_EXPERT), H=H,
+            Xd = X[il][:demo_rows]
+            Hd = moefy.hidden(Xd, ffn)  # of its own rows: the same bytes whether or not sparse-moe is built too
+            demo_fits.append(moefy.fit_layer(Xd, ffn, upcycle.N_EXPERT, None, (il, upcycle.N_EXPERT), H=Hd,
                                              relative=True))
-            demo_importance.append(upcycle.dense_importance(X[il], H))
+            demo_importance.append(upcycle.dense_importance(Xd, Hd))
+            del Xd, Hd
         if "sparse-moe" in names:
+            H = moefy.hidden(X[il], ffn)
             f = moefy.fit_layer(X[il], ffn, config.sparse_experts, config.sparse_used, (il, config.sparse_experts),
                                 refit_lam=config.refit_lam, H=H)
             sparse_fits.append(f)
@@ -308,14 +317,13 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
     old = read_models_json(out_dir)
     if old and old.get("fingerprint") == fp:
         entries = {k: v for k, v in old.get("models", {}).items() if k not in names and (out_dir / v["file"]).is_file()}
-    n_tokens = len(chunks) * corpus.CHUNK
     for name in names:
         path = out_dir / f"{name}.gguf"
         imatrix: dict[str, str] = {}
         if name == "demo-moe":
             upcycle.write_demo(src, demo_fits, path)
             im_path = out_dir / f"{name}.imatrix.gguf"
-            write_imatrix(im_path, upcycle.demo_imatrix(demo_importance, n_tokens, len(chunks), corpus.CHUNK), ARCH)
+            write_imatrix(im_path, upcycle.demo_imatrix(demo_importance, demo_rows, n_demo, corpus.CHUNK), ARCH)
             imatrix = {"imatrix": {"file": im_path.name, "sha256": sha256_file(im_path),
                                    "source": "the dense FFN's inputs on the calibration text"}}
             info = {"n_expert": upcycle.N_EXPERT, "n_expert_used": upcycle.N_USED, "expert_width": src.n_ff,
@@ -345,6 +353,7 @@ def build_all(out_dir: Path | str, only: list[str] | None = None, config: BuildC
             "calibration_modules": list(corpus.CALIB_MODULES),
             "evaluation_modules": list(corpus.EVAL_MODULES),
             "calibration_tokens": len(chunks) * corpus.CHUNK,
+            "demo_calibration_tokens": demo_rows,
             "sha256": corpus.corpus_hash(),
         },
         "models": {n: entries[n] for n in MODEL_NAMES if n in entries},
