@@ -17,13 +17,12 @@ import ctypes
 import mmap
 import os
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
-from edgemoe.ggml import Compute, Context, GGMLType, lib
-from edgemoe.ggml.context import aligned_empty, to_numpy
-from edgemoe.model.expert_ffn import ShardLayout, moe_ffn, stacked_view
+from edgemoe.ggml import Compute
+from edgemoe.model.expert_ffn import ShardLayout, stacked_view
+from edgemoe.model.moe import ExpertGraph
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -102,38 +101,21 @@ def same_layout(shards: list[SlotShard]) -> bool:
     return all(s.layout.tensors == first for s in shards[1:])
 
 
-@dataclass
-class _Graph:
-    ctx: Context
-    graph: object
-    x: np.ndarray
-    ids: np.ndarray
-    out: object
-
-
 class SlotFFN:
     """out = down(act(gate(x)) * up(x)) for rows of x, each row through the expert in its slot, in one
-    graph of ggml_mul_mat_id over the whole arena (as llama.cpp's build_moe_ffn: expert_ffn.moe_ffn)."""
+    graph of ggml_mul_mat_id over the whole arena (as llama.cpp's build_moe_ffn: edgemoe.model.moe.experts)."""
 
     _CACHE_ROWS = 8  # graphs for up to this many rows are kept (decode)
 
     def __init__(self, compute: Compute, arena: SlotArena) -> None:
         self.compute, self.arena = compute, arena
-        self._graphs: dict[tuple, _Graph] = {}
+        self._graphs: dict[tuple, ExpertGraph] = {}
 
-    def _build(self, layout: ShardLayout, n_rows: int, n_embd: int) -> _Graph:
+    def _build(self, layout: ShardLayout, n_rows: int, n_embd: int) -> ExpertGraph:
         a = self.arena
-        n_ff = layout.n_ff
-        act = 4 * n_rows * (2 * n_embd + 4 * n_ff + 8) + 64 * 32
-        ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
         # expert (slot) s at base + offset + s * stride
-        w = {part: stacked_view(ctx, a.base + t.offset, t, a.stride, a.n_slots) for part, t in layout.tensors.items()}
-        x = aligned_empty((n_rows, n_embd))
-        ids_t = ctx.new(GGMLType.I32, 1, n_rows)
-        out = moe_ffn(ctx, w, ctx.from_numpy(x), ids_t, layout.act)
-        graph = ctx.graph(64)
-        lib.ggml_build_forward_expand(graph, out)
-        return _Graph(ctx, graph, x, to_numpy(ids_t).reshape(-1), out)
+        return ExpertGraph.build(lambda ctx: {part: stacked_view(ctx, a.base + t.offset, t, a.stride, a.n_slots)
+                                              for part, t in layout.tensors.items()}, n_rows, 1, n_embd, layout.n_ff, layout.act)
 
     def run(self, shards: list[SlotShard], rows: list[int], x: np.ndarray) -> np.ndarray:
         """x [sum(rows), n_embd]: rows[i] consecutive rows for shards[i] (same layout) -> [sum(rows), n_embd]."""
@@ -146,15 +128,13 @@ class SlotFFN:
             if n_rows <= self._CACHE_ROWS:
                 self._graphs[key] = g
         try:
-            g.ids[...] = np.repeat([s.slot for s in shards], rows)
-            g.x[...] = x
-            self.compute.run(g.graph)
-            return to_numpy(g.out).reshape(n_rows, n_embd).copy()
+            ids = np.repeat([s.slot for s in shards], rows).astype(np.int32).reshape(n_rows, 1)
+            return g.run(self.compute, x, ids).reshape(n_rows, n_embd)
         finally:
             if n_rows > self._CACHE_ROWS:
-                g.ctx.close()
+                g.close()
 
     def close(self) -> None:
         for g in self._graphs.values():
-            g.ctx.close()
+            g.close()
         self._graphs.clear()

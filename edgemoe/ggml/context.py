@@ -20,7 +20,7 @@ _CTX_FUNCTIONS = {
     for name, fn in vars(lib).items()
     if name.startswith("ggml_") and getattr(fn, "argtypes", None) and fn.argtypes[0] is ctypes.c_void_p
     and not name.startswith("ggml_gallocr_")
-    and name not in ("ggml_free", "ggml_build_forward_expand", "ggml_graph_n_nodes", "ggml_threadpool_free",
+    and name not in ("ggml_free", "ggml_build_forward_expand", "ggml_graph_n_nodes", "ggml_graph_node", "ggml_threadpool_free",
                      "ggml_graph_plan", "ggml_graph_compute")
 }
 

@@ -157,6 +157,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ggml_gallocr_alloc_graph": (c_bool, [c_void_p, GRAPH]),
     "ggml_gallocr_get_buffer_size": (c_size_t, [c_void_p, c_int]),
     "ggml_graph_n_nodes": (c_int, [GRAPH]),
+    "ggml_graph_node": (T, [GRAPH, c_int]),  # node i (negative: from the end); tests walk a graph by name
     # quantization (K-quants are not in gguf-py); ggml_quantize_chunk calls ggml_quantize_init itself
     "ggml_quantize_init": (None, [c_int]),
     "ggml_quantize_requires_imatrix": (c_bool, [c_int]),

@@ -29,8 +29,8 @@ from edgemoe.ggml.alloc import GraphAllocator
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
 from edgemoe.ggml.columns import mul_mat_id_limit
 from edgemoe.ggml.repack import Repacker
+from edgemoe.model import moe
 from edgemoe.model.config import ModelConfig
-from edgemoe.model.expert_ffn import moe_ffn
 from edgemoe.model.experts import ExpertBackend, LocalExperts
 from edgemoe.model.kvcache import Attention, AttentionOptions, KVCache
 from edgemoe.model.trunk import StepInputs, Trunk, concat_rows, split_rows
@@ -327,10 +327,10 @@ class Engine:
         if il == 0:
             x = trunk.embed(ctx, inp)
         elif "experts" in carry:
-            moe = trunk.moe_combine(ctx, graph, ctx.from_numpy(carry["experts"]), ctx.from_numpy(carry["weights"]))
+            out = moe.combine(ctx, graph, ctx.from_numpy(carry["experts"]), ctx.from_numpy(carry["weights"]), il - 1)
             if "shared" in carry:
-                moe = ctx.add(moe, ctx.from_numpy(carry["shared"]))
-            x = trunk.residual(ctx, moe, ctx.from_numpy(carry["ffn_inp"]))
+                out = ctx.add(out, ctx.from_numpy(carry["shared"]))
+            x = trunk.residual(ctx, out, ctx.from_numpy(carry["ffn_inp"]))
         else:
             x = ctx.from_numpy(carry["resid"])
         if il == cfg.n_layer:
@@ -426,14 +426,14 @@ class Engine:
                 parts = self.experts.graph_parts(il, ctx, cfg.n_embd)
                 if groups and len(groups) > 1:  # runs of rows that keep each sequence on its own kernels
                     limit = mul_mat_id_limit([int(t.contents.type) for t in parts.values()], self.experts.graph_repacked(il))
-                    experts = concat_rows(ctx, [moe_ffn(ctx, parts, x_part, sel_part, cfg.expert_act) for x_part, sel_part in zip(
+                    experts = concat_rows(ctx, [moe.experts(ctx, parts, x_part, sel_part, cfg.expert_act, il) for x_part, sel_part in zip(
                         split_rows(ctx, normed, groups, limit), split_rows(ctx, selected, groups, limit))], dim=2)
                 else:
-                    experts = moe_ffn(ctx, parts, normed, selected, cfg.expert_act)
-                moe = trunk.moe_combine(ctx, graph, experts, weights)
+                    experts = moe.experts(ctx, parts, normed, selected, cfg.expert_act, il)
+                out = moe.combine(ctx, graph, experts, weights, il)
                 if cfg.shared_expert:
-                    moe = ctx.add(moe, trunk.shared_expert(ctx, il, normed, groups))
-                x = trunk.residual(ctx, moe, ffn_inp)
+                    out = ctx.add(out, trunk.shared_expert(ctx, il, normed, groups))
+                x = trunk.residual(ctx, out, ffn_inp)
             else:
                 x = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed, groups), ffn_inp)
         if cfg.traits.out_rows_at_head:

@@ -6,8 +6,8 @@ results match llama.cpp bit for bit. Two ways in:
 - ExpertFFN: one expert at a time, over a single-expert view of one mapped shard;
 - LayerExperts + MoEGraph: a layer's shards mapped side by side at one fixed stride, so that each part
   (gate, up, down) is one 3-D tensor [ne0, ne1, n_expert] like llama.cpp's `ffn_*_exps`, and one
-  graph with one ggml_mul_mat_id per part computes any set of experts for any rows
-  (`moe_ffn` adds those nodes to any graph: the engine's, a worker's, the shadow's).
+  graph with one ggml_mul_mat_id per part computes any set of experts for any rows (the expert
+  nodes themselves are edgemoe.model.moe's, as in every other graph that computes experts).
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from edgemoe.format.shard import ShardLayout, ShardTensor  # (re-exported: the shard layout is format/shard.py's)
-from edgemoe.ggml import Compute, Context, GGMLType, TensorPtr, lib
-from edgemoe.ggml.context import aligned_empty, to_numpy
+from edgemoe.ggml import Compute, Context, TensorPtr
+from edgemoe.model.moe import ExpertGraph
 
 
 class MappedShard:
@@ -59,17 +58,6 @@ class MappedShard:
         self.close()
 
 
-@dataclass
-class _FFNGraph:
-    """A built expert graph; weight tensors are re-pointed at each newly mapped shard."""
-
-    ctx: Context
-    graph: object
-    weights: dict[str, object]  # part -> ggml tensor whose data pointer is set per call
-    x: np.ndarray  # input rows [n_tok, n_embd], viewed by the graph
-    out: object
-
-
 class ExpertFFN:
     """Runs expert FFNs: out = down(silu(gate(x)) * up(x)) for a batch of token rows.
 
@@ -81,44 +69,40 @@ class ExpertFFN:
 
     def __init__(self, compute: Compute) -> None:
         self.compute = compute
-        self._graphs: dict[tuple, _FFNGraph] = {}
+        self._graphs: dict[tuple, tuple[ExpertGraph, dict[str, TensorPtr]]] = {}
 
-    def _build(self, layout: ShardLayout, n_tok: int, n_embd: int) -> _FFNGraph:
-        n_ff = layout.n_ff
-        act = 4 * n_tok * (2 * n_embd + 4 * n_ff + 8) + 64 * 32
-        ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
-        w = {part: stacked_view(ctx, 32, t, 0, 1) for part, t in layout.tensors.items()}
-        x = aligned_empty((n_tok, n_embd))
-        ids = ctx.new(GGMLType.I32, 1, n_tok)
-        to_numpy(ids)[...] = 0
-        out = moe_ffn(ctx, w, ctx.from_numpy(x), ids, layout.act)  # [n_embd, 1, n_tok]
-        graph = ctx.graph(64)
-        lib.ggml_build_forward_expand(graph, out)
-        return _FFNGraph(ctx, graph, w, x, out)
+    def _build(self, layout: ShardLayout, n_tok: int, n_embd: int) -> tuple[ExpertGraph, dict[str, TensorPtr]]:
+        """A one-expert graph whose weight tensors are re-pointed at each shard's bytes."""
+        weights: dict[str, TensorPtr] = {}
+
+        def parts(ctx: Context) -> dict[str, TensorPtr]:
+            weights.update({part: stacked_view(ctx, 32, t, 0, 1) for part, t in layout.tensors.items()})
+            return weights
+
+        return ExpertGraph.build(parts, n_tok, 1, n_embd, layout.n_ff, layout.act), weights
 
     def run(self, shard: MappedShard, x: np.ndarray) -> np.ndarray:
         """x: float32 [n_tokens, n_embd] -> float32 [n_tokens, n_embd]."""
         layout = shard.layout
         n_tok, n_embd = x.shape
         key = (tuple(sorted((p, t.ggml_type, t.ne) for p, t in layout.tensors.items())), n_tok)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._build(layout, n_tok, n_embd)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._build(layout, n_tok, n_embd)
             if n_tok <= self._CACHE_TOKENS:
-                self._graphs[key] = g
+                self._graphs[key] = entry
+        g, weights = entry
         try:
             for part, t in layout.tensors.items():
-                g.weights[part].contents.data = shard.address + t.offset
-            g.x[...] = x
-            self.compute.run(g.graph)
-            return to_numpy(g.out).reshape(n_tok, n_embd).copy()
+                weights[part].contents.data = shard.address + t.offset
+            return g.run(self.compute, x, np.zeros((n_tok, 1), dtype=np.int32)).reshape(n_tok, n_embd)
         finally:
             if n_tok > self._CACHE_TOKENS:
-                g.ctx.close()
+                g.close()
 
     def close(self) -> None:
-        for g in self._graphs.values():
-            g.ctx.close()
+        for g, _ in self._graphs.values():
+            g.close()
         self._graphs.clear()
 
 
@@ -137,43 +121,6 @@ def stacked_view(ctx: Context, address: int, t: ShardTensor, stride: int, n_expe
         c.nb[2] = stride
         c.nb[3] = stride * n_expert
     return v
-
-
-SWIGLU_OAI_ALPHA = 1.702  # llama.cpp's constants for gpt-oss (build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE)
-SWIGLU_OAI_LIMIT = 7.0
-
-
-def moe_ffn(ctx: Context, parts: dict[str, TensorPtr], x: TensorPtr, ids: TensorPtr, act: str = "silu") -> TensorPtr:
-    """Add llama.cpp's build_moe_ffn expert nodes (gated FFN, parallel gate) to ctx's graph.
-
-    parts: stacked expert tensors "gate"/"up" (or "gate_up") and "down", [n_in, n_out, n_expert] each,
-    and where the architecture has them their biases "gate_b"/"up_b"/"gate_up_b"/"down_b" [n_out,
-    n_expert] (added per row's expert, ggml_add_id); x: the FFN-normed rows, F32 [n_embd, T]; ids: I32
-    [k, T], each row's experts; act: "silu" (SwiGLU) or "swiglu_oai" (gpt-oss's clamped variant).
-    Returns the unweighted outputs, F32 [n_embd, k, T].
-    """
-    n_embd, n_tok = int(x.contents.ne[0]), int(x.contents.ne[1])
-    k = int(ids.contents.ne[0])
-    n_ff = int(parts["down"].contents.ne[0])
-    b = ctx.reshape_3d(x, n_embd, 1, n_tok)
-
-    def biased(t: TensorPtr, part: str) -> TensorPtr:
-        bias = parts.get(part + "_b")
-        return ctx.add_id(t, bias, ids) if bias is not None else t
-
-    if "gate_up" in parts:
-        gate_up = biased(ctx.mul_mat_id(parts["gate_up"], b, ids), "gate_up")  # [2*n_ff, k, T]
-        c = gate_up.contents
-        gate = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], 0)
-        up = ctx.view_3d(gate_up, n_ff, k, n_tok, c.nb[1], c.nb[2], n_ff * c.nb[0])
-    else:
-        up = biased(ctx.mul_mat_id(parts["up"], b, ids), "up")  # [n_ff, k, T]
-        gate = biased(ctx.mul_mat_id(parts["gate"], b, ids), "gate")
-    if act == "swiglu_oai":
-        h = ctx.swiglu_oai(gate, up, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT)
-    else:
-        h = ctx.swiglu_split(gate, up)
-    return biased(ctx.mul_mat_id(parts["down"], h, ids), "down")  # [n_embd, k, T]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -242,7 +189,7 @@ class LayerExperts:
         self.mapped.discard(expert)
 
     def parts(self, ctx: Context) -> dict[str, TensorPtr]:
-        """The stacked tensors [ne0, ne1, n_expert] over every slot, as moe_ffn takes them."""
+        """The stacked tensors [ne0, ne1, n_expert] over every slot, as edgemoe.model.moe.experts takes them."""
         return {part: stacked_view(ctx, self.base + t.offset, t, self.stride, self.n_expert)
                 for part, t in self.tensors.items()}
 
@@ -257,15 +204,6 @@ class LayerExperts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass
-class _MoEGraph:
-    ctx: Context
-    graph: object
-    x: np.ndarray  # [T, n_embd] float32, viewed by the graph
-    ids: np.ndarray  # [T, k] int32
-    out: TensorPtr  # [n_embd, k, T]
 
 
 class MoEGraph:
@@ -283,22 +221,13 @@ class MoEGraph:
         self.layer = layer
         self.compute = compute
         self.n_embd = n_embd
-        self._graphs: dict[tuple[int, int], _MoEGraph] = {}
+        self._graphs: dict[tuple[int, int], ExpertGraph] = {}
 
-    def _build(self, n_tok: int, k: int) -> _MoEGraph:
-        n_ff = self.layer.tensors["down"].ne[0]
-        d = self.n_embd
-        act = 4 * n_tok * k * (6 * n_ff + 2 * d) + 4 * n_tok * (d + k) + 64 * 32
-        ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
-        x = aligned_empty((n_tok, d))
-        ids = aligned_empty((n_tok, k), np.int32)
+    def _parts(self, ctx: Context) -> dict[str, TensorPtr]:
         parts = self.layer.parts(ctx)
         if self.replace is not None:
             parts.update(self.replace())
-        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids), self.layer.act)
-        graph = ctx.graph(64)
-        lib.ggml_build_forward_expand(graph, out)
-        return _MoEGraph(ctx, graph, x, ids, out)
+        return parts
 
     def run(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """x float32 [T, n_embd], ids int32 [T, k] (mapped experts only) -> float32 [T, k, n_embd], unweighted."""
@@ -308,19 +237,16 @@ class MoEGraph:
             raise ValueError(f"experts {sorted(missing)} are not mapped")
         g = self._graphs.get((n_tok, k))
         if g is None:
-            g = self._build(n_tok, k)
+            g = ExpertGraph.build(self._parts, n_tok, k, self.n_embd, self.layer.tensors["down"].ne[0], self.layer.act)
             if n_tok <= self._CACHE_TOKENS:
                 self._graphs[(n_tok, k)] = g
         try:
-            g.x[...] = x
-            g.ids[...] = ids
-            self.compute.run(g.graph)
-            return to_numpy(g.out).reshape(n_tok, k, self.n_embd).copy()
+            return g.run(self.compute, x, ids)
         finally:
             if n_tok > self._CACHE_TOKENS:
-                g.ctx.close()
+                g.close()
 
     def close(self) -> None:
         for g in self._graphs.values():
-            g.ctx.close()
+            g.close()
         self._graphs.clear()

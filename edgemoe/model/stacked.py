@@ -8,30 +8,18 @@ build_moe_ffn does. Nothing is loaded per call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.arch import ARCHITECTURES
 from edgemoe.format.schema import expert_tensor_name
-from edgemoe.ggml import Compute, Context, lib
-from edgemoe.ggml.context import aligned_empty, to_numpy
-from edgemoe.model.expert_ffn import moe_ffn
+from edgemoe.ggml import Compute
 from edgemoe.model.experts import ExpertBackend, ExpertStats
+from edgemoe.model.moe import ExpertGraph
 from edgemoe.model.weights import GGUFTensors
 
 _CACHE_TOKENS = 8  # graphs for up to this many rows are kept (decode); larger batches are built per call
-
-
-@dataclass
-class _Graph:
-    ctx: Context
-    graph: object
-    x: np.ndarray  # [n_tok, n_embd] float32, viewed by the graph
-    ids: np.ndarray  # [n_tok, k] int32
-    out: object  # [n_embd, k, n_tok]
-    out_view: np.ndarray  # out's memory as numpy (made once: the graph's tensors never move)
 
 
 class StackedExperts(ExpertBackend):
@@ -44,7 +32,7 @@ class StackedExperts(ExpertBackend):
         self.compute = compute
         self.n_embd = n_embd
         self.stats = ExpertStats()
-        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], ExpertGraph] = {}
         for il in moe_layers:
             parts = self._parts(il)
             if "down" not in parts or not ({"gate", "up"} <= parts.keys() or "gate_up" in parts):
@@ -61,19 +49,9 @@ class StackedExperts(ExpertBackend):
                 out[part + "_b"] = b
         return out
 
-    def _build(self, il: int, n_tok: int, k: int) -> _Graph:
-        parts = self._parts(il)
-        down = parts["down"].contents
-        n_ff = int(down.ne[0])
-        d = self.n_embd
-        act = 4 * n_tok * k * (6 * n_ff + 2 * d) + 4 * n_tok * (d + k) + 64 * 32
-        ctx = Context(Context.overhead(32, graph_size=64) + act + 4096)
-        x = aligned_empty((n_tok, d))
-        ids_arr = aligned_empty((n_tok, k), np.int32)
-        out = moe_ffn(ctx, parts, ctx.from_numpy(x), ctx.from_numpy(ids_arr), self.act)  # [n_embd, k, n_tok]
-        graph = ctx.graph(64)
-        lib.ggml_build_forward_expand(graph, out)
-        return _Graph(ctx, graph, x, ids_arr, out, to_numpy(out))
+    def _build(self, il: int, n_tok: int, k: int) -> ExpertGraph:
+        n_ff = int(self.w.require(expert_tensor_name(il, "down")).contents.ne[0])
+        return ExpertGraph.build(lambda ctx: self._parts(il), n_tok, k, self.n_embd, n_ff, self.act)
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
                       residual: np.ndarray | None = None,
@@ -87,13 +65,10 @@ class StackedExperts(ExpertBackend):
             if n_tok <= _CACHE_TOKENS:
                 self._graphs[key] = g
         try:
-            g.x[...] = hidden
-            g.ids[...] = selected
-            self.compute.run(g.graph)
-            out = g.out_view.reshape(n_tok, k, self.n_embd).copy()
+            out = g.run(self.compute, hidden, selected)
         finally:
             if n_tok > _CACHE_TOKENS:
-                g.ctx.close()
+                g.close()
         s = self.stats
         s.calls += 1
         s.tokens += n_tok
@@ -106,5 +81,5 @@ class StackedExperts(ExpertBackend):
 
     def close(self) -> None:
         for g in self._graphs.values():
-            g.ctx.close()
+            g.close()
         self._graphs.clear()

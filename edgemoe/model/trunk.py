@@ -1,8 +1,8 @@
 """The trunk's ggml graph: everything but the routed experts, op for op as llama.cpp builds it.
 
 Each function adds the nodes of one block to a graph context, mirroring llama.cpp's
-llm_graph_context (build_norm, build_qkv, build_attn with flash attention, build_moe_ffn's
-router and weighting, build_ffn). Matching the op sequence, shapes and types is what makes the
+llm_graph_context (build_norm, build_qkv, build_attn with flash attention, build_ffn); the MoE
+FFN's router, experts and combine are edgemoe.model.moe's (build_moe_ffn). Matching the op sequence, shapes and types is what makes the
 results equal to llama.cpp's: the same ggml kernels run on the same inputs.
 """
 
@@ -18,13 +18,13 @@ from edgemoe.ggml.columns import mul_mat_limit, row_chunks
 from edgemoe.ggml.context import aligned_empty
 from edgemoe.ggml.lib import GGMLPrec
 from edgemoe.ggml.repack import Repacker
+from edgemoe.model import moe
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.kvcache import KVCache, hadamard
 from edgemoe.model.mla import mla_attention, mla_legacy_attention
 from edgemoe.model.weights import GGUFTensors
 
 GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
-_WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16
 
 
 @dataclass
@@ -288,56 +288,9 @@ class Trunk:
 
     def router(self, ctx: Context, il: int, cur: TensorPtr,
                groups: list[tuple[int, int]] | None = None) -> tuple[TensorPtr, TensorPtr]:
-        """llama.cpp's build_moe_ffn up to the expert weights: the router (+ its bias), gating (softmax,
-        sigmoid, or softmax over the selected: softmax_weight), the
-        selection bias exp_probs_b, group-limited selection, top-k, weights (renormalised, scaled).
-        Returns (selected [k,T] i32, weights [1,k,T])."""
-        cfg = self.cfg
-        n_tok = cur.contents.ne[1]
-        logits = self.matmul(ctx, self._lw(il, "ffn_gate_inp.weight"), cur, groups)
-        gate_b = self._lw(il, "ffn_gate_inp.bias")
-        if gate_b is not None:
-            logits = ctx.add(logits, gate_b)
-        if cfg.gating == "sigmoid":
-            probs = ctx.sigmoid(logits)
-        elif cfg.gating == "softmax_weight":  # gpt-oss: top-k of the logits, softmax over the k chosen
-            probs = logits
-        else:
-            probs = ctx.soft_max(logits)
-        b = self._lw(il, "exp_probs_b.bias")
-        selection = ctx.add(probs, b) if b is not None else probs
-        if cfg.n_expert_groups > 1 and n_tok > 0:
-            selection = self._group_limit(ctx, selection, n_tok)
-        selected = ctx.argsort_top_k(selection, cfg.n_expert_used)
-        weights = ctx.get_rows(ctx.reshape_3d(probs, 1, cfg.n_expert, n_tok), selected)
-        if cfg.gating == "softmax_weight":
-            w2 = ctx.soft_max(ctx.reshape_2d(weights, cfg.n_expert_used, n_tok))
-            weights = ctx.reshape_3d(w2, 1, cfg.n_expert_used, n_tok)
-        if cfg.norm_topk:
-            w2 = ctx.reshape_2d(weights, cfg.n_expert_used, n_tok)
-            total = ctx.clamp(ctx.sum_rows(w2), _WEIGHT_SUM_MIN, float("inf"))
-            weights = ctx.reshape_3d(ctx.div(w2, total), 1, cfg.n_expert_used, n_tok)
-        if cfg.expert_weights_scale not in (0.0, 1.0):
-            weights = ctx.scale(weights, cfg.expert_weights_scale)
-        return selected, weights
-
-    def _group_limit(self, ctx: Context, selection: TensorPtr, n_tok: int) -> TensorPtr:
-        """DeepSeek-V3 group-limited routing: score each group by its two best experts, keep the
-        n_group_used best groups, mask the others' experts with -inf."""
-        cfg = self.cfg
-        per = cfg.n_expert // cfg.n_expert_groups
-        groups = ctx.reshape_3d(selection, per, cfg.n_expert_groups, n_tok)
-        top2 = ctx.argsort_top_k(groups, 2)  # [2, n_groups, T]
-        gc = groups.contents
-        scores = ctx.get_rows(ctx.reshape_4d(groups, 1, gc.ne[0], gc.ne[1], gc.ne[2]), top2)  # [1, 2, n_groups, T]
-        sc = scores.contents
-        scores = ctx.sum_rows(ctx.reshape_3d(scores, sc.ne[1], sc.ne[2], sc.ne[3]))  # [1, n_groups, T]
-        sc = scores.contents
-        scores = ctx.reshape_2d(scores, sc.ne[1], sc.ne[2])
-        best = ctx.argsort_top_k(scores, cfg.n_group_used)  # [n_group_used, T]
-        kept = ctx.get_rows(groups, best)  # [per, n_group_used, T]
-        masked = ctx.set_rows(ctx.fill(groups, float("-inf")), kept, best)
-        return ctx.reshape_2d(masked, cfg.n_expert, n_tok)
+        """Layer il's router over its weights (edgemoe.model.moe.router): (selected [k,T] i32, weights [1,k,T])."""
+        return moe.router(ctx, self.cfg, cur, self._lw(il, "ffn_gate_inp.weight"), self._lw(il, "ffn_gate_inp.bias"),
+                          self._lw(il, "exp_probs_b.bias"), il, lambda w, x: self.matmul(ctx, w, x, groups))
 
     def ffn(self, ctx: Context, cur: TensorPtr, up: TensorPtr, gate: TensorPtr, down: TensorPtr,
             biases: tuple[TensorPtr | None, ...] = (None, None, None),
@@ -369,21 +322,6 @@ class Trunk:
         g = self.matmul(ctx, gate_w, cur, groups)
         gate = ctx.div(ctx.silu(g), g)
         return ctx.mul(ffn, gate)
-
-    def moe_combine(self, ctx: Context, graph, experts: TensorPtr, weights: TensorPtr) -> TensorPtr:
-        """Weighted sum of the k expert outputs, added in rank order (llama.cpp's exact order)."""
-        weighted = ctx.mul(experts, weights)
-        lib.ggml_build_forward_expand(graph, weighted)
-        c = weighted.contents
-        n_embd, k, n_tok = c.ne[0], c.ne[1], c.ne[2]
-        views = [ctx.view_2d(weighted, n_embd, n_tok, c.nb[2], i * c.nb[1]) for i in range(k)]
-        for v in views:
-            lib.ggml_build_forward_expand(graph, v)
-        out = views[0]
-        for v in views[1:]:
-            out = ctx.add(out, v)
-            lib.ggml_build_forward_expand(graph, out)
-        return ctx.cont(out) if k == 1 else out
 
     def head(self, ctx: Context, x: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
         logits = self.matmul(ctx, self.output, self.norm(ctx, x, self.w.require("output_norm.weight")), groups)
