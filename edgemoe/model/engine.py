@@ -38,6 +38,8 @@ from edgemoe.model.weights import GGUFTensors
 from edgemoe.util.extra_bufts import extra_bufts_usable
 
 LLAMA_CPP_POLL = 50  # llama.cpp's default threadpool polling level (cpu_params.poll)
+# called after a MoE layer's router in the layer loop: (layer, its FFN input [T, n_embd], selected int32 [T, k])
+RouterHook = Callable[[int, np.ndarray, np.ndarray], None]
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
 _FUSED_VIEWS = 32  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
@@ -59,7 +61,7 @@ class _FusedDecode:
     kept between steps: its inputs are rewritten in place and its outputs read through views made
     once (a step costs no allocation in Python)."""
 
-    def __init__(self, inp: StepInputs, seg: "_Segment", moe_layers: list[int], k: int, n_cells: int,
+    def __init__(self, inp: StepInputs, seg: "Segment", moe_layers: list[int], k: int, n_cells: int,
                  n_swa: int = 0) -> None:
         self.inp, self.seg = inp, seg
         n = len(inp.tokens)
@@ -91,7 +93,7 @@ class _FusedDecode:
 
 
 @dataclass
-class _Segment:
+class Segment:
     """One graph: the trunk from one MoE router (or the embeddings) to the next, or the output head."""
 
     ctx: Context
@@ -194,7 +196,7 @@ class Engine:
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
         self._galloc = GraphAllocator()  # the fused prompt graph's activations share memory, as llama.cpp's
         # graphs for batches of one token per sequence, by (rows, n_kv): only new input values per step
-        self._decode_cache: dict[tuple[int, int], tuple[StepInputs, list[_Segment]]] = {}
+        self._decode_cache: dict[tuple[int, int], tuple[StepInputs, list[Segment]]] = {}
         # one graph per token for the whole model where the experts allow it (see _build_fused);
         # fuse=False keeps one graph per MoE layer with the backend called between them
         self.fuse = True
@@ -317,38 +319,50 @@ class Engine:
         ffn_inp = trunk.residual(ctx, cur, x)
         return ffn_inp, trunk.ffn_norm(ctx, il, ffn_inp), groups
 
-    def _build_segment(self, ctx: Context, il: int, inp: StepInputs, carry: dict[str, np.ndarray]) -> _Segment:
+    def _build_segment(self, ctx: Context, il: int, inp: StepInputs, carry: dict[str, np.ndarray]) -> Segment:
         """Add segment il's nodes to a new graph: combine what enters it, then layer il up to its
         router (or through its dense FFN); il == n_layer is the output head. carry holds the numpy
-        arrays the segment reads: pending MoE state (experts, weights, ffn_inp, shared) or resid."""
+        arrays the segment reads: pending MoE state (experts, weights, ffn_inp, shared) or resid; or
+        ffn_inp alone: MoE layer il entered at its FFN input (the re-anchor: another model's residual
+        stream), no attention."""
         trunk, cfg = self.trunk, self.cfg
         graph = ctx.graph()
         outputs: dict[str, TensorPtr] = {}
-        if il == 0:
-            x = trunk.embed(ctx, inp)
-        elif "experts" in carry:
-            out = moe.combine(ctx, graph, ctx.from_numpy(carry["experts"]), ctx.from_numpy(carry["weights"]), il - 1)
-            if "shared" in carry:
-                out = ctx.add(out, ctx.from_numpy(carry["shared"]))
-            x = trunk.residual(ctx, out, ctx.from_numpy(carry["ffn_inp"]))
+        if "ffn_inp" in carry and "experts" not in carry:
+            ffn_inp = ctx.from_numpy(carry["ffn_inp"])
+            self._moe_outputs(ctx, il, ffn_inp, trunk.ffn_norm(ctx, il, ffn_inp), None, outputs)
         else:
-            x = ctx.from_numpy(carry["resid"])
-        if il == cfg.n_layer:
-            if cfg.traits.out_rows_at_head:  # gpt-oss gathers the output rows here, not after the last attention
-                x = ctx.get_rows(x, ctx.from_numpy(inp.out_ids))
-            outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
-        else:
-            ffn_inp, normed, groups = self._attend_and_norm(ctx, graph, il, x, inp)
-            if trunk.is_moe_layer(il):
-                outputs["ffn_inp"], outputs["normed"] = ffn_inp, normed
-                outputs["selected"], outputs["weights"] = trunk.router(ctx, il, normed, groups)
-                if cfg.shared_expert:
-                    outputs["shared"] = trunk.shared_expert(ctx, il, normed, groups)
+            if il == 0:
+                x = trunk.embed(ctx, inp)
+            elif "experts" in carry:
+                out = moe.combine(ctx, graph, ctx.from_numpy(carry["experts"]), ctx.from_numpy(carry["weights"]), il - 1)
+                if "shared" in carry:
+                    out = ctx.add(out, ctx.from_numpy(carry["shared"]))
+                x = trunk.residual(ctx, out, ctx.from_numpy(carry["ffn_inp"]))
             else:
-                outputs["resid"] = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed, groups), ffn_inp)
+                x = ctx.from_numpy(carry["resid"])
+            if il == cfg.n_layer:
+                if cfg.traits.out_rows_at_head:  # gpt-oss gathers the output rows here, not after the last attention
+                    x = ctx.get_rows(x, ctx.from_numpy(inp.out_ids))
+                outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
+            else:
+                ffn_inp, normed, groups = self._attend_and_norm(ctx, graph, il, x, inp)
+                if trunk.is_moe_layer(il):
+                    self._moe_outputs(ctx, il, ffn_inp, normed, groups, outputs)
+                else:
+                    outputs["resid"] = trunk.residual(ctx, trunk.dense_ffn(ctx, il, normed, groups), ffn_inp)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)
-        return _Segment(ctx, graph, carry, outputs)
+        return Segment(ctx, graph, carry, outputs)
+
+    def _moe_outputs(self, ctx: Context, il: int, ffn_inp: TensorPtr, normed: TensorPtr,
+                     groups: list[tuple[int, int]] | None, outputs: dict[str, TensorPtr]) -> None:
+        """What a segment ending at MoE layer il's router hands on: its FFN input, the normed rows, the
+        router's choice and weights, the shared expert's output."""
+        outputs["ffn_inp"], outputs["normed"] = ffn_inp, normed
+        outputs["selected"], outputs["weights"] = self.trunk.router(ctx, il, normed, groups)
+        if self.cfg.shared_expert:
+            outputs["shared"] = self.trunk.shared_expert(ctx, il, normed, groups)
 
     @staticmethod
     def _refill(cached: StepInputs, inp: StepInputs) -> None:
@@ -365,7 +379,7 @@ class Engine:
             for seg in [entry.seg] if isinstance(entry, _FusedDecode) else entry[1]:
                 seg.ctx.close()
 
-    def _decode_segments(self, inp: StepInputs) -> list[_Segment]:
+    def _decode_segments(self, inp: StepInputs) -> list[Segment]:
         """Graphs for a decode step (one token per sequence), built once per batch size and KV length
         (n_kv grows in steps of 256) and reused: each step only writes new values into their inputs."""
         key = (len(inp.tokens), inp.n_kv)
@@ -410,7 +424,7 @@ class Engine:
                 ctx.close()
         return self._fused
 
-    def _build_fused(self, ctx: Context, inp: StepInputs) -> _Segment:
+    def _build_fused(self, ctx: Context, inp: StepInputs) -> Segment:
         """The whole model as one graph, as llama.cpp builds it: embeddings, every layer with its
         experts computed by ggml_mul_mat_id on the router's own choice (build_moe_ffn), the head.
         The routers' top-k tensors are outputs, read after the run."""
@@ -441,7 +455,7 @@ class Engine:
         outputs["logits"] = trunk.head(ctx, x, inp.out_groups)
         for t in outputs.values():
             lib.ggml_build_forward_expand(graph, t)
-        return _Segment(ctx, graph, {}, outputs)
+        return Segment(ctx, graph, {}, outputs)
 
     def _fused_bytes(self, inp: StepInputs) -> int:
         n_tok, k, c = len(inp.tokens), max(self.cfg.n_expert_used, 1), self.cfg
@@ -545,14 +559,28 @@ class Engine:
     def _eval_segments(self, inp: StepInputs, decode: bool) -> np.ndarray:
         """One graph per MoE layer, the expert backend called between them (a cluster, or experts
         that cannot sit in the trunk's graph)."""
-        cfg = self.cfg
-        cached = self._decode_segments(inp) if decode else None
-        state: dict[str, np.ndarray] = {}  # what the previous segment hands to the next
+        return self.run_layers(inp, segments=self._decode_segments(inp) if decode else None)
 
-        for il in range(cfg.n_layer + 1):
+    def run_layers(self, inp: StepInputs, carry: dict[str, np.ndarray] | None = None, *, start: int = 0,
+                   stop: int | None = None, segments: Sequence[Segment] | None = None,
+                   on_router: RouterHook | None = None) -> np.ndarray | None:
+        """The one layer loop (the engine's per-layer graphs, the shadow's token, the re-anchor): segments
+        start..stop, each entered with what the one before handed on (carry: the pending MoE state
+        experts/weights/ffn_inp/shared, or resid; at start, what the caller gives), the routed experts
+        of each MoE layer computed by the backend between them.
+
+        stop: the last segment: n_layer (the default) ends with the output head and returns the logits
+        [n_out, n_vocab]; a MoE layer ends after its router (only the routing is wanted) and returns None.
+        segments: a decode step's graphs, built once and kept (carries are copied into them); None builds
+        each segment for this step, its activations placed by the graph allocator.
+        on_router(layer, ffn_inp [T, n_embd], selected int32 [T, k]): after each MoE layer's router."""
+        cfg = self.cfg
+        stop = cfg.n_layer if stop is None else stop
+        state = dict(carry or {})
+        for il in range(start, stop + 1):
             t0 = time.perf_counter()
-            if cached is not None:
-                seg = cached[il]
+            if segments is not None:
+                seg = segments[il]
                 for name, arr in seg.carry.items():
                     np.copyto(arr, state[name].reshape(arr.shape))
             else:  # headers only; the allocator places the activations (valid until the next segment)
@@ -565,8 +593,9 @@ class Engine:
                 self.compute.run(seg.graph)
                 out = seg.views()
                 if il == cfg.n_layer:
-                    logits = out["logits"].reshape(len(inp.out_ids), cfg.n_vocab).copy()
-                elif "resid" in out:
+                    self.stats.trunk_s += time.perf_counter() - t0
+                    return out["logits"].reshape(len(inp.out_ids), cfg.n_vocab).copy()
+                if "resid" in out:
                     state = {"resid": aligned_copy(out["resid"].reshape(-1, cfg.n_embd))}
                 else:
                     n_rows = out["ffn_inp"].size // cfg.n_embd
@@ -579,15 +608,20 @@ class Engine:
                     if "shared" in out:
                         state["shared"] = aligned_copy(out["shared"].reshape(n_rows, cfg.n_embd))
             finally:
-                if cached is None:
+                if segments is None:
                     seg.ctx.close()
             t1 = time.perf_counter()
             self.stats.trunk_s += t1 - t0
-            if il < cfg.n_layer and "selected" in seg.outputs:
-                self.routing[il] = sel
-                # several sequences: the backend sees one step of each (a cluster plans it as one message per worker)
-                groups = inp.out_groups if self._outputs_only(il) else inp.groups
-                kw = {"groups": groups} if groups else {}
-                state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"], **kw))
-                self.stats.experts_s += time.perf_counter() - t1
-        return logits
+            if "resid" in state:
+                continue
+            self.routing[il] = sel
+            if on_router is not None:
+                on_router(il, state["ffn_inp"], sel)
+            if il == stop:
+                return None  # only the routing was wanted
+            # several sequences: the backend sees one step of each (a cluster plans it as one message per worker)
+            groups = inp.out_groups if self._outputs_only(il) else inp.groups
+            kw = {"groups": groups} if groups else {}
+            state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"], **kw))
+            self.stats.experts_s += time.perf_counter() - t1
+        return None

@@ -39,9 +39,9 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import check_file_hash, load_manifest
-from edgemoe.ggml import Context, lib
-from edgemoe.ggml.context import aligned_empty, to_numpy
-from edgemoe.model.engine import KV_PAD, Engine
+from edgemoe.ggml import Context
+from edgemoe.ggml.context import aligned_empty
+from edgemoe.model.engine import Engine, Segment
 from edgemoe.model.stacked import StackedExperts
 from edgemoe.model.kvcache import KVCache
 from edgemoe.model.weights import GGUFTensors
@@ -84,16 +84,6 @@ class ShadowFiles:
             self.trunk.close()
 
 
-@dataclass
-class _Entry:
-    """A small graph from a layer's FFN input (the residual stream) to its router and shared expert."""
-
-    ctx: Context
-    graph: object
-    x: np.ndarray
-    outputs: dict[str, object]
-
-
 class ShadowEngine(Engine):
     """An Engine over shadow weights that can run one token through a range of layers.
 
@@ -108,7 +98,7 @@ class ShadowEngine(Engine):
                          attention=main.kv.attn)  # the main model's K/V rows are copied in as they are
         if (self.cfg.n_layer, self.cfg.n_embd, self.cfg.n_embd_kv) != (main.cfg.n_layer, main.cfg.n_embd, main.cfg.n_embd_kv):
             raise UserError(f"{files.model_dir}: the shadow trunk does not match the model")
-        self._entries: dict[int, _Entry] = {}
+        self._anchors: dict[int, Segment] = {}  # re-anchor entries by layer (run_token)
 
     def use_kv(self, kv: KVCache) -> None:
         """Attend over (and write into) another cache, the main model's: see ReanchorPredictor."""
@@ -126,75 +116,40 @@ class ShadowEngine(Engine):
     def run_token(self, token: int, *, start: int = 0, carry: dict[str, np.ndarray] | None = None,
                   stop_layer: int | None = None, logits: bool = False,
                   on_route: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray | None:
-        """One token at position n_past (n_past is not advanced) through segments start.. : the layers,
-        then the output head if logits. stop_layer: end after that layer's router (or dense FFN)."""
+        """One token at position n_past (n_past is not advanced) through segments start.. (the engine's
+        layer loop, run_layers): the layers, then the output head if logits (returned, [n_vocab]).
+        stop_layer: end after that layer's router (or dense FFN). carry {"ffn_inp": [n_embd]} alone
+        enters MoE layer `start` at its FFN input: the re-anchor from the main model's residual stream.
+        on_route(layer, selected [k]) as soon as each MoE layer's router has run."""
         cfg = self.cfg
-        k, d = cfg.n_expert_used, cfg.n_embd
         inp = self._inputs(np.array([token], dtype=np.int32), False)
         segments = self._decode_segments(inp)
         self.kv.mark_used(self.n_past + 1)  # the row this token's attention writes
         last = cfg.n_layer if logits else cfg.n_layer - 1
         if stop_layer is not None:
             last = min(last, stop_layer)
-        state = dict(carry or {})
-        for il in range(start, last + 1):
-            seg = segments[il]
-            for name, arr in seg.carry.items():
-                np.copyto(arr, state[name].reshape(arr.shape))
-            self.compute.run(seg.graph)
-            out = seg.views()
-            if il == cfg.n_layer:
-                return out["logits"].reshape(cfg.n_vocab).copy()
-            if "resid" in out:
-                state = {"resid": out["resid"].reshape(1, d).copy()}
-                continue
-            selected = np.array(out["selected"].reshape(1, k), dtype=np.int32)
-            if on_route is not None:
-                on_route(il, selected[0])
-            if il == last:
-                break  # only the routing was wanted
-            hidden = out["normed"].reshape(1, d).copy()
-            state = {"ffn_inp": out["ffn_inp"].reshape(1, d).copy(),
-                     "weights": out["weights"].reshape(1, k, 1).copy()}
-            if "shared" in out:
-                state["shared"] = out["shared"].reshape(1, d).copy()
-            state["experts"] = self.experts.compute_layer(il, hidden, selected)
-        return None
+        carry = {name: np.asarray(a, dtype=np.float32).reshape(1, -1) if name == "ffn_inp" else a
+                 for name, a in (carry or {}).items()}
+        if set(carry) == {"ffn_inp"}:  # entered at the FFN: that layer's own small graph, kept
+            segments = list(segments)
+            segments[start] = self._anchor_segment(start)
+        hook = None if on_route is None else (lambda il, ffn_inp, selected: on_route(il, selected[0]))
+        out = self.run_layers(inp, carry, start=start, stop=last, segments=segments, on_router=hook)
+        return None if out is None else out.reshape(cfg.n_vocab)
 
-    def anchor_carry(self, il: int, ffn_inp: np.ndarray) -> dict[str, np.ndarray]:
-        """From MoE layer il's FFN input (the main model's true residual stream): this layer's routed
-        experts (shadow weights), weights and shared expert: the carry that segment il+1 starts from."""
-        cfg = self.cfg
-        k, d = cfg.n_expert_used, cfg.n_embd
-        e = self._entries.get(il)
-        if e is None:
-            ctx = Context(Context.overhead(256) + self.trunk.activation_bytes(1, KV_PAD, 1))
-            graph = ctx.graph(256)
-            x = aligned_empty((1, d))
-            normed = self.trunk.ffn_norm(ctx, il, ctx.from_numpy(x))
-            outputs = {"normed": normed}
-            outputs["selected"], outputs["weights"] = self.trunk.router(ctx, il, normed)
-            if cfg.shared_expert:
-                outputs["shared"] = self.trunk.shared_expert(ctx, il, normed)
-            for t in outputs.values():
-                lib.ggml_build_forward_expand(graph, t)
-            e = self._entries[il] = _Entry(ctx, graph, x, outputs)
-        np.copyto(e.x, ffn_inp.reshape(1, d))
-        self.compute.run(e.graph)
-        out = e.outputs
-        normed = to_numpy(out["normed"]).reshape(1, d).copy()
-        selected = np.array(to_numpy(out["selected"]).reshape(1, k), dtype=np.int32)
-        carry = {"ffn_inp": np.array(ffn_inp, dtype=np.float32).reshape(1, d),
-                 "weights": to_numpy(out["weights"]).reshape(1, k, 1).copy()}
-        if "shared" in out:
-            carry["shared"] = to_numpy(out["shared"]).reshape(1, d).copy()
-        carry["experts"] = self.experts.compute_layer(il, normed, selected)
-        return carry
+    def _anchor_segment(self, il: int) -> Segment:
+        """MoE layer il from its FFN input to its router and shared expert (no attention), built once."""
+        seg = self._anchors.get(il)
+        if seg is None:
+            inp = self._inputs(np.zeros(1, dtype=np.int32), False)  # not read: the segment attends nothing
+            ctx = Context(self._segment_bytes(inp))
+            seg = self._anchors[il] = self._build_segment(ctx, il, inp, {"ffn_inp": aligned_empty((1, self.cfg.n_embd))})
+        return seg
 
     def close(self) -> None:
-        for e in self._entries.values():
-            e.ctx.close()
-        self._entries.clear()
+        for seg in self._anchors.values():
+            seg.ctx.close()
+        self._anchors.clear()
         super().close()
 
 
@@ -527,8 +482,7 @@ class ReanchorPredictor(ShadowPredictor):
             t0 = time.perf_counter()
             routes: dict[int, list[int]] = {}
             self.anchor.n_past = self._pos
-            carry = self.anchor.anchor_carry(layer, np.asarray(residual, dtype=np.float32))
-            self.anchor.run_token(self._token, start=layer + 1, carry=carry, stop_layer=targets[-1],
+            self.anchor.run_token(self._token, start=layer, carry={"ffn_inp": residual}, stop_layer=targets[-1],
                                   on_route=lambda il, s: routes.__setitem__(il, [int(e) for e in s]))
             self._refined.update({l: routes[l] for l in targets if l in routes})
             self._token_s += time.perf_counter() - t0
