@@ -18,6 +18,7 @@ import pytest
 from edgemoe.bench.recall import bench_recall
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
+from edgemoe.model.hooks import StepHooks
 from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.predict import PredictorOptions
 from edgemoe.predict.baselines import LookaheadPredictor
@@ -39,13 +40,12 @@ def test_lookahead_routes_as_the_trunk(converted_models: dict[str, Path], model:
     with Engine(converted_models[f"{model}-q8_0"], n_ctx=128, n_threads=1) as engine:
         engine.fuse = False  # one graph per MoE layer: the backend sees each layer's residual stream
         seen: list[tuple[int, np.ndarray, np.ndarray]] = []
-        inner = engine.experts.compute_layer
 
-        def spy(layer: int, hidden: np.ndarray, selected: np.ndarray, residual: np.ndarray | None = None):
-            seen.append((layer, residual.copy(), selected.copy()))
-            return inner(layer, hidden, selected, residual=residual)
+        class Spy(StepHooks):
+            def on_router(self, layer: int, residual: np.ndarray, selected: np.ndarray, groups=None) -> None:
+                seen.append((layer, residual.copy(), selected.copy()))
 
-        engine.experts.compute_layer = spy
+        engine.hooks.append(Spy())
         greedy_tokens(engine, PROMPT, 6)
         look = LookaheadPredictor(engine.cfg, engine.weights, engine.moe_layers, depth=1)
         assert engine.cfg.n_expert_groups == (4 if model == "deepseek2-v3" else 0)

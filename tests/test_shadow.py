@@ -201,7 +201,7 @@ def test_tokens_identical_on_a_cluster_under_every_predictor(models: dict[str, P
                 assert stats["failures"] == 0 and stats["tokens"] + stats["skipped"] == N_PREDICT - 1, (spec, stats)
                 assert stats["late_start_ms"]["n"] == stats["tokens"]
                 assert cluster.recall.correct > before, spec  # some predictions arrived in time
-        assert len(engine.eval_listeners) == 1  # swapped-out shadows unhooked themselves
+        assert engine.hooks == [cluster, cluster.predictor]  # swapped-out shadows unhooked themselves
 
 
 def test_shadow_rests_while_every_expert_is_resident(models: dict[str, Path]) -> None:
@@ -266,7 +266,7 @@ def test_shadow_follows_a_rewinding_main_model(models: dict[str, Path]) -> None:
             assert st["failures"] == 0 and st["prefills"] == 3 and st["tokens"] == 11
         finally:
             pred.close()
-        assert main.eval_listeners == []
+        assert main.hooks == []
 
 
 # recall -------------------------------------------------------------------------------------------

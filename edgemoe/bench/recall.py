@@ -5,7 +5,7 @@ the tokens, every MoE layer's FFN input (residual stream) and router choice, and
 Each predictor is then replayed against that record through exactly the calls the coordinator
 makes online, in the same order, with the same inputs:
 
-    eval listeners (tokens, n_past)  ->  begin_token(step)  ->  after_router(layer, residual, selected)
+    on_step (tokens, n_past)  ->  begin_token(step)  ->  after_router(layer, residual, selected)
                                                                  for each MoE layer, in order
 
 and a replayed main model whose K/V cache holds only the rows the real one had finished when the
@@ -34,6 +34,7 @@ from edgemoe.errors import UserError
 from edgemoe.util.files import read_user_text
 from edgemoe.model.engine import Engine
 from edgemoe.model.experts import ExpertBackend, LocalExperts
+from edgemoe.model.hooks import StepHooks
 from edgemoe.model.kvcache import KVCache
 from edgemoe.predict import Predictor, PredictorOptions, make_predictor, parse_predictor
 
@@ -63,8 +64,9 @@ class Trace:
     kv_v: list[np.ndarray]
 
 
-class _Recorder(ExpertBackend):
-    """Local experts that remember each decode call's FFN input and routing."""
+class _Recorder(ExpertBackend, StepHooks):
+    """Local experts (never in the trunk's graph, so each router is heard) that remember each decode
+    step's FFN input and routing (its engine's on_router hook)."""
 
     def __init__(self, inner: LocalExperts) -> None:
         self.inner = inner
@@ -74,12 +76,14 @@ class _Recorder(ExpertBackend):
     def compute(self, layer: int, expert: int, hidden: np.ndarray) -> np.ndarray:
         return self.inner.compute(layer, expert, hidden)
 
-    def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None,
-                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
-        if hidden.shape[0] == 1 and residual is not None:
+    def on_router(self, layer: int, residual: np.ndarray, selected: np.ndarray,
+                  groups: list[tuple[int, int]] | None = None) -> None:
+        if selected.shape[0] == 1:
             self.calls.append((layer, np.array(residual[0], dtype=np.float32), np.array(selected[0], dtype=np.int32)))
-        return self.inner.compute_layer(layer, hidden, selected, residual, groups)
+
+    def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
+                      groups: list[tuple[int, int]] | None = None) -> np.ndarray:
+        return self.inner.compute_layer(layer, hidden, selected, groups)
 
     def close(self) -> None:
         self.inner.close()
@@ -106,7 +110,7 @@ def record(engine: Engine, prompt: list[int], steps: int) -> Trace:
 
 class ReplayMain:
     """What a predictor may read of the main model, replayed from a Trace: its config, trunk,
-    model directory, eval listeners, position, and the K/V rows finished so far."""
+    model directory, step hooks, position, and the K/V rows finished so far."""
 
     def __init__(self, engine: Engine) -> None:
         self.cfg = engine.cfg
@@ -117,7 +121,7 @@ class ReplayMain:
         self.moe_layers = engine.moe_layers
         self.kv = KVCache(engine.cfg, engine.n_ctx, engine.kv.attn)
         self.n_past = 0
-        self.eval_listeners: list = []
+        self.hooks: list[StepHooks] = []
         self._filled = 0
 
     def start(self) -> None:
@@ -134,8 +138,8 @@ class ReplayMain:
 
     def eval_started(self, tokens: list[int]) -> None:
         arr = np.array(tokens, dtype=np.int32)
-        for listener in list(self.eval_listeners):
-            listener(self, arr)
+        for hook in list(self.hooks):
+            hook.on_step(self, arr)
 
 
 @dataclass

@@ -49,6 +49,7 @@ from edgemoe.format.manifest import load_manifest, manifest_hash
 from edgemoe.format.shard import ExpertId, ShardLayout
 from edgemoe.ggml.columns import mul_mat_id_limit
 from edgemoe.model.experts import ExpertBackend, ExpertStats
+from edgemoe.model.hooks import StepHooks
 from edgemoe.predict.base import Predictor, RecallMeter
 from edgemoe.util.proc import peak_rss_bytes
 
@@ -113,7 +114,7 @@ class _Request:
     stall_s: float = 0.0  # worker-reported load + wait
 
 
-class Coordinator(ExpertBackend):
+class Coordinator(ExpertBackend, StepHooks):
     """Experts computed by workers over ZeroMQ; construct, then wait_for_workers(n)."""
 
     def __init__(self, model_dir: str | Path, *, n_embd: int, n_expert: int, k: int, moe_layers: list[int],
@@ -329,8 +330,32 @@ class Coordinator(ExpertBackend):
         selected = np.full((hidden.shape[0], 1), expert, dtype=np.int32)
         return self.compute_layer(layer, hidden, selected)[:, 0]
 
+    def on_router(self, layer: int, residual: np.ndarray, selected: np.ndarray,
+                  groups: list[tuple[int, int]] | None = None) -> None:
+        """The engine's hook after a MoE layer's router (edgemoe.model.hooks), before compute_layer: in
+        decode, a new token's prediction step starts at its first MoE layer, the recall of what was
+        predicted for this layer is counted, and the predictor's after_router is prefetched."""
+        n_tok = selected.shape[0]
+        if groups and len(groups) > 1:  # one step of several sequences: the predictor and prefetch see all their rows
+            predictor = self.predictor if self.predictor is not None and not self.predictor.follows_one_sequence else None
+            if layer == self.moe_layers[0]:
+                self._begin_token(predictor)
+            for row in selected:
+                self.recall.record(self._step, self._predicted.get(layer), row)
+            if predictor is not None:
+                union: dict[int, set[int]] = {}
+                for r in range(n_tok):
+                    for l, experts in predictor.after_router(layer, residual[r], selected[r]).items():
+                        union.setdefault(l, set()).update(experts)
+                self._prefetch({l: sorted(e) for l, e in union.items()}, layer)
+        elif n_tok == 1:
+            if layer == self.moe_layers[0]:
+                self._begin_token(self.predictor)
+            self.recall.record(self._step, self._predicted.get(layer), selected[0])
+            if self.predictor is not None:
+                self._prefetch(self.predictor.after_router(layer, residual[0], selected[0]), layer)
+
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None,
                       groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         n_tok = hidden.shape[0]
         n_seq = len(groups) if groups else 1
@@ -338,25 +363,9 @@ class Coordinator(ExpertBackend):
         for e in selected.reshape(-1).tolist():  # online routing counts, for the next re-plan
             key = ExpertId(layer, e)
             self._counts[key] = self._counts.get(key, 0.0) + 1.0
-        if n_seq > 1:  # one step of several sequences: the predictor and prefetch see all their rows
-            predictor = self.predictor if self.predictor is not None and not self.predictor.follows_one_sequence else None
-            if layer == self.moe_layers[0]:
-                self._begin_token(predictor)
-            for row in selected:
-                self.recall.record(self._step, self._predicted.get(layer), row)
-            if predictor is not None and residual is not None:
-                union: dict[int, set[int]] = {}
-                for r in range(n_tok):
-                    for l, experts in predictor.after_router(layer, residual[r], selected[r]).items():
-                        union.setdefault(l, set()).update(experts)
-                self._prefetch({l: sorted(e) for l, e in union.items()}, layer)
+        if n_seq > 1:
             requests = self._plan_batch(layer, hidden, selected, groups)
         elif decode:
-            if layer == self.moe_layers[0]:
-                self._begin_token(self.predictor)
-            self.recall.record(self._step, self._predicted.get(layer), selected[0])
-            if self.predictor is not None and residual is not None:
-                self._prefetch(self.predictor.after_router(layer, residual[0], selected[0]), layer)
             requests = self._plan_decode(layer, hidden, selected)
         else:
             requests = self._plan_prefill(layer, hidden, selected)

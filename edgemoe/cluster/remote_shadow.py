@@ -24,11 +24,12 @@ from edgemoe.cluster.keys import ServerKeys
 from edgemoe.cluster.link import Peer, RouterLink
 from edgemoe.errors import UserError
 from edgemoe.format.manifest import manifest_hash
+from edgemoe.model.hooks import StepHooks
 from edgemoe.predict.base import Predictor, upcoming
 
 log = logging.getLogger("edgemoe.coordinator.shadow")
 
-class RemoteShadowPredictor(Predictor):
+class RemoteShadowPredictor(Predictor, StepHooks):
     """Predictions from a shadow node; construct, then wait_for_shadow()."""
 
     name = "shadow"
@@ -58,7 +59,7 @@ class RemoteShadowPredictor(Predictor):
         self.lost_at: float | None = None  # when the node was last dropped for silence (time.monotonic())
         self._welcomed_at = 0.0
         self.build_s: float | None = None  # the node's last welcome to its shadow_ready
-        main.eval_listeners.append(self._on_main_eval)
+        main.hooks.append(self)
         log.info("serving a shadow node on %s", self.endpoint)
 
     # the node joining ---------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class RemoteShadowPredictor(Predictor):
         self._send(identity, P.encode(P.SHADOW_WELCOME, heartbeat_s=self.heartbeat_s, n_ctx=self.main.n_ctx))
 
     # the main model's side ----------------------------------------------------------------------
-    def _on_main_eval(self, engine, tokens: np.ndarray) -> None:
+    def on_step(self, engine, tokens: np.ndarray) -> None:
         pos = int(engine.n_past)
         self._gen += 1
         self._routes = {}
@@ -208,7 +209,7 @@ class RemoteShadowPredictor(Predictor):
 
     def close(self) -> None:
         main = getattr(self, "main", None)
-        if main is not None and self._on_main_eval in main.eval_listeners:
-            main.eval_listeners.remove(self._on_main_eval)
+        if main is not None and self in main.hooks:
+            main.hooks.remove(self)
         if getattr(self, "link", None) is not None:
             self.link.close()

@@ -248,7 +248,7 @@ class ShadowNode:
                              self.mirror.n_ctx, cfg.n_vocab)
             return
         self.mirror.n_past = pos
-        gen = self.predictor._on_main_eval(self.mirror, np.array(tokens, dtype=np.int32))
+        gen = self.predictor.on_step(self.mirror, np.array(tokens, dtype=np.int32))
         self._gens = {g: r for g, r in self._gens.items() if g > gen - 8}  # routings of older jobs are stale
         self._gens[gen] = msg["gen"]
 

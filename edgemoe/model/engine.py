@@ -32,14 +32,16 @@ from edgemoe.ggml.repack import Repacker
 from edgemoe.model import moe
 from edgemoe.model.config import ModelConfig
 from edgemoe.model.experts import ExpertBackend, LocalExperts
+from edgemoe.model.hooks import StepHooks
 from edgemoe.model.kvcache import Attention, AttentionOptions, KVCache
 from edgemoe.model.trunk import StepInputs, Trunk, concat_rows, split_rows
 from edgemoe.model.weights import GGUFTensors
 from edgemoe.util.extra_bufts import extra_bufts_usable
 
 LLAMA_CPP_POLL = 50  # llama.cpp's default threadpool polling level (cpu_params.poll)
-# called after a MoE layer's router in the layer loop: (layer, its FFN input [T, n_embd], selected int32 [T, k])
-RouterHook = Callable[[int, np.ndarray, np.ndarray], None]
+# called after a MoE layer's router in the layer loop: (layer, its FFN input [T, n_embd], selected int32 [T, k],
+# the rows of each sequence or None), as StepHooks.on_router
+RouterHook = Callable[[int, np.ndarray, np.ndarray, "list[tuple[int, int]] | None"], None]
 KV_PAD = 256  # llama.cpp pads the attended KV length to a multiple of 256
 GRAPH_NODES = 16384  # the whole model in one graph: ~60 nodes per layer
 _FUSED_VIEWS = 32  # tensors over outside memory (inputs, KV cache, experts) per layer of the fused graph
@@ -180,9 +182,8 @@ class Engine:
         if rule is not None and rule != self.moe_layers:  # the graph llama.cpp builds would not match the tensors
             raise UserError(f"{trunk_path}: {self.cfg.arch} metadata makes layers {rule} MoE layers "
                             f"(leading_dense_block_count, interleave_moe_layer_step), its tensors {self.moe_layers}")
-        # called as listener(engine, tokens) when eval() starts, before any layer runs (n_past is the
-        # first new position): a shadow predictor starts on the token as soon as it is known
-        self.eval_listeners: list[Callable[["Engine", np.ndarray], None]] = []
+        # what follows the engine's work (edgemoe.model.hooks): predictors, the cluster's coordinator
+        self.hooks: list[StepHooks] = []
         if self.moe_layers and experts is None:
             if self.model_dir is None:
                 raise UserError(f"{trunk_path}: a MoE GGUF must be converted first: edgemoe convert {trunk_path} OUT_DIR")
@@ -191,6 +192,8 @@ class Engine:
         if callable(experts) and not isinstance(experts, ExpertBackend):  # a factory that needs the loaded model
             experts = experts(self)
         self.experts = experts
+        if isinstance(experts, StepHooks):  # a backend that follows the steps (the cluster's coordinator)
+            self.hooks.append(experts)
         self.seq_past = [0] * n_seq  # positions filled per sequence
         self.stats = EvalStats()
         self.routing: list[np.ndarray | None] = [None] * self.cfg.n_layer  # last eval's top-k per layer
@@ -520,7 +523,7 @@ class Engine:
         """One step for several sequences: items are (sequence, its next tokens), each sequence at most
         once; all rows go through the trunk together and each layer's experts are computed once for
         the rows routed to them. Returns each item's float32 logits [n_out, n_vocab] (its last token,
-        or all its tokens). Eval listeners (a shadow predictor following one sequence) hear only
+        or all its tokens). The hooks' on_step (a shadow predictor following one sequence) hears only
         single-item batches of sequence 0."""
         batch = [(int(s), np.asarray(t, dtype=np.int32).reshape(-1)) for s, t in items]
         if not batch:
@@ -537,8 +540,8 @@ class Engine:
             if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
                 raise UserError(f"token id out of range [0, {self.cfg.n_vocab})")
         if len(batch) == 1 and seqs[0] == 0:
-            for listener in self.eval_listeners:
-                listener(self, batch[0][1])
+            for hook in list(self.hooks):
+                hook.on_step(self, batch[0][1])
         cfg = self.cfg
         n_tok = sum(len(t) for _, t in batch)
         self.routing = [None] * cfg.n_layer
@@ -559,7 +562,13 @@ class Engine:
     def _eval_segments(self, inp: StepInputs, decode: bool) -> np.ndarray:
         """One graph per MoE layer, the expert backend called between them (a cluster, or experts
         that cannot sit in the trunk's graph)."""
-        return self.run_layers(inp, segments=self._decode_segments(inp) if decode else None)
+        return self.run_layers(inp, segments=self._decode_segments(inp) if decode else None,
+                               on_router=self._on_router if self.hooks else None)
+
+    def _on_router(self, layer: int, residual: np.ndarray, selected: np.ndarray,
+                   groups: list[tuple[int, int]] | None) -> None:
+        for hook in self.hooks:
+            hook.on_router(layer, residual, selected, groups)
 
     def run_layers(self, inp: StepInputs, carry: dict[str, np.ndarray] | None = None, *, start: int = 0,
                    stop: int | None = None, segments: Sequence[Segment] | None = None,
@@ -573,7 +582,8 @@ class Engine:
         [n_out, n_vocab]; a MoE layer ends after its router (only the routing is wanted) and returns None.
         segments: a decode step's graphs, built once and kept (carries are copied into them); None builds
         each segment for this step, its activations placed by the graph allocator.
-        on_router(layer, ffn_inp [T, n_embd], selected int32 [T, k]): after each MoE layer's router."""
+        on_router(layer, ffn_inp [T, n_embd], selected int32 [T, k], row groups): after each MoE layer's
+        router, before its experts (the engine's own: its hooks' on_router)."""
         cfg = self.cfg
         stop = cfg.n_layer if stop is None else stop
         state = dict(carry or {})
@@ -615,13 +625,13 @@ class Engine:
             if "resid" in state:
                 continue
             self.routing[il] = sel
-            if on_router is not None:
-                on_router(il, state["ffn_inp"], sel)
-            if il == stop:
-                return None  # only the routing was wanted
             # several sequences: the backend sees one step of each (a cluster plans it as one message per worker)
             groups = inp.out_groups if self._outputs_only(il) else inp.groups
+            if on_router is not None:
+                on_router(il, state["ffn_inp"], sel, groups or None)
+            if il == stop:
+                return None  # only the routing was wanted
             kw = {"groups": groups} if groups else {}
-            state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, residual=state["ffn_inp"], **kw))
+            state["experts"] = aligned_copy(self.experts.compute_layer(il, hidden, sel, **kw))
             self.stats.experts_s += time.perf_counter() - t1
         return None

@@ -40,10 +40,9 @@ class ExpertBackend(ABC):
         """hidden: float32 [n, n_embd] (the FFN-normed inputs) -> float32 [n, n_embd]."""
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None,
                       groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         """hidden [T, n_embd] (FFN-normed), selected int32 [T, k] -> outputs float32 [T, k, n_embd]
-        (unweighted). residual [T, n_embd] is the layer's FFN input, for backends that predict.
+        (unweighted). A backend that predicts sees the layer's FFN input through StepHooks.on_router.
         groups: rows of each sequence, (first row, rows), when they come from several sequences'
         steps at once (the engine's eval_batch); a backend keeps each sequence on the kernels it gets
         alone (edgemoe.ggml.columns)."""
@@ -138,7 +137,6 @@ class LocalExperts(ExpertBackend):
                 self._checked.add((layer, e))
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None,
                       groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         if groups and len(groups) > 1:  # several sequences: runs of rows on the kernels each gets alone
             entry = self.layer(layer, hidden.shape[1])

@@ -54,7 +54,6 @@ class StackedExperts(ExpertBackend):
         return ExpertGraph.build(lambda ctx: self._parts(il), n_tok, k, self.n_embd, n_ff, self.act)
 
     def compute_layer(self, layer: int, hidden: np.ndarray, selected: np.ndarray,
-                      residual: np.ndarray | None = None,
                       groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         n_tok, k = selected.shape

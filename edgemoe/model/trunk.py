@@ -2,8 +2,9 @@
 
 Each function adds the nodes of one block to a graph context, mirroring llama.cpp's
 llm_graph_context (build_norm, build_qkv, build_attn with flash attention, build_ffn); the MoE
-FFN's router, experts and combine are edgemoe.model.moe's (build_moe_ffn). Matching the op sequence, shapes and types is what makes the
-results equal to llama.cpp's: the same ggml kernels run on the same inputs.
+FFN's router, experts and combine are edgemoe.model.moe's (build_moe_ffn). Matching the op
+sequence, shapes and types is what makes the results equal to llama.cpp's: the same ggml kernels
+run on the same inputs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ SEP ("shadow"): a second engine on the coordinator decodes alongside the main mo
 expert requantized (`shadow-TYPE.gguf`, all experts resident, computed with mul_mat_id) and either the
 main model's own trunk (shared, the default) or a requantized one (`shadow-trunk-TYPE.gguf`). Its
 router choices for the token's layers are the predictions. It runs in a background thread (ggml
-releases the GIL), starting as soon as the main model's eval() is called, and publishes each layer's
+releases the GIL), starting as soon as the main model's eval() is called (its on_step hook), and publishes each layer's
 choice the moment it exists; the coordinator takes whatever is ready when it asks.
 
 Alignment, each with its own period in decode steps (0 = never), as in the paper:
@@ -42,6 +42,7 @@ from edgemoe.format.manifest import check_file_hash, load_manifest
 from edgemoe.ggml import Context
 from edgemoe.ggml.context import aligned_empty
 from edgemoe.model.engine import Engine, Segment
+from edgemoe.model.hooks import StepHooks
 from edgemoe.model.stacked import StackedExperts
 from edgemoe.model.kvcache import KVCache
 from edgemoe.model.weights import GGUFTensors
@@ -133,7 +134,7 @@ class ShadowEngine(Engine):
         if set(carry) == {"ffn_inp"}:  # entered at the FFN: that layer's own small graph, kept
             segments = list(segments)
             segments[start] = self._anchor_segment(start)
-        hook = None if on_route is None else (lambda il, ffn_inp, selected: on_route(il, selected[0]))
+        hook = None if on_route is None else (lambda il, ffn_inp, selected, groups: on_route(il, selected[0]))
         out = self.run_layers(inp, carry, start=start, stop=last, segments=segments, on_router=hook)
         return None if out is None else out.reshape(cfg.n_vocab)
 
@@ -184,7 +185,7 @@ def _summary_ms(values: list[float]) -> dict[str, float]:
             "max": float(a.max())}
 
 
-class ShadowPredictor(Predictor):
+class ShadowPredictor(Predictor, StepHooks):
     """SEP: a shadow engine decodes alongside the main model in a background thread; see the module doc."""
 
     name = "shadow"
@@ -224,10 +225,10 @@ class ShadowPredictor(Predictor):
         self.on_publish: Callable[[int, int, list[int]], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="edgemoe-shadow", daemon=True)
         self._thread.start()
-        main.eval_listeners.append(self._on_main_eval)
+        main.hooks.append(self)
 
     # main thread -----------------------------------------------------------------------------
-    def _on_main_eval(self, engine, tokens: np.ndarray) -> int:
+    def on_step(self, engine, tokens: np.ndarray) -> int:
         """The main model starts evaluating tokens at engine.n_past: post a job; returns its gen."""
         pos = int(engine.n_past)
         n = len(tokens)
@@ -428,8 +429,8 @@ class ShadowPredictor(Predictor):
         }
 
     def close(self) -> None:
-        if self._on_main_eval in self.main.eval_listeners:
-            self.main.eval_listeners.remove(self._on_main_eval)
+        if self in self.main.hooks:
+            self.main.hooks.remove(self)
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout=30)
@@ -463,8 +464,8 @@ class ReanchorPredictor(ShadowPredictor):
         self._reanchor_s: list[float] = []  # per token
         self._token_s = 0.0
 
-    def _on_main_eval(self, engine, tokens: np.ndarray) -> int:
-        gen = super()._on_main_eval(engine, tokens)
+    def on_step(self, engine, tokens: np.ndarray) -> int:
+        gen = super().on_step(engine, tokens)
         self._pos, self._token = int(engine.n_past), int(tokens[-1])
         return gen
 
