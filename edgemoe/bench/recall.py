@@ -109,10 +109,11 @@ def record(engine: Engine, prompt: list[int], steps: int) -> Trace:
 
 
 class ReplayMain:
-    """What a predictor may read of the main model, replayed from a Trace: its config, trunk,
+    """What a predictor may read of the main model, replayed from a Trace: its Model, config, trunk,
     model directory, step hooks, position, and the K/V rows finished so far."""
 
     def __init__(self, engine: Engine) -> None:
+        self.model = engine.model
         self.cfg = engine.cfg
         self.weights = engine.weights
         self.model_dir = engine.model_dir

@@ -22,18 +22,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgemoe.errors import UserError
-from edgemoe.format.arch import has_shared_expert
-from edgemoe.format.manifest import TRUNK_NAME, Manifest, check_file_hash, check_model_files, load_manifest
 from edgemoe.ggml import Compute, Context, TensorPtr, lib
 from edgemoe.ggml.alloc import GraphAllocator
 from edgemoe.ggml.context import aligned_copy, aligned_empty, to_numpy
 from edgemoe.ggml.columns import mul_mat_id_limit
 from edgemoe.ggml.repack import Repacker
 from edgemoe.model import moe
-from edgemoe.model.config import ModelConfig
 from edgemoe.model.experts import ExpertBackend, LocalExperts
 from edgemoe.model.hooks import StepHooks
 from edgemoe.model.kvcache import Attention, AttentionOptions, KVCache
+from edgemoe.model.model import Model
 from edgemoe.model.trunk import StepInputs, Trunk, concat_rows, split_rows
 from edgemoe.model.weights import GGUFTensors
 from edgemoe.util.extra_bufts import extra_bufts_usable
@@ -112,32 +110,18 @@ class Segment:
         return self._views
 
 
-def resolve_model(path: str | Path) -> tuple[Path, Manifest | None]:
-    """(trunk GGUF, manifest or None) for a converted model directory or a plain dense GGUF.
-
-    A model directory is checked on load: every file present with its size, the trunk's sha256;
-    expert shards are hashed when first used (see LocalExperts).
-    """
-    p = Path(path)
-    if p.is_dir():
-        manifest = load_manifest(p)
-        check_model_files(p, manifest)
-        check_file_hash(p, manifest, TRUNK_NAME)
-        return p / TRUNK_NAME, manifest
-    if p.is_file():
-        return p, None
-    raise UserError(f"{p}: no such model directory or GGUF file")
-
-
 class Engine:
-    """A model loaded for inference: trunk weights mapped, KV cache allocated, experts behind a backend."""
+    """A Model (edgemoe.model.model: config, trunk weights, MoE layers, manifest) run for inference: its
+    KV cache, compute threads, graphs, and its experts behind a backend."""
 
-    def __init__(self, model: str | Path, *, n_ctx: int | None = None, n_threads: int = 2,
+    def __init__(self, model: str | Path | Model, *, n_ctx: int | None = None, n_threads: int = 2,
                  experts: ExpertBackend | Callable[["Engine"], ExpertBackend] | None = None,
                  compute: Compute | None = None, weights: GGUFTensors | None = None,
                  resident_experts: bool = True, attention: AttentionOptions | Attention | None = None,
                  repack: bool = False, n_seq: int = 1) -> None:
-        """weights: trunk tensors already mapped (another engine's, or a shadow trunk of the same model):
+        """model: a model directory or GGUF (opened here, closed by close()), or a Model already loaded
+        (left open: its owner closes it).
+        weights: trunk tensors already mapped (another engine's, or a shadow trunk of the same model):
         used instead of opening model's trunk, and left open on close().
         attention: KV cache types and flash attention (default llama.cpp's: F16 cache, flash attention
         auto); an Attention already resolved (another engine's) is taken as it is.
@@ -145,16 +129,15 @@ class Engine:
         where this CPU can run them (edgemoe.util.extra_bufts' probe) and ggml has kernels for the type
         (not with just-in-time local experts, which are computed from the shards as they are).
         n_seq: sequences held at once (eval_batch), each with n_ctx positions of its own."""
-        if weights is None:
-            trunk_path, self.manifest = resolve_model(model)
-            self.weights = GGUFTensors(trunk_path)
+        if isinstance(model, Model):
+            self.model, self._owns_model = model, False
         else:
-            trunk_path = Path(weights.path)
-            self.manifest = load_manifest(model) if Path(model).is_dir() else None
-            self.weights = weights
-        self._owns_weights = weights is None
-        self.model_dir = Path(model) if self.manifest is not None else None
-        self.cfg = ModelConfig.from_metadata(self.weights.meta, str(trunk_path))
+            self.model, self._owns_model = Model.load(model, weights), True
+        m = self.model
+        # the model's pieces, as the engine's users have always read them
+        self.manifest, self.weights, self.model_dir, self.cfg = m.manifest, m.weights, m.model_dir, m.cfg
+        self.moe_layers = list(m.moe_layers)
+        trunk_path = m.trunk_path
         self.n_ctx = min(n_ctx or self.cfg.n_ctx_train, self.cfg.n_ctx_train)
         # alone in process the engine has the cores to itself: its threads spin briefly between graphs as
         # llama.cpp's do (poll 50: decode 0.67-0.75x -> 0.87-0.88x llama.cpp on SmolLM2 at 2 threads); beside
@@ -174,14 +157,6 @@ class Engine:
                 self.repacker.close()
                 self.repacker = None
         self.trunk = Trunk(self.cfg, self.weights, self.kv, self.repacker)
-        self.moe_layers = [il for il in range(self.cfg.n_layer) if self.trunk.is_moe_layer(il)]
-        if self.moe_layers and not self.cfg.shared_expert and has_shared_expert(self.weights.names()):
-            raise UserError(f"{trunk_path}: shared-expert tensors (ffn_*_shexp) but no "
-                            f"{self.cfg.arch}.expert_shared_feed_forward_length: llama.cpp would not load it either")
-        rule = self.cfg.rule_moe_layers()
-        if rule is not None and rule != self.moe_layers:  # the graph llama.cpp builds would not match the tensors
-            raise UserError(f"{trunk_path}: {self.cfg.arch} metadata makes layers {rule} MoE layers "
-                            f"(leading_dense_block_count, interleave_moe_layer_step), its tensors {self.moe_layers}")
         # what follows the engine's work (edgemoe.model.hooks): predictors, the cluster's coordinator
         self.hooks: list[StepHooks] = []
         if self.moe_layers and experts is None:
@@ -243,8 +218,8 @@ class Engine:
         self._drop_decode_cache()
         if self.experts is not None:
             self.experts.close()
-        if self._owns_weights:
-            self.weights.close()
+        if self._owns_model:
+            self.model.close()
         if self.repacker is not None:
             self.repacker.close()  # kept: its nbytes is a statistic
         self._galloc.close()

@@ -93,8 +93,9 @@ class ShadowEngine(Engine):
     layer's router (predictions need no output head)."""
 
     def __init__(self, main, files: ShadowFiles, n_threads: int) -> None:
-        weights = files.trunk if files.trunk is not None else main.weights
-        super().__init__(files.model_dir, n_ctx=main.n_ctx, n_threads=n_threads, weights=weights,
+        # the main model's pieces (its manifest, config and MoE layers; its trunk unless the shadow has its own)
+        model = main.model.with_trunk(files.trunk) if files.trunk is not None else main.model.shared()
+        super().__init__(model, n_ctx=main.n_ctx, n_threads=n_threads,
                          experts=lambda e: StackedExperts(files.experts, e.compute, e.moe_layers, e.cfg.n_embd),
                          attention=main.kv.attn)  # the main model's K/V rows are copied in as they are
         if (self.cfg.n_layer, self.cfg.n_embd, self.cfg.n_embd_kv) != (main.cfg.n_layer, main.cfg.n_embd, main.cfg.n_embd_kv):
