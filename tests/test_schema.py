@@ -61,10 +61,6 @@ def test_every_fixture_tensor_parses(fixture_models: list[Path]) -> None:
 
 # Files that still spell tensor names of their own, and why (each is a debt, not a licence):
 PENDING = {
-    # the architecture merge (deepseek2, gpt-oss) rewrites these four; they move to the schema after it
-    "edgemoe/format/arch.py", "edgemoe/model/trunk.py", "edgemoe/model/engine.py", "edgemoe/model/config.py",
-    # ... and the test-model specs it brought (deepseek2, gpt-oss), written before the schema existed
-    "tools/testmodels/deepseek2.py", "tools/testmodels/gpt_oss.py",
     # shard *file* names (experts/blk.LLL.expert.EEE.gguf: edgemoe's own layout, not a tensor name): their
     # home is ExpertId.file_name in format/shard.py; experts.py globs them and the convert CLI prints the pattern
     "edgemoe/format/shard.py", "edgemoe/model/experts.py", "edgemoe/cli/convert.py",

@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.gguf_reader import ReaderTensor
 
 from edgemoe.errors import UserError
-from edgemoe.format.arch import ARCHITECTURES, MoeArch, interleaved_moe_layers, parse_expert_tensor_name
+from edgemoe.format.arch import ARCHITECTURES, MoeArch, interleaved_moe_layers
+from edgemoe.format.schema import parse_expert_tensor
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf, tensor_ne
 from edgemoe.format.imatrix import Imatrix, read_imatrix
 from edgemoe.format.manifest import TRUNK_NAME, expert_file_name, sha256_file, shadow_file_name, shadow_trunk_file_name
@@ -155,7 +156,7 @@ def plan_conversion(src: str | os.PathLike[str], *, shadow_type: str | None = No
     stacked: dict[int, list[StackedExpertTensor]] = {}
     trunk: list[ReaderTensor] = []
     for t in reader.tensors:
-        parsed = parse_expert_tensor_name(t.name)
+        parsed = parse_expert_tensor(t.name)
         if parsed is None:
             trunk.append(t)
             continue

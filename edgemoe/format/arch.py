@@ -7,14 +7,11 @@ Architectures differ only in which of these stacked tensors they have.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable
 
-# A routed-expert tensor: blk.<layer>.ffn_<part>_exps.<weight|bias>
-EXPERT_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_([a-z_]+?)_exps\.(weight|bias)$")
-# A shared expert's FFN weight (in the trunk): blk.<layer>.ffn_<part>_shexp.weight
-SHARED_EXPERT_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_shexp\.weight$")
+from edgemoe.format.schema import MODEL_ARCH, arch_name, is_shared_expert_tensor
+
 
 
 # Types ggml cannot use as the weights of a matrix product (integer and F64 tensors): never an expert's.
@@ -50,33 +47,25 @@ _FUSED = frozenset({"gate_up", "down"})
 ARCHITECTURES: dict[str, MoeArch] = {
     a.name: a
     for a in (
-        MoeArch("llama", (_SPLIT, _FUSED), description="Mixtral-style llama MoE"),
-        MoeArch("qwen2moe", (_SPLIT, _FUSED), shared_expert=True, description="Qwen1.5/Qwen2 MoE, gated shared expert"),
-        MoeArch("qwen3moe", (_SPLIT, _FUSED), description="Qwen3 MoE, q/k norms"),
-        MoeArch("olmoe", (_SPLIT, _FUSED), description="OLMoE, q/k norms"),
+        MoeArch(arch_name(MODEL_ARCH.LLAMA), (_SPLIT, _FUSED), description="Mixtral-style llama MoE"),
+        MoeArch(arch_name(MODEL_ARCH.QWEN2MOE), (_SPLIT, _FUSED), shared_expert=True, description="Qwen1.5/Qwen2 MoE, gated shared expert"),
+        MoeArch(arch_name(MODEL_ARCH.QWEN3MOE), (_SPLIT, _FUSED), description="Qwen3 MoE, q/k norms"),
+        MoeArch(arch_name(MODEL_ARCH.OLMOE), (_SPLIT, _FUSED), description="OLMoE, q/k norms"),
         # llama.cpp's granitemoe and ernie4_5-moe loaders know only split gate/up expert tensors
-        MoeArch("granitemoe", (_SPLIT,), description="IBM Granite 3.x MoE, scaled residuals, optional shared expert"),
-        MoeArch("ernie4_5-moe", (_SPLIT,), shared_expert=True, dense_lead_key="leading_dense_block_count", moe_layer_rule=True,
+        MoeArch(arch_name(MODEL_ARCH.GRANITE_MOE), (_SPLIT,), description="IBM Granite 3.x MoE, scaled residuals, optional shared expert"),
+        MoeArch(arch_name(MODEL_ARCH.ERNIE4_5_MOE), (_SPLIT,), shared_expert=True, dense_lead_key="leading_dense_block_count", moe_layer_rule=True,
                 description="Baidu ERNIE 4.5 MoE, leading dense layers, expert selection bias, shared experts"),
-        MoeArch("deepseek2", (_SPLIT, _FUSED), shared_expert=True, dense_lead_key="leading_dense_block_count",
+        MoeArch(arch_name(MODEL_ARCH.DEEPSEEK2), (_SPLIT, _FUSED), shared_expert=True, dense_lead_key="leading_dense_block_count",
                 description="DeepSeek-V2/V3 style: MLA, leading dense layers, shared experts"),
-        MoeArch("gpt-oss", (_SPLIT, _FUSED), expert_act="swiglu_oai", expert_biases=True,
+        MoeArch(arch_name(MODEL_ARCH.GPT_OSS), (_SPLIT, _FUSED), expert_act="swiglu_oai", expert_biases=True,
                 description="gpt-oss: attention sinks, sliding-window layers, expert biases, MXFP4 experts"),
     )
 }
 
 
-def parse_expert_tensor_name(name: str) -> tuple[int, str, str] | None:
-    """`blk.3.ffn_up_exps.weight` -> (3, "up", "weight"); None for a trunk tensor."""
-    m = EXPERT_TENSOR_RE.match(name)
-    if m is None:
-        return None
-    return int(m.group(1)), m.group(2), m.group(3)
-
-
 def has_shared_expert(tensor_names: Iterable[str]) -> bool:
     """Whether a model has a shared expert (optional in some architectures, e.g. granitemoe)."""
-    return any(SHARED_EXPERT_RE.match(n) for n in tensor_names)
+    return any(is_shared_expert_tensor(n) for n in tensor_names)
 
 
 def interleaved_moe_layers(n_layer: int, n_dense_lead: int, step: int) -> list[int]:

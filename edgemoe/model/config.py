@@ -11,7 +11,9 @@ import numpy as np
 
 from edgemoe.errors import UserError
 from edgemoe.format.arch import interleaved_moe_layers
+from edgemoe.format.schema import MODEL_ARCH, arch_name
 
+DEEPSEEK2, GPT_OSS = arch_name(MODEL_ARCH.DEEPSEEK2), arch_name(MODEL_ARCH.GPT_OSS)  # their graphs differ most
 ROPE_NORM = 0  # llama.cpp LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs
 ROPE_NEOX = 2  # LLAMA_ROPE_TYPE_NEOX: rotate the two halves
 
@@ -43,19 +45,19 @@ class ArchTraits:
 
 
 TRAITS: dict[str, ArchTraits] = {
-    "llama": ArchTraits(ROPE_NORM, norm_topk=True, ff_exp_key="feed_forward_length"),
-    "qwen2moe": ArchTraits(ROPE_NEOX, qkv_bias=True, shared_expert=True),
-    "qwen3moe": ArchTraits(ROPE_NEOX, qk_norm="head", norm_topk=True),
-    "olmoe": ArchTraits(ROPE_NEOX, qk_norm="full"),
+    arch_name(MODEL_ARCH.LLAMA): ArchTraits(ROPE_NORM, norm_topk=True, ff_exp_key="feed_forward_length"),
+    arch_name(MODEL_ARCH.QWEN2MOE): ArchTraits(ROPE_NEOX, qkv_bias=True, shared_expert=True),
+    arch_name(MODEL_ARCH.QWEN3MOE): ArchTraits(ROPE_NEOX, qk_norm="head", norm_topk=True),
+    arch_name(MODEL_ARCH.OLMOE): ArchTraits(ROPE_NEOX, qk_norm="full"),
     # granite.cpp's graph (granitemoe uses it): routing softmax, top-k renormalised; experts n_ff wide
-    "granitemoe": ArchTraits(ROPE_NORM, norm_topk=True, ff_exp_key="feed_forward_length", plain_shared_expert=True,
+    arch_name(MODEL_ARCH.GRANITE_MOE): ArchTraits(ROPE_NORM, norm_topk=True, ff_exp_key="feed_forward_length", plain_shared_expert=True,
                              granite_scales=True),
     # ernie4-5-moe.cpp: leading dense layers, exp_probs_b selection bias, top-k renormalised
-    "ernie4_5-moe": ArchTraits(ROPE_NORM, norm_topk=True, plain_shared_expert=True, moe_layer_rule=True,
+    arch_name(MODEL_ARCH.ERNIE4_5_MOE): ArchTraits(ROPE_NORM, norm_topk=True, plain_shared_expert=True, moe_layer_rule=True,
                                attn_scale_key=False, attn_out_bias=False),
     # deepseek2.cpp: MLA, plain shared experts (Trunk.shared_expert: no ffn_gate_inp_shexp), routing from metadata
-    "deepseek2": ArchTraits(ROPE_NORM, shared_expert=True, routing_from_metadata=True),
-    "gpt-oss": ArchTraits(ROPE_NEOX, qkv_bias=True, out_rows_at_head=True),
+    arch_name(MODEL_ARCH.DEEPSEEK2): ArchTraits(ROPE_NORM, shared_expert=True, routing_from_metadata=True),
+    arch_name(MODEL_ARCH.GPT_OSS): ArchTraits(ROPE_NEOX, qkv_bias=True, out_rows_at_head=True),
 }
 
 # llama.cpp's llama_expert_gating_func_type (the GGUF key <arch>.expert_gating_func)
@@ -217,18 +219,18 @@ class ModelConfig:
         extra: dict[str, Any] = {"norm_topk": traits.norm_topk}
         if traits.routing_from_metadata:
             extra.update(_routing(meta, arch, source))
-        if arch == "deepseek2":
+        if arch == DEEPSEEK2:
             extra["mla"], head_dim, kq = _deepseek2_attention(meta, arch, source, rope, freq_scale)
             if extra["mla"].absorbed:
                 n_head_kv = 1
             else:  # the legacy layout's MHA: K and V heads of their own sizes in a K and a V cache
                 n_head_kv, extra["head_dim_v"] = n_head, extra["mla"].head_v
             attn_scale = kq
-        elif arch == "gpt-oss":
+        elif arch == GPT_OSS:
             extra.update(_gpt_oss(meta, arch, source))
             n_rot = int(key("rope.dimension_count", head_dim))
             attn_scale = _f32(np.float32(1.0) / np.float32(_libm.sqrtf(float(n_rot))))  # 1.0f/sqrtf(float(n_rot))
-        if arch != "deepseek2" and int(key("attention.value_length", head_dim)) != head_dim:
+        if arch != DEEPSEEK2 and int(key("attention.value_length", head_dim)) != head_dim:
             raise UserError(f"{source}: different key and value head sizes are not supported")
         if traits.plain_shared_expert and n_expert:
             extra["n_ff_shexp"] = int(key("expert_shared_feed_forward_length", 0))
@@ -281,7 +283,7 @@ def _rope(meta: dict[str, Any], arch: str, scaling: str, freq_scale: float, n_ct
 
         log_mul = _yarn_log_mul(meta, arch)
         if log_mul != 0.0:
-            m = log_mul if arch == "deepseek2" and log_mul != 1.0 else 1.0
+            m = log_mul if arch == DEEPSEEK2 and log_mul != 1.0 else 1.0
             attn_factor = _f32(np.float32(mscale(factor, m)) / np.float32(mscale(factor, log_mul)))
         else:
             attn_factor = mscale(factor, 1.0)
@@ -293,7 +295,7 @@ def _rope(meta: dict[str, Any], arch: str, scaling: str, freq_scale: float, n_ct
 def _yarn_log_mul(meta: dict[str, Any], arch: str) -> float:
     """hparams.rope_yarn_log_mul; deepseek2 cancels the converter's factor 0.1 (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX)."""
     v = float(meta.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0) or 0.0)
-    return _f32(np.float32(v) / np.float32(0.1)) if arch == "deepseek2" and v else _f32(v)
+    return _f32(np.float32(v) / np.float32(0.1)) if arch == DEEPSEEK2 and v else _f32(v)
 
 
 def _routing(meta: dict[str, Any], arch: str, source: str) -> dict[str, Any]:

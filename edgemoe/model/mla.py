@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgemoe.format.schema import T
 from edgemoe.ggml import Context, TensorPtr, lib
 
 if TYPE_CHECKING:
@@ -31,26 +32,26 @@ def _q_and_latent(trunk: "Trunk", ctx: Context, il: int, x: TensorPtr,
     latent kv_cmpr [kv_lora, T] and the roped shared k_pe [n_rot, 1, T]; also the positions."""
     cfg, mla = trunk.cfg, trunk.cfg.mla
     assert mla is not None
-    lw = lambda n: trunk._lw(il, n)  # noqa: E731
+    lw = lambda t, suffix="weight": trunk._lw(il, t, suffix)  # noqa: E731
     n_tok = int(x.contents.ne[1])
     g = inp.groups  # several sequences: each one's rows keep the kernels they get alone
     n_head, n_rot, kv_lora = cfg.n_head, cfg.rope_dims, mla.kv_lora_rank
-    cur = trunk.norm(ctx, x, lw("attn_norm.weight"))
+    cur = trunk.norm(ctx, x, lw(T.ATTN_NORM))
 
-    if lw("attn_q.weight") is not None:  # V2-Lite: no q compression
-        q = trunk.matmul(ctx, lw("attn_q.weight"), cur, g)
+    if lw(T.ATTN_Q) is not None:  # V2-Lite: no q compression
+        q = trunk.matmul(ctx, lw(T.ATTN_Q), cur, g)
     else:
-        q = trunk.norm(ctx, trunk.matmul(ctx, lw("attn_q_a.weight"), cur, g), lw("attn_q_a_norm.weight"))
-        q = trunk.matmul(ctx, lw("attn_q_b.weight"), q, g)
+        q = trunk.norm(ctx, trunk.matmul(ctx, lw(T.ATTN_Q_A), cur, g), lw(T.ATTN_Q_A_NORM))
+        q = trunk.matmul(ctx, lw(T.ATTN_Q_B), q, g)
     q = ctx.reshape_3d(q, mla.head_k, n_head, n_tok)  # [head_k, n_head, T]
 
-    kv_cmpr_pe = trunk.matmul(ctx, lw("attn_kv_a_mqa.weight"), cur, g)  # [kv_lora + n_rot, T]
+    kv_cmpr_pe = trunk.matmul(ctx, lw(T.ATTN_KV_A_MQA), cur, g)  # [kv_lora + n_rot, T]
     stride = _row(kv_cmpr_pe, kv_lora + n_rot)
     kv_cmpr = ctx.view_2d(kv_cmpr_pe, kv_lora, n_tok, stride, 0)
     k_pe = ctx.view_3d(kv_cmpr_pe, n_rot, 1, n_tok, stride, stride, _row(kv_cmpr_pe, kv_lora))
     pos = ctx.from_numpy(inp.pos)
     k_pe = trunk.rope(ctx, k_pe, pos, il)
-    kv_cmpr = trunk.norm(ctx, kv_cmpr, lw("attn_kv_a_norm.weight"))
+    kv_cmpr = trunk.norm(ctx, kv_cmpr, lw(T.ATTN_KV_A_NORM))
     return q, kv_cmpr, k_pe, pos
 
 
@@ -58,7 +59,7 @@ def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, in
     """attn_norm -> q (q_lora or plain) and the compressed kv -> split RoPE -> absorbed MQA -> wo."""
     cfg, mla = trunk.cfg, trunk.cfg.mla
     assert mla is not None
-    lw = lambda n: trunk._lw(il, n)  # noqa: E731
+    lw = lambda t, suffix="weight": trunk._lw(il, t, suffix)  # noqa: E731
     n_tok = int(x.contents.ne[1])
     g = inp.groups
     n_head, n_rot, kv_lora = cfg.n_head, cfg.rope_dims, mla.kv_lora_rank
@@ -70,7 +71,7 @@ def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, in
     q_pe = ctx.view_3d(q, n_rot, n_head, n_tok, qc.nb[1], qc.nb[2], _row(q, nope))
     q_pe = trunk.rope(ctx, q_pe, pos, il)
     q_nope = ctx.permute(q_nope, 0, 2, 1, 3)  # [nope, T, n_head]
-    q_absorbed = ctx.permute(trunk.matmul(ctx, lw("attn_k_b.weight"), q_nope, g), 0, 2, 1, 3)  # [kv_lora, n_head, T]
+    q_absorbed = ctx.permute(trunk.matmul(ctx, lw(T.ATTN_K_B), q_nope, g), 0, 2, 1, 3)  # [kv_lora, n_head, T]
     q_cur = ctx.concat(q_absorbed, q_pe, 0)  # rope last, as llama.cpp (its context shift ropes in place)
     kv_cmpr = ctx.reshape_3d(kv_cmpr, kv_lora, 1, n_tok)
     k_cur = ctx.concat(kv_cmpr, k_pe, 0)  # [kv_lora + n_rot, 1, T]
@@ -87,8 +88,8 @@ def mla_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, in
     kview = ctx.view_4d(kc, cfg.head_dim, 1, inp.n_kv, 1, rs(cfg.head_dim), rs(row), rs(row * kv.n_ctx), 0)
     kvc = kview.contents
     vview = ctx.view_4d(kc, kv_lora, 1, inp.n_kv, 1, kvc.nb[1], kvc.nb[2], kvc.nb[3], 0)
-    out = trunk.attend_mha(ctx, q_cur, kview, vview, inp, v_mla=lw("attn_v_b.weight"), il=il)
-    return trunk.matmul(ctx, lw("attn_output.weight"), out, g)
+    out = trunk.attend_mha(ctx, q_cur, kview, vview, inp, v_mla=lw(T.ATTN_V_B), il=il)
+    return trunk.matmul(ctx, lw(T.ATTN_OUT), out, g)
 
 
 def mla_legacy_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: TensorPtr, inp: "StepInputs") -> TensorPtr:
@@ -102,7 +103,7 @@ def mla_legacy_attention(trunk: "Trunk", ctx: Context, graph, il: int, x: Tensor
     n_head, n_rot, head_v = cfg.n_head, cfg.rope_dims, mla.head_v
     nope = mla.head_k - n_rot
     q, kv_cmpr, k_pe, pos = _q_and_latent(trunk, ctx, il, x, inp)
-    kv = trunk.matmul(ctx, trunk._lw(il, "attn_kv_b.weight"), kv_cmpr, inp.groups)  # [n_head * (nope + v), T]
+    kv = trunk.matmul(ctx, trunk._lw(il, T.ATTN_KV_B), kv_cmpr, inp.groups)  # [n_head * (nope + v), T]
     head_row = _row(kv, nope + head_v)
     k_nope = ctx.view_3d(kv, nope, n_head, n_tok, head_row, head_row * n_head, 0)
     v_cur = ctx.cont(ctx.view_3d(kv, head_v, n_head, n_tok, head_row, head_row * n_head, _row(kv, nope)))

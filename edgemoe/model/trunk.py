@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgemoe.format.schema import MODEL_TENSOR, T, parse_expert_tensor, tensor_name
 from edgemoe.ggml import Context, GGMLType, TensorPtr, lib
 from edgemoe.ggml.columns import mul_mat_limit, row_chunks
 from edgemoe.ggml.context import aligned_empty
@@ -25,6 +26,7 @@ from edgemoe.model.kvcache import KVCache, hadamard
 from edgemoe.model.mla import mla_attention, mla_legacy_attention
 from edgemoe.model.weights import GGUFTensors
 
+_TOKEN_EMBD = tensor_name(T.TOKEN_EMBD)
 GGML_HINT_SRC0_IS_HADAMARD = 1  # ggml_mul_mat_set_hint: the CPU runs a fast Walsh-Hadamard transform
 
 
@@ -82,11 +84,12 @@ class Trunk:
                 t = weights.get(name).contents
                 ne = (int(t.ne[0]), int(t.ne[1]))
                 # token_embd feeds get_rows (also as a tied output head), norms feed mul: not repacked
-                if name == "token_embd.weight" or int(t.ne[2]) != 1 or int(t.ne[1]) == 1 or "_exps." in name:
+                if name == _TOKEN_EMBD or int(t.ne[2]) != 1 or int(t.ne[1]) == 1 or parse_expert_tensor(name) is not None:
                     continue
                 if repacker.supports(t.type, ne):
                     self._packed[name] = repacker.repack(t.type, ne, t.data)
-        self.output = self._packed.get("output.weight") or weights.get("output.weight") or weights.require("token_embd.weight")
+        out = tensor_name(T.OUTPUT)
+        self.output = self._packed.get(out) or weights.get(out) or weights.require(_TOKEN_EMBD)
         self._packed_addrs = {ctypes.addressof(t.contents) for t in self._packed.values()}
         self._rot: dict[int, np.ndarray] = {}  # Walsh-Hadamard matrices by size: graph inputs, kept alive here
 
@@ -101,10 +104,11 @@ class Trunk:
         return mul_mat_limit(int(w.contents.type), repacked=ctypes.addressof(w.contents) in self._packed_addrs)
 
     def is_moe_layer(self, il: int) -> bool:
-        return f"blk.{il}.ffn_gate_inp.weight" in self.w
+        return tensor_name(T.FFN_GATE_INP, il) in self.w
 
-    def _lw(self, il: int, name: str) -> TensorPtr | None:
-        key = f"blk.{il}.{name}"
+    def _lw(self, il: int, t: MODEL_TENSOR, suffix: str = "weight") -> TensorPtr | None:
+        """Layer il's tensor t (its repacked copy where there is one), or None."""
+        key = tensor_name(t, il, suffix)
         return self._packed.get(key) or self.w.get(key)
 
     # building blocks -------------------------------------------------------------------------
@@ -112,7 +116,7 @@ class Trunk:
         return ctx.mul(ctx.rms_norm(x, self.cfg.rms_eps), weight)
 
     def embed(self, ctx: Context, inp: StepInputs) -> TensorPtr:
-        x = ctx.get_rows(self.w.require("token_embd.weight"), ctx.from_numpy(inp.tokens))
+        x = ctx.get_rows(self.w.require(_TOKEN_EMBD), ctx.from_numpy(inp.tokens))
         if self.cfg.embedding_scale:  # granite (llama.cpp's build_inp_embd; get_rows' output is contiguous)
             x = ctx.scale(x, self.cfg.embedding_scale)
         return x
@@ -134,7 +138,7 @@ class Trunk:
 
     def ffn_norm(self, ctx: Context, il: int, x: TensorPtr) -> TensorPtr:
         """The norm before the layer's FFN: ffn_norm, or gpt-oss's post_attention_norm."""
-        return self.norm(ctx, x, self._lw(il, "ffn_norm.weight") or self.w.require(f"blk.{il}.post_attention_norm.weight"))
+        return self.norm(ctx, x, self._lw(il, T.FFN_NORM) or self.w.require(tensor_name(T.ATTN_POST_NORM, il)))
 
     def attention(self, ctx: Context, graph, il: int, x: TensorPtr, inp: StepInputs) -> TensorPtr:
         """attn_norm -> q/k/v (+bias, q/k norm) -> RoPE -> KV store -> flash attention -> wo."""
@@ -144,28 +148,28 @@ class Trunk:
                 return mla_attention(self, ctx, graph, il, x, inp)
             return mla_legacy_attention(self, ctx, graph, il, x, inp)
         n_tok = x.contents.ne[1]
-        cur = self.norm(ctx, x, self._lw(il, "attn_norm.weight"))
+        cur = self.norm(ctx, x, self._lw(il, T.ATTN_NORM))
 
-        def proj(name: str) -> TensorPtr:
-            t = self.matmul(ctx, self._lw(il, f"attn_{name}.weight"), cur, inp.groups)
-            b = self._lw(il, f"attn_{name}.bias")
+        def proj(w: MODEL_TENSOR) -> TensorPtr:
+            t = self.matmul(ctx, self._lw(il, w), cur, inp.groups)
+            b = self._lw(il, w, "bias")
             return ctx.add(t, b) if b is not None else t
 
-        q, k, v = proj("q"), proj("k"), proj("v")
+        q, k, v = proj(T.ATTN_Q), proj(T.ATTN_K), proj(T.ATTN_V)
         if tr.qk_norm == "full":  # olmoe: norm over the whole projection, before the head split
-            q = self.norm(ctx, q, self._lw(il, "attn_q_norm.weight"))
-            k = self.norm(ctx, k, self._lw(il, "attn_k_norm.weight"))
+            q = self.norm(ctx, q, self._lw(il, T.ATTN_Q_NORM))
+            k = self.norm(ctx, k, self._lw(il, T.ATTN_K_NORM))
         q = ctx.reshape_3d(q, cfg.head_dim, cfg.n_head, n_tok)
         k = ctx.reshape_3d(k, cfg.head_dim, cfg.n_head_kv, n_tok)
         v = ctx.reshape_3d(v, cfg.head_dim, cfg.n_head_kv, n_tok)
         if tr.qk_norm == "head":  # qwen3moe: norm per head
-            q = self.norm(ctx, q, self._lw(il, "attn_q_norm.weight"))
-            k = self.norm(ctx, k, self._lw(il, "attn_k_norm.weight"))
+            q = self.norm(ctx, q, self._lw(il, T.ATTN_Q_NORM))
+            k = self.norm(ctx, k, self._lw(il, T.ATTN_K_NORM))
         pos = ctx.from_numpy(inp.pos)
         q = self.rope(ctx, q, pos, il)
         k = self.rope(ctx, k, pos, il)
         cur = self.attend_qkv(ctx, graph, il, q, k, v, inp)
-        wo_b = self._lw(il, "attn_output.bias") if tr.attn_out_bias else None
+        wo_b = self._lw(il, T.ATTN_OUT, "bias") if tr.attn_out_bias else None
         return ctx.add(cur, wo_b) if wo_b is not None else cur
 
     def attend_qkv(self, ctx: Context, graph, il: int, q: TensorPtr, k: TensorPtr, v: TensorPtr,
@@ -182,7 +186,7 @@ class Trunk:
         cur = self._attend(ctx, graph, il, q, k, v, inp)
         if attn.rot_v:  # rotate the output back (the matrix is its own inverse)
             cur = self._rotate(ctx, cur, attn.rot_v)
-        return self.matmul(ctx, self._lw(il, "attn_output.weight"), cur, inp.groups)
+        return self.matmul(ctx, self._lw(il, T.ATTN_OUT), cur, inp.groups)
 
     def _rotate(self, ctx: Context, x: TensorPtr, n: int) -> TensorPtr:
         """llama_mul_mat_hadamard: x viewed as rows of n, times the Walsh-Hadamard matrix."""
@@ -232,7 +236,7 @@ class Trunk:
         v_mla (deepseek2's attn_v_b) decompresses each head's latent output: [n_embd_v_out, T].
         Sliding-window layers attend through the SWA mask; attn_sinks (gpt-oss) join the softmax."""
         cfg, attn = self.cfg, self.kv.attn
-        sinks = self._lw(il, "attn_sinks.weight")
+        sinks = self._lw(il, T.ATTN_SINKS)
         v_trans = vview.contents.nb[1] > vview.contents.nb[2]
         qc = q.contents
         q = ctx.view_4d(q, qc.ne[0], qc.ne[1], qc.ne[2], 1, qc.nb[1], qc.nb[2], qc.nb[2] * qc.ne[2], 0)
@@ -290,8 +294,8 @@ class Trunk:
     def router(self, ctx: Context, il: int, cur: TensorPtr,
                groups: list[tuple[int, int]] | None = None) -> tuple[TensorPtr, TensorPtr]:
         """Layer il's router over its weights (edgemoe.model.moe.router): (selected [k,T] i32, weights [1,k,T])."""
-        return moe.router(ctx, self.cfg, cur, self._lw(il, "ffn_gate_inp.weight"), self._lw(il, "ffn_gate_inp.bias"),
-                          self._lw(il, "exp_probs_b.bias"), il, lambda w, x: self.matmul(ctx, w, x, groups))
+        return moe.router(ctx, self.cfg, cur, self._lw(il, T.FFN_GATE_INP), self._lw(il, T.FFN_GATE_INP, "bias"),
+                          self._lw(il, T.FFN_EXP_PROBS_B, "bias"), il, lambda w, x: self.matmul(ctx, w, x, groups))
 
     def ffn(self, ctx: Context, cur: TensorPtr, up: TensorPtr, gate: TensorPtr, down: TensorPtr,
             biases: tuple[TensorPtr | None, ...] = (None, None, None),
@@ -308,16 +312,16 @@ class Trunk:
         return ctx.add(out, down_b) if down_b is not None else out
 
     def dense_ffn(self, ctx: Context, il: int, cur: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
-        lw = lambda n: self._lw(il, n)  # noqa: E731
-        return self.ffn(ctx, cur, lw("ffn_up.weight"), lw("ffn_gate.weight"), lw("ffn_down.weight"),
-                        (lw("ffn_up.bias"), lw("ffn_gate.bias"), lw("ffn_down.bias")), groups)
+        lw = lambda t, suffix="weight": self._lw(il, t, suffix)  # noqa: E731
+        return self.ffn(ctx, cur, lw(T.FFN_UP), lw(T.FFN_GATE), lw(T.FFN_DOWN),
+                        (lw(T.FFN_UP, "bias"), lw(T.FFN_GATE, "bias"), lw(T.FFN_DOWN, "bias")), groups)
 
     def shared_expert(self, ctx: Context, il: int, cur: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
         """FFN_shexp(x); qwen2moe gates it: sigmoid(gate_inp_shexp . x) * FFN_shexp(x), the sigmoid
         computed as silu(g)/g like llama.cpp (deepseek2's shared experts have no gate)."""
-        ffn = self.ffn(ctx, cur, self._lw(il, "ffn_up_shexp.weight"), self._lw(il, "ffn_gate_shexp.weight"),
-                       self._lw(il, "ffn_down_shexp.weight"), groups=groups)
-        gate_w = self._lw(il, "ffn_gate_inp_shexp.weight")
+        ffn = self.ffn(ctx, cur, self._lw(il, T.FFN_UP_SHEXP), self._lw(il, T.FFN_GATE_SHEXP),
+                       self._lw(il, T.FFN_DOWN_SHEXP), groups=groups)
+        gate_w = self._lw(il, T.FFN_GATE_INP_SHEXP)
         if gate_w is None:
             return ffn
         g = self.matmul(ctx, gate_w, cur, groups)
@@ -325,7 +329,7 @@ class Trunk:
         return ctx.mul(ffn, gate)
 
     def head(self, ctx: Context, x: TensorPtr, groups: list[tuple[int, int]] | None = None) -> TensorPtr:
-        logits = self.matmul(ctx, self.output, self.norm(ctx, x, self.w.require("output_norm.weight")), groups)
+        logits = self.matmul(ctx, self.output, self.norm(ctx, x, self.w.require(tensor_name(T.OUTPUT_NORM))), groups)
         if self.cfg.logit_scale:  # granite: 1.0f / f_logit_scale, in float32 as llama.cpp computes it
             logits = ctx.scale(logits, float(np.float32(1.0) / np.float32(self.cfg.logit_scale)))
         return logits

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from edgemoe.errors import UserError
-from edgemoe.format.arch import has_shared_expert, parse_expert_tensor_name
+from edgemoe.format.arch import has_shared_expert
+from edgemoe.format.schema import parse_expert_tensor
 from edgemoe.format.gguf_io import get_int, get_str, open_gguf
 from edgemoe.format.schema import Keys, T, tensor_name
 from edgemoe.format.manifest import (MANIFEST_NAME, TRUNK_NAME, Manifest, expert_file_name, load_manifest)
@@ -120,7 +121,7 @@ def facts_of_gguf(path: str | os.PathLike[str]) -> ModelFacts:
     trunk_bytes = expert_bytes = 0
     per_layer: Counter[int] = Counter()
     for t in reader.tensors:
-        parsed = parse_expert_tensor_name(t.name)
+        parsed = parse_expert_tensor(t.name)
         if parsed is None or not n_expert:
             trunk_types[_type_name(t)] += 1
             trunk_bytes += int(t.n_bytes)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgemoe.format.schema import T, tensor_name
+
 if TYPE_CHECKING:
     from .archs import ArchSpec
 
@@ -20,40 +22,39 @@ def deepseek2_shapes(spec: "ArchSpec", n_vocab: int) -> list[tuple[str, tuple[in
     q_lora, kv_lora, rope, nope, v_head = spec.mla
     E, H, S, X, nh = spec.n_embd, spec.n_ff_exp, spec.n_ff_shexp, spec.n_expert, spec.n_head
     head_k = nope + rope
-    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (E, n_vocab))]
+    out: list[tuple[str, tuple[int, ...]]] = [(tensor_name(T.TOKEN_EMBD), (E, n_vocab))]
     for i in range(spec.n_layer):
-        p = f"blk.{i}."
-        out.append((p + "attn_norm.weight", (E,)))
+        out.append((tensor_name(T.ATTN_NORM, i), (E,)))
         if q_lora:
-            out.append((p + "attn_q_a.weight", (E, q_lora)))
-            out.append((p + "attn_q_a_norm.weight", (q_lora,)))
-            out.append((p + "attn_q_b.weight", (q_lora, nh * head_k)))
+            out.append((tensor_name(T.ATTN_Q_A, i), (E, q_lora)))
+            out.append((tensor_name(T.ATTN_Q_A_NORM, i), (q_lora,)))
+            out.append((tensor_name(T.ATTN_Q_B, i), (q_lora, nh * head_k)))
         else:
-            out.append((p + "attn_q.weight", (E, nh * head_k)))
-        out.append((p + "attn_kv_a_mqa.weight", (E, kv_lora + rope)))
-        out.append((p + "attn_kv_a_norm.weight", (kv_lora,)))
+            out.append((tensor_name(T.ATTN_Q, i), (E, nh * head_k)))
+        out.append((tensor_name(T.ATTN_KV_A_MQA, i), (E, kv_lora + rope)))
+        out.append((tensor_name(T.ATTN_KV_A_NORM, i), (kv_lora,)))
         if spec.mla_legacy:  # older converters: k_b and v_b unsplit, per head nope rows then v_head rows
-            out.append((p + "attn_kv_b.weight", (kv_lora, nh * (nope + v_head))))
+            out.append((tensor_name(T.ATTN_KV_B, i), (kv_lora, nh * (nope + v_head))))
         else:
-            out.append((p + "attn_k_b.weight", (nope, kv_lora, nh)))
-            out.append((p + "attn_v_b.weight", (kv_lora, v_head, nh)))
-        out.append((p + "attn_output.weight", (nh * v_head, E)))
-        out.append((p + "ffn_norm.weight", (E,)))
+            out.append((tensor_name(T.ATTN_K_B, i), (nope, kv_lora, nh)))
+            out.append((tensor_name(T.ATTN_V_B, i), (kv_lora, v_head, nh)))
+        out.append((tensor_name(T.ATTN_OUT, i), (nh * v_head, E)))
+        out.append((tensor_name(T.FFN_NORM, i), (E,)))
         if i < spec.n_dense_lead:
-            out.append((p + "ffn_gate.weight", (E, spec.n_ff_dense)))
-            out.append((p + "ffn_up.weight", (E, spec.n_ff_dense)))
-            out.append((p + "ffn_down.weight", (spec.n_ff_dense, E)))
+            out.append((tensor_name(T.FFN_GATE, i), (E, spec.n_ff_dense)))
+            out.append((tensor_name(T.FFN_UP, i), (E, spec.n_ff_dense)))
+            out.append((tensor_name(T.FFN_DOWN, i), (spec.n_ff_dense, E)))
             continue
-        out.append((p + "ffn_gate_inp.weight", (E, X)))
+        out.append((tensor_name(T.FFN_GATE_INP, i), (E, X)))
         if spec.probs_bias:
-            out.append((p + "exp_probs_b.bias", (X,)))
-        out.append((p + "ffn_gate_exps.weight", (E, H, X)))
-        out.append((p + "ffn_up_exps.weight", (E, H, X)))
-        out.append((p + "ffn_down_exps.weight", (H, E, X)))
-        out.append((p + "ffn_gate_shexp.weight", (E, S)))
-        out.append((p + "ffn_up_shexp.weight", (E, S)))
-        out.append((p + "ffn_down_shexp.weight", (S, E)))
-    out.append(("output_norm.weight", (E,)))
+            out.append((tensor_name(T.FFN_EXP_PROBS_B, i, "bias"), (X,)))
+        out.append((tensor_name(T.FFN_GATE_EXP, i), (E, H, X)))
+        out.append((tensor_name(T.FFN_UP_EXP, i), (E, H, X)))
+        out.append((tensor_name(T.FFN_DOWN_EXP, i), (H, E, X)))
+        out.append((tensor_name(T.FFN_GATE_SHEXP, i), (E, S)))
+        out.append((tensor_name(T.FFN_UP_SHEXP, i), (E, S)))
+        out.append((tensor_name(T.FFN_DOWN_SHEXP, i), (S, E)))
+    out.append((tensor_name(T.OUTPUT_NORM), (E,)))
     if not spec.tied_output:
-        out.append(("output.weight", (E, n_vocab)))
+        out.append((tensor_name(T.OUTPUT), (E, n_vocab)))
     return out

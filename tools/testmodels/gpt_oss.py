@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgemoe.format.schema import T, tensor_name
+
 if TYPE_CHECKING:
     from .archs import ArchSpec
 
@@ -16,22 +18,21 @@ def gpt_oss_shapes(spec: "ArchSpec", n_vocab: int) -> list[tuple[str, tuple[int,
     """(name, ggml ne) of every tensor, in the order llama.cpp's converter writes them."""
     E, H, X = spec.n_embd, spec.n_ff_exp, spec.n_expert
     q, kv = spec.n_embd_q, spec.n_embd_k_gqa
-    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (E, n_vocab))]
+    out: list[tuple[str, tuple[int, ...]]] = [(tensor_name(T.TOKEN_EMBD), (E, n_vocab))]
     for i in range(spec.n_layer):
-        p = f"blk.{i}."
         out += [
-            (p + "attn_norm.weight", (E,)),
-            (p + "attn_q.weight", (E, q)), (p + "attn_q.bias", (q,)),
-            (p + "attn_k.weight", (E, kv)), (p + "attn_k.bias", (kv,)),
-            (p + "attn_v.weight", (E, kv)), (p + "attn_v.bias", (kv,)),
-            (p + "attn_output.weight", (q, E)), (p + "attn_output.bias", (E,)),
-            (p + "attn_sinks.weight", (spec.n_head,)),
-            (p + "post_attention_norm.weight", (E,)),
-            (p + "ffn_gate_inp.weight", (E, X)), (p + "ffn_gate_inp.bias", (X,)),
-            (p + "ffn_gate_exps.weight", (E, H, X)), (p + "ffn_gate_exps.bias", (H, X)),
-            (p + "ffn_up_exps.weight", (E, H, X)), (p + "ffn_up_exps.bias", (H, X)),
-            (p + "ffn_down_exps.weight", (H, E, X)), (p + "ffn_down_exps.bias", (E, X)),
+            (tensor_name(T.ATTN_NORM, i), (E,)),
+            (tensor_name(T.ATTN_Q, i), (E, q)), (tensor_name(T.ATTN_Q, i, "bias"), (q,)),
+            (tensor_name(T.ATTN_K, i), (E, kv)), (tensor_name(T.ATTN_K, i, "bias"), (kv,)),
+            (tensor_name(T.ATTN_V, i), (E, kv)), (tensor_name(T.ATTN_V, i, "bias"), (kv,)),
+            (tensor_name(T.ATTN_OUT, i), (q, E)), (tensor_name(T.ATTN_OUT, i, "bias"), (E,)),
+            (tensor_name(T.ATTN_SINKS, i), (spec.n_head,)),
+            (tensor_name(T.ATTN_POST_NORM, i), (E,)),
+            (tensor_name(T.FFN_GATE_INP, i), (E, X)), (tensor_name(T.FFN_GATE_INP, i, "bias"), (X,)),
+            (tensor_name(T.FFN_GATE_EXP, i), (E, H, X)), (tensor_name(T.FFN_GATE_EXP, i, "bias"), (H, X)),
+            (tensor_name(T.FFN_UP_EXP, i), (E, H, X)), (tensor_name(T.FFN_UP_EXP, i, "bias"), (H, X)),
+            (tensor_name(T.FFN_DOWN_EXP, i), (H, E, X)), (tensor_name(T.FFN_DOWN_EXP, i, "bias"), (E, X)),
         ]
-    out.append(("output_norm.weight", (E,)))
-    out.append(("output.weight", (E, n_vocab)))
+    out.append((tensor_name(T.OUTPUT_NORM), (E,)))
+    out.append((tensor_name(T.OUTPUT), (E, n_vocab)))
     return out
