@@ -22,7 +22,7 @@ import numpy as np
 
 from edgemoe.ggml import Compute
 from edgemoe.model.expert_ffn import ShardLayout, stacked_view
-from edgemoe.model.moe import ExpertGraph
+from edgemoe.model.moe import ExpertGraph, ExpertGraphs
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -105,11 +105,9 @@ class SlotFFN:
     """out = down(act(gate(x)) * up(x)) for rows of x, each row through the expert in its slot, in one
     graph of ggml_mul_mat_id over the whole arena (as llama.cpp's build_moe_ffn: edgemoe.model.moe.experts)."""
 
-    _CACHE_ROWS = 8  # graphs for up to this many rows are kept (decode)
-
     def __init__(self, compute: Compute, arena: SlotArena) -> None:
         self.compute, self.arena = compute, arena
-        self._graphs: dict[tuple, ExpertGraph] = {}
+        self._graphs = ExpertGraphs()
 
     def _build(self, layout: ShardLayout, n_rows: int, n_embd: int) -> ExpertGraph:
         a = self.arena
@@ -122,19 +120,9 @@ class SlotFFN:
         layout = shards[0].layout
         n_rows, n_embd = x.shape
         key = (tuple(sorted((p, t.ggml_type, t.ne, t.offset) for p, t in layout.tensors.items())), n_rows)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._build(layout, n_rows, n_embd)
-            if n_rows <= self._CACHE_ROWS:
-                self._graphs[key] = g
-        try:
+        with self._graphs.use(key, n_rows, lambda: self._build(layout, n_rows, n_embd)) as g:
             ids = np.repeat([s.slot for s in shards], rows).astype(np.int32).reshape(n_rows, 1)
             return g.run(self.compute, x, ids).reshape(n_rows, n_embd)
-        finally:
-            if n_rows > self._CACHE_ROWS:
-                g.close()
 
     def close(self) -> None:
-        for g in self._graphs.values():
-            g.close()
-        self._graphs.clear()
+        self._graphs.close()

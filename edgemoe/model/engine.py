@@ -1,4 +1,10 @@
-"""The inference engine: runs the trunk with ggml, layer by layer, and hands routed experts to a backend.
+"""The inference engine: runs a Model's trunk with ggml, layer by layer, and hands routed experts to a backend.
+
+The Model (config, weights, MoE layers, manifest) is edgemoe.model.model's; the engine adds what running
+it takes: the KV cache, the compute threads, the graphs. `run_layers` is the one layer loop (the
+engine's per-layer graphs, the shadow's token and its re-anchor all go through it), and what follows
+the engine's work (predictors, the cluster's coordinator) hears each step and router through its
+hooks (edgemoe.model.hooks).
 
 One eval() call runs a batch of tokens (the whole prompt, or one decode token) through the model:
 for every MoE layer the trunk graph stops after the router, the expert backend computes the selected

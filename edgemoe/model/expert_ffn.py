@@ -21,7 +21,7 @@ import numpy as np
 
 from edgemoe.format.shard import ShardLayout, ShardTensor  # (re-exported: the shard layout is format/shard.py's)
 from edgemoe.ggml import Compute, Context, TensorPtr
-from edgemoe.model.moe import ExpertGraph
+from edgemoe.model.moe import ExpertGraph, ExpertGraphs
 
 
 class MappedShard:
@@ -65,45 +65,26 @@ class ExpertFFN:
     weight tensors at the shard's bytes and copies the input rows in.
     """
 
-    _CACHE_TOKENS = 8  # graphs for up to this many rows are kept (decode); larger batches are built per call
-
     def __init__(self, compute: Compute) -> None:
         self.compute = compute
-        self._graphs: dict[tuple, tuple[ExpertGraph, dict[str, TensorPtr]]] = {}
-
-    def _build(self, layout: ShardLayout, n_tok: int, n_embd: int) -> tuple[ExpertGraph, dict[str, TensorPtr]]:
-        """A one-expert graph whose weight tensors are re-pointed at each shard's bytes."""
-        weights: dict[str, TensorPtr] = {}
-
-        def parts(ctx: Context) -> dict[str, TensorPtr]:
-            weights.update({part: stacked_view(ctx, 32, t, 0, 1) for part, t in layout.tensors.items()})
-            return weights
-
-        return ExpertGraph.build(parts, n_tok, 1, n_embd, layout.n_ff, layout.act), weights
+        self._graphs = ExpertGraphs()
 
     def run(self, shard: MappedShard, x: np.ndarray) -> np.ndarray:
         """x: float32 [n_tokens, n_embd] -> float32 [n_tokens, n_embd]."""
         layout = shard.layout
         n_tok, n_embd = x.shape
         key = (tuple(sorted((p, t.ggml_type, t.ne) for p, t in layout.tensors.items())), n_tok)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._build(layout, n_tok, n_embd)
-            if n_tok <= self._CACHE_TOKENS:
-                self._graphs[key] = entry
-        g, weights = entry
-        try:
+        # one expert: its tensors' data pointers are set to each shard's bytes (32: a placeholder)
+        build = lambda: ExpertGraph.build(  # noqa: E731
+            lambda ctx: {part: stacked_view(ctx, 32, t, 0, 1) for part, t in layout.tensors.items()},
+            n_tok, 1, n_embd, layout.n_ff, layout.act)
+        with self._graphs.use(key, n_tok, build) as g:
             for part, t in layout.tensors.items():
-                weights[part].contents.data = shard.address + t.offset
+                g.parts[part].contents.data = shard.address + t.offset
             return g.run(self.compute, x, np.zeros((n_tok, 1), dtype=np.int32)).reshape(n_tok, n_embd)
-        finally:
-            if n_tok > self._CACHE_TOKENS:
-                g.close()
 
     def close(self) -> None:
-        for g, _ in self._graphs.values():
-            g.close()
-        self._graphs.clear()
+        self._graphs.close()
 
 
 def stacked_view(ctx: Context, address: int, t: ShardTensor, stride: int, n_expert: int) -> TensorPtr:
@@ -212,8 +193,6 @@ class MoEGraph:
     Graphs are kept per (T, k) for small batches (decode); larger ones are built per call.
     """
 
-    _CACHE_TOKENS = 8
-
     def __init__(self, layer: LayerExperts, compute: Compute, n_embd: int,
                  replace: "Callable[[], dict[str, TensorPtr]] | None" = None) -> None:
         """replace: parts to use instead of the layer's views (e.g. repacked copies), asked per graph built."""
@@ -221,7 +200,7 @@ class MoEGraph:
         self.layer = layer
         self.compute = compute
         self.n_embd = n_embd
-        self._graphs: dict[tuple[int, int], ExpertGraph] = {}
+        self._graphs = ExpertGraphs()
 
     def _parts(self, ctx: Context) -> dict[str, TensorPtr]:
         parts = self.layer.parts(ctx)
@@ -235,18 +214,10 @@ class MoEGraph:
         missing = set(np.unique(ids).tolist()) - self.layer.mapped
         if missing:
             raise ValueError(f"experts {sorted(missing)} are not mapped")
-        g = self._graphs.get((n_tok, k))
-        if g is None:
-            g = ExpertGraph.build(self._parts, n_tok, k, self.n_embd, self.layer.tensors["down"].ne[0], self.layer.act)
-            if n_tok <= self._CACHE_TOKENS:
-                self._graphs[(n_tok, k)] = g
-        try:
+        build = lambda: ExpertGraph.build(self._parts, n_tok, k, self.n_embd, self.layer.tensors["down"].ne[0],  # noqa: E731
+                                          self.layer.act)
+        with self._graphs.use((n_tok, k), n_tok, build) as g:
             return g.run(self.compute, x, ids)
-        finally:
-            if n_tok > self._CACHE_TOKENS:
-                g.close()
 
     def close(self) -> None:
-        for g in self._graphs.values():
-            g.close()
-        self._graphs.clear()
+        self._graphs.close()

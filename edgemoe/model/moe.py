@@ -17,8 +17,9 @@ an expert graph of a worker) gets the bare name.
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -168,6 +169,7 @@ class ExpertGraph:
     ids: np.ndarray  # [T, k] int32, viewed by the graph
     out: TensorPtr  # [n_embd, k, T]
     out_view: np.ndarray  # out's memory as numpy (made once: the graph's tensors never move)
+    parts: dict[str, TensorPtr]  # the expert tensors it reads (a one-shard graph re-points their data)
 
     @classmethod
     def build(cls, parts: Callable[[Context], dict[str, TensorPtr]], n_tok: int, k: int, n_embd: int, n_ff: int,
@@ -178,13 +180,14 @@ class ExpertGraph:
         try:
             x = aligned_empty((n_tok, n_embd))
             ids = aligned_empty((n_tok, k), np.int32)
-            out = experts(ctx, parts(ctx), ctx.from_numpy(x), ctx.from_numpy(ids), act)
+            tensors = parts(ctx)
+            out = experts(ctx, tensors, ctx.from_numpy(x), ctx.from_numpy(ids), act)
             graph = ctx.graph(_GRAPH_NODES)
             lib.ggml_build_forward_expand(graph, out)
         except BaseException:
             ctx.close()
             raise
-        return cls(ctx, graph, x, ids, out, to_numpy(out))
+        return cls(ctx, graph, x, ids, out, to_numpy(out), tensors)
 
     def run(self, compute: Compute, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """float32 [T, k, n_embd], a copy (the graph's memory is rewritten by the next run)."""
@@ -196,3 +199,32 @@ class ExpertGraph:
 
     def close(self) -> None:
         self.ctx.close()
+
+
+class ExpertGraphs:
+    """Expert graphs by shape for one backend: a graph of up to KEEP_ROWS rows (decode) is built once and
+    kept, a larger one (a prompt) is built for its call and freed after it."""
+
+    KEEP_ROWS = 8
+
+    def __init__(self) -> None:
+        self._kept: dict[Hashable, ExpertGraph] = {}
+
+    @contextmanager
+    def use(self, key: Hashable, n_rows: int, build: Callable[[], ExpertGraph]) -> Iterator[ExpertGraph]:
+        """The graph for key (rows x its experts), built by build() the first time."""
+        g = self._kept.get(key)
+        if g is None:
+            g = build()
+            if n_rows <= self.KEEP_ROWS:
+                self._kept[key] = g
+        try:
+            yield g
+        finally:
+            if n_rows > self.KEEP_ROWS:
+                g.close()
+
+    def close(self) -> None:
+        for g in self._kept.values():
+            g.close()
+        self._kept.clear()

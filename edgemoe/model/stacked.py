@@ -16,11 +16,8 @@ from edgemoe.format.arch import ARCHITECTURES
 from edgemoe.format.schema import expert_tensor_name
 from edgemoe.ggml import Compute
 from edgemoe.model.experts import ExpertBackend, ExpertStats
-from edgemoe.model.moe import ExpertGraph
+from edgemoe.model.moe import ExpertGraph, ExpertGraphs
 from edgemoe.model.weights import GGUFTensors
-
-_CACHE_TOKENS = 8  # graphs for up to this many rows are kept (decode); larger batches are built per call
-
 
 class StackedExperts(ExpertBackend):
     """Computes selected experts from stacked tensors (one file, all layers, mapped once)."""
@@ -32,7 +29,7 @@ class StackedExperts(ExpertBackend):
         self.compute = compute
         self.n_embd = n_embd
         self.stats = ExpertStats()
-        self._graphs: dict[tuple[int, int, int], ExpertGraph] = {}
+        self._graphs = ExpertGraphs()
         for il in moe_layers:
             parts = self._parts(il)
             if "down" not in parts or not ({"gate", "up"} <= parts.keys() or "gate_up" in parts):
@@ -57,17 +54,8 @@ class StackedExperts(ExpertBackend):
                       groups: list[tuple[int, int]] | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         n_tok, k = selected.shape
-        key = (layer, n_tok, k)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._build(layer, n_tok, k)
-            if n_tok <= _CACHE_TOKENS:
-                self._graphs[key] = g
-        try:
+        with self._graphs.use((layer, n_tok, k), n_tok, lambda: self._build(layer, n_tok, k)) as g:
             out = g.run(self.compute, hidden, selected)
-        finally:
-            if n_tok > _CACHE_TOKENS:
-                g.close()
         s = self.stats
         s.calls += 1
         s.tokens += n_tok
@@ -79,6 +67,4 @@ class StackedExperts(ExpertBackend):
         return self.compute_layer(layer, hidden, selected)[:, 0]
 
     def close(self) -> None:
-        for g in self._graphs.values():
-            g.close()
-        self._graphs.clear()
+        self._graphs.close()
