@@ -41,12 +41,18 @@ def init_llama() -> None:
     global _initialised
     if _initialised:
         return
+    restore_log()
+    llama_cpp.llama_backend_init()
+    _initialised = True
+
+
+def restore_log() -> None:
+    """Install edgemoe's llama.cpp log callback (quiet unless EDGEMOE_LLAMA_LOG=1); also what code that
+    swapped in a callback of its own for a while puts back."""
     # The callbacks are module globals: llama.cpp keeps the raw pointer, so they must never be
     # garbage-collected. llama_log_set also sets ggml's logger.
     verbose = os.environ.get("EDGEMOE_LLAMA_LOG", "") not in ("", "0")
     llama_cpp.llama_log_set(_log_stderr if verbose else _log_quiet, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    _initialised = True
 
 
 def model_params(*, extra_bufts: bool | None = None, vocab_only: bool = False) -> llama_cpp.llama_model_params:

@@ -220,7 +220,8 @@ def _quiet_llama() -> Iterator[None]:
     """Silence llama.cpp's info/debug log while quantizing; warnings and errors still print."""
     global _LOG_CB
     import llama_cpp
-    import llama_cpp._logger as lcl
+
+    from edgemoe.util.llamacpp import restore_log
 
     if _LOG_CB is None:
         state = {"show": False}
@@ -238,7 +239,9 @@ def _quiet_llama() -> Iterator[None]:
     try:
         yield
     finally:
-        llama_cpp.llama_log_set(lcl.llama_log_callback, ctypes.c_void_p(0))
+        # edgemoe's callback, not llama-cpp-python's default: a build inside a test session (a fixture
+        # rebuilt) must not leave llama.cpp's load log on the stderr of the tests after it
+        restore_log()
 
 
 def quantize(src: Path, out_path: Path, llama_ftype: int, nthread: int = 2) -> Path:
