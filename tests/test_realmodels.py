@@ -290,6 +290,18 @@ def test_engine_greedy_equals_llama_cpp_on_real_models(full: Path, name: str) ->
     compare_with_llama_cpp(full / f"{name}.gguf", full / name, n_predict=24)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_kv_cache_combination_on_real_models(full: Path, name: str) -> None:
+    """Every KV cache type and flash-attention mode llama.cpp accepts on the CPU (tests/test_engine.py's
+    SUPPORTED: 40), on both real models: routing, tokens and logits bitwise equal to llama.cpp's."""
+    from tests.test_engine import SUPPORTED
+
+    for attention in SUPPORTED:
+        compare_with_llama_cpp(full / f"{name}.gguf", full / name, n_predict=16, attention=attention)
+
+
 def _cluster_greedy(model: Path, n_predict: int, predictor: str = "lookahead") -> tuple[list[int], list[int]]:
     """Greedy tokens of the model served by a local cluster of 4 workers (loopback ZeroMQ), streaming
     every expert (residency off) so that the predictor is what names them ahead of time."""
