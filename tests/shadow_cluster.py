@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.cluster.session import ClusterOptions, open_engine
+from edgemoe.convert import plan_conversion, write_model
 from edgemoe.model.engine import Engine
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.predict import PredictorOptions, make_predictor
@@ -29,3 +30,14 @@ def assert_shadow_cluster_equals_in_process(model: Path, prompt: list[int], *, w
         assert cluster.recall.correct > 0
     assert tokens == want_tokens
     assert np.array_equal(logits, want_logits)
+
+
+def with_q8_0_shadow(fixture_models: list[Path], stems: dict[str, str], root: Path) -> dict[str, Path]:
+    """Each q8_0 test model (key -> its fixture's stem) converted under root/key with a q8_0 shadow: a
+    shadow whose experts equal the model's, so its predictions are the model's own routing."""
+    src = {p.stem: p for p in fixture_models}
+    out = {}
+    for key, stem in stems.items():
+        out[key] = root / key
+        write_model(plan_conversion(src[stem], shadow_type="q8_0"), out[key], progress=False)
+    return out

@@ -23,7 +23,7 @@ from edgemoe.model.kvcache import AttentionOptions
 from edgemoe.predict import PredictorOptions
 from edgemoe.predict.baselines import LookaheadPredictor
 from tests.cli import edgemoe
-from tests.shadow_cluster import assert_shadow_cluster_equals_in_process
+from tests.shadow_cluster import assert_shadow_cluster_equals_in_process, with_q8_0_shadow
 from tests.test_engine import compare_with_llama_cpp
 from tests.synthetic import write_moe
 from edgemoe.convert import plan_conversion, write_model
@@ -161,13 +161,7 @@ def test_legacy_kv_b_cache_types_match_llama_cpp(fixture_models: list[Path], con
 @pytest.fixture(scope="module")
 def shadowed(fixture_models: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each q8_0 model converted with a q8_0 shadow: a shadow identical to the main model."""
-    src = {p.stem: p for p in fixture_models}
-    root = tmp_path_factory.mktemp("shadowed")
-    out = {}
-    for model in ROUTED:
-        out[model] = root / model
-        write_model(plan_conversion(src[f"{model}-q8_0"], shadow_type="q8_0"), out[model], progress=False)
-    return out
+    return with_q8_0_shadow(fixture_models, {m: f"{m}-q8_0" for m in ROUTED}, tmp_path_factory.mktemp("shadowed"))
 
 
 @pytest.mark.parametrize("model", ROUTED)

@@ -18,7 +18,7 @@ from edgemoe.model.experts import LocalExperts
 from edgemoe.model.generate import greedy_tokens
 from edgemoe.predict import PredictorOptions
 from edgemoe.predict.baselines import LookaheadPredictor
-from tests.shadow_cluster import assert_shadow_cluster_equals_in_process
+from tests.shadow_cluster import assert_shadow_cluster_equals_in_process, with_q8_0_shadow
 from tests.test_engine import compare_with_llama_cpp
 from edgemoe.convert import plan_conversion, write_model
 from tools.testmodels.archs import ARCHS
@@ -31,13 +31,7 @@ SHADOWED = ("granitemoe-shexp-q8_0", "ernie4_5-moe-q8_0")
 @pytest.fixture(scope="module")
 def shadowed(fixture_models: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The q8_0 models converted with a q8_0 shadow: the shadow's experts equal the model's."""
-    src = {p.stem: p for p in fixture_models}
-    root = tmp_path_factory.mktemp("archs")
-    out = {}
-    for stem in SHADOWED:
-        out[stem] = root / stem
-        write_model(plan_conversion(src[stem], shadow_type="q8_0"), out[stem], progress=False)
-    return out
+    return with_q8_0_shadow(fixture_models, {s: s for s in SHADOWED}, tmp_path_factory.mktemp("archs"))
 
 
 def test_lookahead_routes_with_the_selection_bias(converted_models: dict[str, Path]) -> None:
