@@ -30,7 +30,7 @@ def facts(n_layers: int = 4, n_experts: int = 8, k: int = 2, shard: int = 4 * Mi
 
 def board(**kw) -> BoardSpeed:
     base = dict(name="b", cores=4, threads=1, compute_bytes_s=4e9, storage_bytes_s=100e6, round_trip_s=200e-6,
-                network_bytes_s=100e6, layer_overhead_s=1e-3, request_s=1e-3)
+                network_bytes_s=100e6, layer_overhead_s=1e-3, request_s=1e-3, fanout_s=300e-6)
     return BoardSpeed(**{**base, **kw})
 
 
@@ -95,9 +95,17 @@ def test_pipeline_terms_add_up() -> None:
     L, shard = 4, 4 * MiB
     head = 16 * MiB / 4e9
     trunk = L * ((40 * MiB - 16 * MiB) / L / 4e9 + 1e-3)
-    per_layer_workers = 1 * (1e-3 + 2 * 4 * 512 / 100e6 + shard / 4e9)  # k=2 over 2 workers: one request each
+    # k=2 over 2 workers: one request each, at once: the fan-out, the second worker's message, one expert each
+    per_layer_workers = 300e-6 + 1e-3 + 1 * (2 * 4 * 512 / 100e6 + shard / 4e9)
     assert p.token_s == pytest.approx(head + trunk + L * per_layer_workers)
     assert p.tok_s == pytest.approx(1 / p.token_s)
+    # one worker: one request per layer for both experts (one graph), no second message
+    one = predict_decode(f, plan_memory(f, workers(1, 512 * MiB)), [b], b, predictor="lookahead")
+    assert one.token_s == pytest.approx(head + trunk + L * (300e-6 + 2 * (2 * 4 * 512 / 100e6 + shard / 4e9)))
+    # a network whose round trip exceeds the measured fan-out pays the round trip
+    far = replace(b, round_trip_s=5e-3)
+    assert predict_decode(f, mem, [far, far], b, predictor="lookahead").token_s == pytest.approx(
+        p.token_s + L * (5e-3 - 300e-6))
     # misses read shards on demand: a lower recall with streaming is slower
     off = plan_memory(f, workers(2, 512 * MiB), residency="off")
     assert predict_decode(f, off, [b, b], b, recall=0.5).token_s > predict_decode(f, off, [b, b], b, recall=1.0).token_s
@@ -170,6 +178,7 @@ def test_profile_board_measures_and_writes_a_strict_profile(converted_models: di
     for key in ("storage_read_mb_s", "compute_mb_s", "round_trip_us", "network_mb_s"):
         assert getattr(p, key) > 0, key
     assert p.layer_overhead_us >= 0 and p.request_us >= 0
+    assert p.fanout_us > 0  # a layer through a worker costs more than the same layer in process
     r = edgemoe("plan", str(d), "--board", f"{out}:2", "--shared-host", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["speed"]["tok_s"] > 0
     r = edgemoe("profile-board", str(d), "-o", str(out))  # exists

@@ -41,11 +41,11 @@ def test_good_profile(tmp_path: Path) -> None:
 
 def test_measured_keys(tmp_path: Path) -> None:
     text = GOOD + ('cores = 2\nmemory_total = "1GiB"\ncompute_mb_s = 900.5\nround_trip_us = 120\nnetwork_mb_s = 11\n'
-                   'layer_overhead_us = 0\nworker_baseline = "50MiB"\nrequest_us = 1500\n')
+                   'layer_overhead_us = 0\nworker_baseline = "50MiB"\nrequest_us = 1500\nfanout_us = 400\n')
     prof = load_profile(write(tmp_path, text))
     assert (prof.cores, prof.memory_total, prof.compute_mb_s, prof.round_trip_us, prof.network_mb_s) == (
         2, 1 << 30, 900.5, 120.0, 11.0)
-    assert (prof.layer_overhead_us, prof.worker_baseline, prof.request_us) == (0.0, 50 << 20, 1500.0)
+    assert (prof.layer_overhead_us, prof.worker_baseline, prof.request_us, prof.fanout_us) == (0.0, 50 << 20, 1500.0, 400.0)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +80,7 @@ def test_measured_keys(tmp_path: Path) -> None:
         (GOOD + 'memory_total = "128MiB"\n', "memory_budget must be at most memory_total"),
         (GOOD + 'worker_baseline = "300MiB"\n', "worker_baseline must be below memory_budget"),
         (GOOD + "request_us = true\n", "request_us must be a number"),
+        (GOOD + "fanout_us = -5\n", "fanout_us must be a number"),
     ],
 )
 def test_bad_profiles_name_key_and_file(tmp_path: Path, text: str, message: str) -> None:
@@ -108,7 +109,7 @@ def test_cli_rejects_a_bad_profile(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD + "colour = 1\n")
     r = _worker("--model", str(tmp_path), "--profile", str(path))
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {path}: unknown key 'colour' (known keys: name, memory_budget, threads, storage_read_mb_s, description, cores, memory_total, compute_mb_s, round_trip_us, network_mb_s, layer_overhead_us, worker_baseline, request_us)"]
+    assert r.stderr.strip().splitlines() == [f"error: {path}: unknown key 'colour' (known keys: name, memory_budget, threads, storage_read_mb_s, description, cores, memory_total, compute_mb_s, round_trip_us, network_mb_s, layer_overhead_us, worker_baseline, request_us, fanout_us)"]
 
 
 def test_cli_flags_override_the_profile(converted_models: dict[str, Path], tmp_path: Path) -> None:

@@ -4,9 +4,11 @@
     storage_read_mb_s            expert shards mapped cold as a worker maps them (bench/storage.py)
     compute_mb_s                 expert FFNs of one token row on `threads` ggml threads: shard bytes / time
     round_trip_us, network_mb_s  ZeroMQ DEALER/ROUTER over loopback: a hidden state there and back; 4 MiB frames
-    request_us                   decode through a local 1-worker cluster (lookahead prefetch) less the same
-                                 decode in one process, per expert request: the cluster path's cost per
-                                 request (both ends, the round trip, the worker's map/compute/drop)
+    fanout_us, request_us        decode through local 1- and 2-worker clusters with every expert resident,
+                                 less the same decode in one process, per layer: a worker gets one request
+                                 per layer for all its experts; fanout_us is a layer's cost with one worker
+                                 (messaging at both ends, the round trip), request_us what each further
+                                 worker of the layer adds (the 2-worker cluster less the 1-worker one)
     layer_overhead_us            the in-process engine's decode per layer, less the weight bytes it reads at
                                  compute_mb_s: the fixed cost of the decode path (graphs, Python, copies)
     worker_baseline              a fresh worker process's resident memory with no expert mapped
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.format.manifest import expert_file_name, load_manifest
+from edgemoe.format.manifest import load_manifest
 from edgemoe.plan.pipeline import BoardSpeed
 
 
@@ -43,6 +45,7 @@ class BoardMeasurement:
     layer_overhead_us: float
     worker_baseline: int
     request_us: float
+    fanout_us: float
 
 
 def memory_total() -> int:
@@ -172,20 +175,46 @@ def _decode_times(engine, n_tokens: int) -> float:
     return statistics.median(times[4:])
 
 
-def request_cost(model_dir: Path, threads: int, n_tokens: int = 16) -> float:
-    """us per expert request that a decode through a local 1-worker cluster (lookahead prefetch) takes
-    beyond the same decode in one process: messaging at both ends, the round trip, the worker's
-    map/compute/drop of each shard, as the cluster really runs them."""
+def _cluster_decode(model_dir: Path, workers: int, budget: int, threads: int, n_tokens: int) -> float:
+    """Median seconds per decode token through a local cluster of `workers` workers, after its residents
+    have loaded (warm-up: decode until two runs of 4 tokens agree within 10%, at most 3 s)."""
     from edgemoe.cluster.session import ClusterOptions, open_engine
+
+    opts = ClusterOptions(workers=workers, predictor="lookahead", worker_threads=threads,
+                          memory_budget=f"{budget >> 20}MiB")
+    with open_engine(model_dir, opts, n_ctx=512, n_threads=threads) as eng:
+        t0, last = time.perf_counter(), float("inf")
+        while time.perf_counter() - t0 < 3.0 and eng.seq_past[0] < 512 - 2 * n_tokens - 16:
+            now = _decode_times(eng, 4)
+            if abs(now - last) <= 0.1 * last:
+                break
+            last = now
+        eng.reset()
+        return _decode_times(eng, n_tokens)
+
+
+def request_costs(model_dir: Path, threads: int, n_tokens: int = 32, repeats: int = 3) -> tuple[float, float]:
+    """(fanout_us, request_us): what a decode layer through a local cluster costs beyond the same layer
+    in one process, every expert resident (budgets that hold them all, where this machine's memory
+    allows), as the cluster really runs it. A worker gets one request per layer for all of its experts
+    (computed in one graph): with 1 worker a layer costs fanout, with 2 (each holding half the experts)
+    fanout + request, the further worker's message at both ends. Medians of `repeats` runs each, the two
+    cluster sizes in turn (decode times on a busy 2-core host vary by +-15% from second to second)."""
     from edgemoe.model.engine import Engine
 
     m = load_manifest(model_dir)
+    L = len(m.moe_layers)
+    experts = sum(m.files[rel].size for _, _, rel in m.expert_files())
+    room = memory_total() // 3  # the workers' budgets together stay below a third of the memory
     with Engine(model_dir, n_ctx=n_tokens + 16, n_threads=threads) as eng:
         local = _decode_times(eng, n_tokens)
-    opts = ClusterOptions(workers=1, predictor="lookahead", worker_threads=threads)
-    with open_engine(model_dir, opts, n_ctx=n_tokens + 16, n_threads=threads) as eng:
-        cluster = _decode_times(eng, n_tokens)
-    return max(0.0, (cluster - local) / (len(m.moe_layers) * m.n_experts_used) * 1e6)
+    runs: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for n in runs:
+            budget = min(int(experts * 1.25 / n) + (256 << 20), room // n)
+            runs[n].append(_cluster_decode(model_dir, n, budget, threads, n_tokens))
+    one, two = (max(0.0, statistics.median(runs[n]) - local) / L for n in (1, 2))
+    return one * 1e6, max(0.0, two - one) * 1e6
 
 
 def worker_baseline() -> int:
@@ -210,12 +239,13 @@ def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> 
     rtt, bw = loopback(n_embd)
     say(f"  {rtt:.0f} us, {bw:.0f} MB/s; decoding in one process for the per-layer overhead ...")
     ovh = layer_overhead(model_dir, threads, comp)
-    say(f"  {ovh:.0f} us per layer; expert requests through a local worker ...")
-    req = request_cost(model_dir, threads)
-    say(f"  {req:.0f} us per request beyond read and compute; a worker's baseline memory ...")
+    say(f"  {ovh:.0f} us per layer; expert requests through local 1- and 2-worker clusters ...")
+    fanout, req = request_costs(model_dir, threads)
+    say(f"  {fanout:.0f} us per layer's fan-out, {req:.0f} us per further worker of a layer; a worker's "
+        "baseline memory ...")
     base = worker_baseline()
     say(f"  {base / 2**20:.0f} MiB")
-    return BoardMeasurement(cores(), memory_total(), threads, storage, comp, rtt, bw, ovh, base, req)
+    return BoardMeasurement(cores(), memory_total(), threads, storage, comp, rtt, bw, ovh, base, req, fanout)
 
 
 def this_machine(model_dir: str | os.PathLike[str], threads: int, profile: str | None = None) -> tuple[BoardSpeed, int]:
@@ -235,10 +265,11 @@ def this_machine(model_dir: str | os.PathLike[str], threads: int, profile: str |
     comp = compute_rate(model_dir, threads, n_embd)
     rtt, bw = loopback(n_embd)
     storage = storage_rate(model_dir)
+    fanout, request = request_costs(model_dir, threads)
     speed = BoardSpeed("this-machine", cores(), threads, comp * 1e6, storage * 1e6, rtt * 1e-6, bw * 1e6,
-                       layer_overhead(model_dir, threads, comp) * 1e-6, request_cost(model_dir, threads) * 1e-6)
+                       layer_overhead(model_dir, threads, comp) * 1e-6, request * 1e-6, fanout * 1e-6)
     return speed, worker_baseline()
 
 
 __all__ = ["BoardMeasurement", "compute_rate", "cores", "layer_overhead", "loopback", "measure_board",
-           "memory_total", "request_cost", "storage_rate", "this_machine", "worker_baseline"]
+           "memory_total", "request_costs", "storage_rate", "this_machine", "worker_baseline"]

@@ -44,7 +44,8 @@ def render(name: str, budget: int, m, description: str) -> str:
             f"network_mb_s = {m.network_mb_s:.1f}\n"
             f"layer_overhead_us = {m.layer_overhead_us:.1f}\n"
             f"worker_baseline = {mib(m.worker_baseline)}\n"
-            f"request_us = {m.request_us:.1f}\n")
+            f"request_us = {m.request_us:.1f}\n"
+            f"fanout_us = {m.fanout_us:.1f}\n")
 
 
 def run(args: argparse.Namespace) -> int:

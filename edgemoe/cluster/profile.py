@@ -12,7 +12,8 @@
     round_trip_us = 450.0                # one small request + reply to/from this board over its network
     network_mb_s = 11.0                  # link throughput, MB/s
     layer_overhead_us = 900.0            # fixed cost per MoE layer of the decode path (coordinator role)
-    request_us = 1500.0                  # one expert request's fixed cost on the cluster path, both ends
+    request_us = 1500.0                  # one more expert request served by the same worker in a layer
+    fanout_us = 300.0                    # a layer's requests to its workers, served at once: the fixed cost
     worker_baseline = "80MiB"            # a worker process's resident memory with no expert mapped
 
 Unknown keys, wrong types, out-of-range values and missing required keys are errors naming the key
@@ -32,10 +33,10 @@ from edgemoe.errors import UserError
 
 REQUIRED = ("name", "memory_budget", "threads")
 OPTIONAL = ("storage_read_mb_s", "description", "cores", "memory_total", "compute_mb_s", "round_trip_us",
-            "network_mb_s", "layer_overhead_us", "worker_baseline", "request_us")
+            "network_mb_s", "layer_overhead_us", "worker_baseline", "request_us", "fanout_us")
 # measured speeds: (key, lowest, highest) for the positive numbers among them
 _RATES = (("compute_mb_s", 1e-3, 1e7), ("round_trip_us", 0.1, 1e8), ("network_mb_s", 1e-3, 1e7),
-          ("layer_overhead_us", 0.0, 1e8), ("request_us", 0.0, 1e8))
+          ("layer_overhead_us", 0.0, 1e8), ("request_us", 0.0, 1e8), ("fanout_us", 0.0, 1e8))
 MIN_BUDGET = 16 << 20
 MAX_BUDGET = 1 << 40
 MAX_THREADS = 256
@@ -58,6 +59,7 @@ class DeviceProfile:
     layer_overhead_us: float | None = None
     worker_baseline: int | None = None  # bytes
     request_us: float | None = None
+    fanout_us: float | None = None
 
 
 def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
@@ -147,4 +149,5 @@ def parse_profile(data: dict[str, Any], path: Path) -> DeviceProfile:
 
     return DeviceProfile(path, name, budget, threads, speed, description, cores, sizes["memory_total"],
                          rates["compute_mb_s"], rates["round_trip_us"], rates["network_mb_s"],
-                         rates["layer_overhead_us"], sizes["worker_baseline"], rates["request_us"])
+                         rates["layer_overhead_us"], sizes["worker_baseline"], rates["request_us"],
+                         rates["fanout_us"])

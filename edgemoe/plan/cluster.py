@@ -59,7 +59,9 @@ def board_speed(p: DeviceProfile) -> BoardSpeed:
                       compute_bytes_s=p.compute_mb_s * 1e6, storage_bytes_s=p.storage_read_mb_s * 1e6,
                       round_trip_s=p.round_trip_us * 1e-6,
                       network_bytes_s=(p.network_mb_s or float("inf")) * 1e6, layer_overhead_s=p.layer_overhead_us * 1e-6,
-                      request_s=p.request_us * 1e-6)
+                      request_s=p.request_us * 1e-6,
+                      # profiles written before fanout_us was measured: the round trip is its floor
+                      fanout_s=(p.fanout_us if p.fanout_us is not None else p.round_trip_us) * 1e-6)
 
 
 def routing_counts(imatrix_path: str | os.PathLike[str], facts: ModelFacts) -> dict[int, np.ndarray]:

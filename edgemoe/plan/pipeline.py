@@ -3,9 +3,11 @@
 A decode token walks the MoE layers one after another (paper section 2). Per layer l:
 
     t_M  = trunk_layer_bytes / coordinator compute rate + coordinator per-layer overhead
-    t_W  = ceil(k / group size) * (request cost + hidden-state bytes / link rate + shard / worker compute rate)
-           (a worker of the layer's group serves its requests one after another; the request cost is
-           measured: messaging at both ends and the round trip)
+    t_W  = fan-out + (group size - 1) * request cost
+           + ceil(k / group size) * (hidden-state bytes / link rate + shard / worker compute rate)
+           (each worker of the layer's group gets one request for its experts and computes them in one
+           graph; fan-out and request cost are measured on local 1- and 2-worker clusters, every expert
+           resident)
     stall: an expert the predictor missed (probability 1 - recall) and that is not resident is read on
            demand: shard / storage rate, once per layer that has such a miss
 
@@ -45,7 +47,8 @@ class BoardSpeed:
     round_trip_s: float  # one small request + reply
     network_bytes_s: float  # link throughput
     layer_overhead_s: float  # fixed decode-path cost per layer (coordinator role)
-    request_s: float  # one expert request's fixed cost on the cluster path (both ends, round trip included)
+    request_s: float  # each further worker a layer's requests go to (its message at both ends)
+    fanout_s: float = 0.0  # a layer's request to one worker and its answer: the fixed cost per layer
 
 
 @dataclass
@@ -86,7 +89,10 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     per_worker = math.ceil(k / g)
     compute = L * per_worker * shard / slow_w.compute_bytes_s
     request = max(b.request_s for b in workers)
-    network = L * per_worker * (max(request, rtt) + 2 * hidden / net)
+    fanout = max(coordinator.fanout_s, rtt)  # a real network's round trip can exceed the measured fan-out
+    # a worker gets one request per layer for its ceil(k/g) experts (one graph): the layer pays one fan-out,
+    # each further worker's message, and the hidden states out and back
+    network = L * (fanout + (g - 1) * request + per_worker * 2 * hidden / net)
     # misses: a routed expert neither resident nor predicted is read on demand
     p_stream = 1.0 - mem.resident_hit
     r = recall if predictor != "reactive" else 0.0
@@ -106,8 +112,9 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     # cpu: everything on one host shares its cores
     cpu = 0.0
     if shared_host:
-        # every routed expert is computed once (on `threads` threads); each request's round trip is CPU on both ends
-        work = head + trunk + shadow + L * k * shard / slow_w.compute_bytes_s * slow_w.threads + L * k * max(request, rtt)
+        # every routed expert is computed once (on `threads` threads); each request and fan-out is CPU at both ends
+        work = head + trunk + shadow + L * k * shard / slow_w.compute_bytes_s * slow_w.threads \
+            + L * (fanout + (g - 1) * request)
         cpu = work / max(1, coordinator.cores)
     terms = {"path": path, "storage": storage, "cpu": cpu, "shadow": shadow if shadow_node else 0.0}
     token = max(terms.values())
