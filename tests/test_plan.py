@@ -204,3 +204,17 @@ def test_info_into_a_closed_pipe_ends_quietly(converted_models: dict[str, Path])
         os.close(write_end)
     assert r.returncode == 141, r.stderr
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_a_host_with_fewer_cores_than_processes_waits_for_its_reads() -> None:
+    """On one host with fewer cores than processes the streamed reads join the decode path (measured on 2
+    cores with 4 workers); with a core per process they overlap it."""
+    f = facts()
+    mem = plan_memory(f, workers(4, 80 * MiB))  # streams
+    few, many = board(cores=2), board(cores=16)
+    a = predict_decode(f, mem, [few] * 4, few, recall=0.9, shared_host=True)
+    b = predict_decode(f, mem, [many] * 4, many, recall=0.9, shared_host=True)
+    assert a.components["exposed_reads"] == pytest.approx(a.terms["storage"] - a.components["stall"]) > 0
+    assert b.components["exposed_reads"] == 0.0
+    assert a.terms["path"] == pytest.approx(b.terms["path"] + a.components["exposed_reads"])
+    assert predict_decode(f, mem, [few] * 4, few, recall=0.9).components["exposed_reads"] == 0.0  # own boards

@@ -9,11 +9,11 @@ import socket
 import sys
 
 from edgemoe.cli.keygen import add_client_key_args
+from edgemoe.cluster.budget import DEFAULT_BUDGET
 from edgemoe.errors import UserError
 
 HELP = ("run a worker: compute expert shards for a coordinator within a memory budget, keeping the resident ones "
         "it is given and loading the others just in time")
-DEFAULT_BUDGET = "512MiB"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

@@ -51,6 +51,7 @@ from edgemoe.format.shard import ExpertId
 PAGE_SIZE = 4096
 RUNTIME_SLACK = 2 << 20  # Python/zmq/logging allocations while serving, beyond the start-up baseline
 DEFAULT_MAX_TOKENS = 64  # rows of one COMPUTE the default reserve is sized for
+DEFAULT_BUDGET = "512MiB"  # a worker's budget when neither --memory-budget nor its profile gives one
 
 # ------------------------------------------------------------------------------------------------
 # sizes

@@ -15,7 +15,8 @@ and loads of correctly predicted, non-resident experts overlap the other groups'
 stall while t_load <= n_groups * t_M + (n_groups - 1) * t_W). The token's time is the largest of:
 
     path     = head + sum over layers (t_M + t_W + stall) [+ the shadow's decode when it shares the
-               coordinator: it runs between tokens]
+               coordinator: it runs between tokens] [+ the streamed reads, on one host with fewer cores
+               than processes: there the loaders and the path take turns on the cores (measured)]
     storage  = the streamed shards one worker reads per token / its storage rate (all workers' reads
                together when they share one disk), mispredicted prefetches included
     cpu      = all CPU work of the token / cores, when every process shares one host (the local
@@ -109,6 +110,11 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     # storage: streamed shards per token (+ mispredicted prefetches that were loaded for nothing)
     reads = L * k * p_stream * (1.0 + (1.0 - r) if predictor != "reactive" else 1.0)
     storage = reads * shard / slow_s.storage_bytes_s * (1.0 if shared_host else 1.0 / n)
+    # one host with fewer cores than processes on it: the loaders and the decode path take turns on the
+    # cores, and the token waits for its streamed reads instead of overlapping them (measured on 2 cores
+    # with 4 workers; with a core per process the reads overlap the path, eq. (1))
+    exposed = max(0.0, storage - stall) if shared_host and n + 1 > coordinator.cores else 0.0
+    path += exposed
     # cpu: everything on one host shares its cores
     cpu = 0.0
     if shared_host:
@@ -119,14 +125,14 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     terms = {"path": path, "storage": storage, "cpu": cpu, "shadow": shadow if shadow_node else 0.0}
     token = max(terms.values())
     components = {"coordinator": head + trunk + (0.0 if shadow_node else shadow), "network": network,
-                  "compute": compute, "stall": stall, "shadow": shadow}
+                  "compute": compute, "stall": stall, "exposed_reads": exposed, "shadow": shadow}
     win = max(terms, key=terms.get)
     if win == "storage":
         bottleneck = "storage"
     elif win == "shadow":
         bottleneck = "coordinator (the shadow node)"
     else:
-        c = {"coordinator": components["coordinator"], "network": network, "compute": compute, "storage": stall}
+        c = {"coordinator": components["coordinator"], "network": network, "compute": compute, "storage": stall + exposed}
         bottleneck = max(c, key=c.get)
         if win == "cpu":
             bottleneck += " (the host's cores are shared by every process)"
