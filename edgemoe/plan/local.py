@@ -21,7 +21,8 @@ def predict_local_cluster(model_dir: str | os.PathLike[str], *, workers: int, me
                           recall: float, machine: BoardSpeed, baseline: int, storage_bytes_s: float | None = None,
                           shadow_node: bool = False, residency: str = "off") -> SpeedPrediction:
     """Decode speed the planner predicts for `edgemoe bench cluster`'s local cluster of `workers` workers.
-    storage_bytes_s: the cold shard read rate of all the workers' loaders together (the bench measures it)."""
+    storage_bytes_s: the cold shard read rate of all the workers' loaders together (the bench measures it;
+    None: the machine's own single-loader rate)."""
     facts = facts_of_dir(model_dir)
     # the planner knows the shadow's cost (a second decode) and the reactive one's (no prefetch); the
     # other predictors are cheap look-aheads whose measured recall says what they prefetch
@@ -30,10 +31,7 @@ def predict_local_cluster(model_dir: str | os.PathLike[str], *, workers: int, me
     specs = [WorkerSpec(f"worker-{i}", budget, min(baseline, budget // 2)) for i in range(workers)]
     mem = plan_memory(facts, specs, residency=residency, shadow_in_process=not shadow_node)
     if storage_bytes_s:
-        # the slower of two cold measurements: where the page cache cannot be dropped (gVisor ignores the
-        # advice) a "cold" read is served from memory and only errs fast (measured there: 18.5 GB/s once,
-        # 1.0-1.7 GB/s other times, on the same files)
-        machine = replace(machine, storage_bytes_s=min(storage_bytes_s, machine.storage_bytes_s))
+        machine = replace(machine, storage_bytes_s=storage_bytes_s)
     return predict_decode(facts, mem, [machine] * workers, machine, recall=recall, predictor=kind,
                           shadow_node=shadow_node, shared_host=True)
 
