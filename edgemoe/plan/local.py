@@ -9,7 +9,6 @@ edgemoe profile-board).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 from edgemoe.cluster.budget import DEFAULT_BUDGET, parse_size
 from edgemoe.plan.facts import facts_of_dir
@@ -22,7 +21,7 @@ def predict_local_cluster(model_dir: str | os.PathLike[str], *, workers: int, me
                           shadow_node: bool = False, residency: str = "off") -> SpeedPrediction:
     """Decode speed the planner predicts for `edgemoe bench cluster`'s local cluster of `workers` workers.
     storage_bytes_s: the cold shard read rate of all the workers' loaders together (the bench measures it;
-    None: the machine's own single-loader rate)."""
+    None: the machine's own single-loader rate); a single load (a miss) takes the machine's own rate."""
     facts = facts_of_dir(model_dir)
     # the planner knows the shadow's cost (a second decode) and the reactive one's (no prefetch); the
     # other predictors are cheap look-aheads whose measured recall says what they prefetch
@@ -30,10 +29,8 @@ def predict_local_cluster(model_dir: str | os.PathLike[str], *, workers: int, me
     budget = parse_size(memory_budget or DEFAULT_BUDGET, "--memory-budget")  # (the workers' own default)
     specs = [WorkerSpec(f"worker-{i}", budget, min(baseline, budget // 2)) for i in range(workers)]
     mem = plan_memory(facts, specs, residency=residency, shadow_in_process=not shadow_node)
-    if storage_bytes_s:
-        machine = replace(machine, storage_bytes_s=storage_bytes_s)
     return predict_decode(facts, mem, [machine] * workers, machine, recall=recall, predictor=kind,
-                          shadow_node=shadow_node, shared_host=True)
+                          shadow_node=shadow_node, shared_host=True, shared_storage_bytes_s=storage_bytes_s)
 
 
 __all__ = ["predict_local_cluster"]

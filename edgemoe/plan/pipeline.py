@@ -69,8 +69,10 @@ class SpeedPrediction:
 
 def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed], coordinator: BoardSpeed, *,
                    recall: float = 1.0, predictor: str = "shadow", shadow_node: bool = False,
-                   shared_host: bool = False) -> SpeedPrediction:
-    """Seconds per decode token of the cluster (see the module docstring)."""
+                   shared_host: bool = False, shared_storage_bytes_s: float | None = None) -> SpeedPrediction:
+    """Seconds per decode token of the cluster (see the module docstring). shared_storage_bytes_s: the read
+    rate of the one disk every worker of a shared host reads, all loaders together (default: the slowest
+    board's single-loader rate); a single load's latency is always the single-loader rate's."""
     L = len(facts.moe_layers)
     k = facts.n_experts_used
     n = len(workers)
@@ -109,7 +111,10 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     path = head + trunk + compute + network + stall + (0.0 if shadow_node else shadow)
     # storage: streamed shards per token (+ mispredicted prefetches that were loaded for nothing)
     reads = L * k * p_stream * (1.0 + (1.0 - r) if predictor != "reactive" else 1.0)
-    storage = reads * shard / slow_s.storage_bytes_s * (1.0 if shared_host else 1.0 / n)
+    if shared_host:
+        storage = reads * shard / (shared_storage_bytes_s or slow_s.storage_bytes_s)
+    else:
+        storage = reads * shard / slow_s.storage_bytes_s / n
     # one host with fewer cores than processes on it: the loaders and the decode path take turns on the
     # cores, and the token waits for its streamed reads instead of overlapping them (measured on 2 cores
     # with 4 workers; with a core per process the reads overlap the path, eq. (1))
