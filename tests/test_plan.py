@@ -50,13 +50,13 @@ def test_memory_plan_places_each_expert_at_most_once_within_budgets() -> None:
     assert big.resident_experts == 32 and big.resident_hit == 1.0 and not big.streams
     off = plan_memory(f, workers(4, 512 * MiB), residency="off")
     assert off.resident_experts == 0 and off.resident_hit == 0.0
-    assert mem.boards_for_all_resident == -(-32 // ((80 * MiB - 50 * MiB - mem.workers[0].reserve) // (4 * MiB)))
+    assert mem.boards_for_all_resident == -(-32 // ((80 * MiB - 50 * MiB - mem.workers[0].reserve) // (4 * MiB) - 3))
 
 
 def test_residency_keeps_the_most_used_experts() -> None:
     f = facts(n_layers=2, n_experts=4)
     counts = {0: np.array([100.0, 1, 1, 1]), 1: np.array([1.0, 1, 1, 100])}
-    room = 50 * MiB + plan_memory(f, workers(1, 200 * MiB)).workers[0].reserve + 4 * 4 * MiB  # 2 resident + 2 slots
+    room = 50 * MiB + plan_memory(f, workers(1, 200 * MiB)).workers[0].reserve + 5 * 4 * MiB  # 2 resident + k+1 slots
     mem = plan_memory(f, workers(1, room), counts=counts)
     assert mem.resident_experts == 2 and mem.resident_layers == {0: 1, 1: 1}
     assert mem.resident_hit == pytest.approx(100 / 103)
@@ -219,3 +219,16 @@ def test_a_host_with_fewer_cores_than_processes_waits_for_its_reads() -> None:
     assert b.components["exposed_reads"] == 0.0
     assert a.terms["path"] == pytest.approx(b.terms["path"] + a.components["exposed_reads"])
     assert predict_decode(f, mem, [few] * 4, few, recall=0.9).components["exposed_reads"] == 0.0  # own boards
+
+
+def test_the_plan_leaves_a_worker_the_slots_its_admission_keeps() -> None:
+    """The planner's resident room per worker is the worker's own: capacity less top-k + 1 slots."""
+    from edgemoe.cluster.budget import Admission, default_reserve, jit_slot_count
+
+    f = facts(n_layers=16, n_experts=64, k=8)  # OLMoE's k: nine slots, not two
+    w = WorkerSpec("w", 120 * MiB, 40 * MiB)
+    plan = plan_memory(f, [w])
+    reserve = default_reserve(f.n_embd, f.n_ff_exp)
+    capacity = w.budget - w.baseline - reserve
+    adm = Admission(w.budget, w.baseline, reserve, jit_room=jit_slot_count(8, capacity, 4 * MiB) * 4 * MiB)
+    assert plan.workers[0].resident == adm.resident_room // (4 * MiB) == (capacity - 9 * 4 * MiB) // (4 * MiB)

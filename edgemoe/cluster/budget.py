@@ -122,6 +122,12 @@ def default_reserve(n_embd: int, n_ff: int, max_tokens: int = DEFAULT_MAX_TOKENS
     return activation_bytes(max_tokens, n_embd, n_ff) + RUNTIME_SLACK
 
 
+def jit_slot_count(n_experts_used: int, capacity: int, biggest: int) -> int:
+    """Just-in-time slots a worker keeps out of its resident room: a compute of one layer's experts on
+    it needs them all mapped at once (up to top-k), plus one so a prefetch can load while they compute."""
+    return max(1, min(n_experts_used + 1, capacity // biggest)) if biggest > 0 else 1
+
+
 # ------------------------------------------------------------------------------------------------
 # admission state machine
 

@@ -47,6 +47,7 @@ from edgemoe.cluster.budget import (
     Wait,
     activation_bytes,
     default_reserve,
+    jit_slot_count,
     format_size,
     page_round,
 )
@@ -196,9 +197,7 @@ class Worker:
                 f"plus its reserve {format_size(self.reserve)} plus one expert ({format_size(biggest)}): the smallest "
                 f"budget that works is {_mib_up(smallest)}")
         capacity = self.budget - baseline - self.reserve
-        # a compute of one layer's experts on this worker needs them all mapped at once: up to top-k
-        # just-in-time slots, plus one so a prefetch can load while they compute
-        self.jit_slots = max(1, min(self.manifest.n_experts_used + 1, capacity // biggest))
+        self.jit_slots = jit_slot_count(self.manifest.n_experts_used, capacity, biggest)
         self.adm = Admission(self.budget, baseline, self.reserve, slack=RUNTIME_SLACK, horizon=self.horizon,
                              jit_room=self.jit_slots * biggest)
         self._biggest = biggest

@@ -2,8 +2,8 @@
 
 Follows the cluster's own accounting (edgemoe/cluster/budget.py): a worker's budget bounds its whole
 resident memory = baseline + reserve (one request's activations + slack) + the shards it maps. A
-worker that streams keeps room for JIT_SLOTS shards (one computing, one loading ahead); the rest of
-its budget holds resident experts. Residency (issue 16's design): one placement for the whole
+worker keeps room for its just-in-time slots (budget.jit_slot_count: top-k + 1, as the worker
+itself does); the rest of its budget holds resident experts. Residency (issue 16's design): one placement for the whole
 cluster, each expert resident on at most one worker, the most used first (routing counts from an
 importance matrix, else all equal); `residency="off"` is the paper's cacheless mode.
 """
@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgemoe.cluster.budget import default_reserve, page_round
+from edgemoe.cluster.budget import default_reserve, jit_slot_count, page_round
 from edgemoe.errors import UserError
 from edgemoe.plan.facts import ModelFacts
 
-JIT_SLOTS = 2  # shards a streaming worker maps at once: the one it computes, the one it loads next
 DEFAULT_WORKER_BASELINE = 96 << 20  # a worker's RSS with nothing mapped, when the profile has no measurement
 DEFAULT_COORDINATOR_BASELINE = 160 << 20  # interpreter, numpy, ggml, zmq, graphs of the coordinator
 PLAN_CONTEXT = 2048  # context tokens the coordinator's KV cache is sized for
@@ -118,14 +117,11 @@ def plan_memory(facts: ModelFacts, workers: list[WorkerSpec], *, residency: str 
             raise UserError(f"board {w.name}: a budget of {w.budget / 2**20:.0f} MiB cannot hold one expert "
                             f"({shard / 2**20:.1f} MiB) besides the worker's baseline ({w.baseline / 2**20:.0f} MiB) and "
                             f"reserve; a worker needs at least {math.ceil(need / 2**20)} MiB (or a smaller expert type)")
-    # capacity: with every expert resident nothing streams; otherwise keep the JIT slots free
-    cap_all = [worker_room(facts, w) // shard for w in workers]
+    # capacity: what the worker's own admission leaves for residents (its just-in-time slots kept free)
+    jit = [jit_slot_count(facts.n_experts_used, worker_room(facts, w), shard) * shard for w in workers]
     if residency == "off":
-        caps, jit = [0] * len(workers), [min(JIT_SLOTS, c) * shard for c in cap_all]
-    elif sum(cap_all) >= total:
-        caps, jit = cap_all, [0] * len(workers)
+        caps = [0] * len(workers)
     else:
-        jit = [min(JIT_SLOTS, c) * shard for c in cap_all]
         caps = [max(0, (worker_room(facts, w) - j) // shard) for w, j in zip(workers, jit)]
     usage = expert_usage(facts, counts)
     n_res = min(total, sum(caps))
@@ -148,11 +144,11 @@ def plan_memory(facts: ModelFacts, workers: list[WorkerSpec], *, residency: str 
     if shadow_in_process and facts.shadow:
         coord += facts.shadow["bytes"]
     w0 = workers[0]
-    per_board = worker_room(facts, w0) // shard
+    per_board = max(0, worker_room(facts, w0) - jit[0]) // shard
     all_boards = math.ceil(total / per_board) if per_board else None
     return MemoryPlan(residency, plans, total, n_res, hit, total - n_res, coord, coordinator_budget, all_boards,
                       per_layer)
 
 
-__all__ = ["DEFAULT_WORKER_BASELINE", "JIT_SLOTS", "MemoryPlan", "WorkerPlan", "WorkerSpec", "expert_usage",
+__all__ = ["DEFAULT_WORKER_BASELINE", "MemoryPlan", "WorkerPlan", "WorkerSpec", "expert_usage",
            "plan_memory", "shard_footprint", "smallest_budget", "worker_room"]
