@@ -8,7 +8,7 @@
                                  less the same decode in one process, per layer: a worker gets one request
                                  per layer for all its experts; fanout_us is a layer's cost with one worker
                                  (messaging at both ends, the round trip), request_us what each further
-                                 worker of the layer adds (the 2-worker cluster less the 1-worker one)
+                                 worker of the layer adds (min(top-k, 4) workers less 1, per further one)
     layer_overhead_us            the in-process engine's decode per layer, less the weight bytes it reads at
                                  compute_mb_s: the fixed cost of the decode path (graphs, Python, copies)
     worker_baseline              a fresh worker process's resident memory with no expert mapped
@@ -197,8 +197,8 @@ def request_costs(model_dir: Path, threads: int, n_tokens: int = 32, repeats: in
     """(fanout_us, request_us): what a decode layer through a local cluster costs beyond the same layer
     in one process, every expert resident (budgets that hold them all, where this machine's memory
     allows), as the cluster really runs it. A worker gets one request per layer for all of its experts
-    (computed in one graph): with 1 worker a layer costs fanout, with 2 (each holding half the experts)
-    fanout + request, the further worker's message at both ends. Medians of `repeats` runs each, the two
+    (computed in one graph): with 1 worker a layer costs fanout, with n = min(top-k, 4) (at least 2, each
+    holding its share of the experts) fanout + (n - 1) * request, each further worker's message at both ends. Medians of `repeats` runs each, the two
     cluster sizes in turn (decode times on a busy 2-core host vary by +-15% from second to second)."""
     from edgemoe.model.engine import Engine
 
@@ -208,13 +208,14 @@ def request_costs(model_dir: Path, threads: int, n_tokens: int = 32, repeats: in
     room = memory_total() // 3  # the workers' budgets together stay below a third of the memory
     with Engine(model_dir, n_ctx=n_tokens + 16, n_threads=threads) as eng:
         local = _decode_times(eng, n_tokens)
-    runs: dict[int, list[float]] = {1: [], 2: []}
+    wide = max(2, min(m.n_experts_used, 4))  # more further workers, a larger difference to measure
+    runs: dict[int, list[float]] = {1: [], wide: []}
     for _ in range(repeats):
         for n in runs:
             budget = min(int(experts * 1.25 / n) + (256 << 20), room // n)
             runs[n].append(_cluster_decode(model_dir, n, budget, threads, n_tokens))
-    one, two = (max(0.0, statistics.median(runs[n]) - local) / L for n in (1, 2))
-    return one * 1e6, max(0.0, two - one) * 1e6
+    one, many = (max(0.0, statistics.median(runs[n]) - local) / L for n in (1, wide))
+    return one * 1e6, max(0.0, many - one) / (wide - 1) * 1e6
 
 
 def worker_baseline() -> int:
