@@ -4,8 +4,8 @@
     storage_read_mb_s            expert shards mapped cold as a worker maps them (bench/storage.py)
     compute_mb_s                 expert FFNs of one token row on `threads` ggml threads: shard bytes / time
     round_trip_us, network_mb_s  ZeroMQ DEALER/ROUTER over loopback: a hidden state there and back; 4 MiB frames
-    fanout_us, request_us        decode through local 1- and 2-worker clusters with every expert resident,
-                                 less the same decode in one process, per layer: a worker gets one request
+    fanout_us, request_us        decode through local clusters of 1 and min(top-k, 4) workers with every
+                                 expert resident, less the same decode in one process, per layer: a worker gets one request
                                  per layer for all its experts; fanout_us is a layer's cost with one worker
                                  (messaging at both ends, the round trip), request_us what each further
                                  worker of the layer adds (min(top-k, 4) workers less 1, per further one)
@@ -198,8 +198,9 @@ def request_costs(model_dir: Path, threads: int, n_tokens: int = 32, repeats: in
     in one process, every expert resident (budgets that hold them all, where this machine's memory
     allows), as the cluster really runs it. A worker gets one request per layer for all of its experts
     (computed in one graph): with 1 worker a layer costs fanout, with n = min(top-k, 4) (at least 2, each
-    holding its share of the experts) fanout + (n - 1) * request, each further worker's message at both ends. Medians of `repeats` runs each, the two
-    cluster sizes in turn (decode times on a busy 2-core host vary by +-15% from second to second)."""
+    holding its share of the experts) fanout + (n - 1) * request, each further worker's message at both
+    ends. Medians of `repeats` runs each, the two cluster sizes in turn (decode times on a busy 2-core
+    host vary by +-15% from second to second)."""
     from edgemoe.model.engine import Engine
 
     m = load_manifest(model_dir)
@@ -240,7 +241,7 @@ def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> 
     rtt, bw = loopback(n_embd)
     say(f"  {rtt:.0f} us, {bw:.0f} MB/s; decoding in one process for the per-layer overhead ...")
     ovh = layer_overhead(model_dir, threads, comp)
-    say(f"  {ovh:.0f} us per layer; expert requests through local 1- and 2-worker clusters ...")
+    say(f"  {ovh:.0f} us per layer; expert requests through local clusters of 1 and min(top-k, 4) workers ...")
     fanout, req = request_costs(model_dir, threads)
     say(f"  {fanout:.0f} us per layer's fan-out, {req:.0f} us per further worker of a layer; a worker's "
         "baseline memory ...")

@@ -12,8 +12,8 @@
     round_trip_us = 450.0                # one small request + reply to/from this board over its network
     network_mb_s = 11.0                  # link throughput, MB/s
     layer_overhead_us = 900.0            # fixed cost per MoE layer of the decode path (coordinator role)
-    request_us = 1500.0                  # one more expert request served by the same worker in a layer
-    fanout_us = 300.0                    # a layer's requests to its workers, served at once: the fixed cost
+    request_us = 1500.0                  # what each further worker of a layer adds (its message, both ends)
+    fanout_us = 300.0                    # a layer's request to one worker and its answer: the fixed cost
     worker_baseline = "80MiB"            # a worker process's resident memory with no expert mapped
 
 Unknown keys, wrong types, out-of-range values and missing required keys are errors naming the key

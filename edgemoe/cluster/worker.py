@@ -47,8 +47,8 @@ from edgemoe.cluster.budget import (
     Wait,
     activation_bytes,
     default_reserve,
-    jit_slot_count,
     format_size,
+    jit_slot_count,
     page_round,
 )
 from edgemoe.errors import UserError

@@ -2,9 +2,9 @@
 
 Follows the cluster's own accounting (edgemoe/cluster/budget.py): a worker's budget bounds its whole
 resident memory = baseline + reserve (one request's activations + slack) + the shards it maps. A
-worker keeps room for its just-in-time slots (budget.jit_slot_count: top-k + 1, as the worker
-itself does); the rest of its budget holds resident experts. Residency (issue 16's design): one placement for the whole
-cluster, each expert resident on at most one worker, the most used first (routing counts from an
+worker keeps room for its just-in-time slots (budget.jit_slot_count: top-k + 1, as the worker itself
+does); the rest of its budget holds resident experts. Residency (issue 16's design): one placement for
+the whole cluster, each expert resident on at most one worker, the most used first (routing counts from an
 importance matrix, else all equal); `residency="off"` is the paper's cacheless mode.
 """
 
@@ -118,11 +118,10 @@ def plan_memory(facts: ModelFacts, workers: list[WorkerSpec], *, residency: str 
                             f"({shard / 2**20:.1f} MiB) besides the worker's baseline ({w.baseline / 2**20:.0f} MiB) and "
                             f"reserve; a worker needs at least {math.ceil(need / 2**20)} MiB (or a smaller expert type)")
     # capacity: what the worker's own admission leaves for residents (its just-in-time slots kept free)
-    jit = [jit_slot_count(facts.n_experts_used, worker_room(facts, w), shard) * shard for w in workers]
-    if residency == "off":
-        caps = [0] * len(workers)
-    else:
-        caps = [max(0, (worker_room(facts, w) - j) // shard) for w, j in zip(workers, jit)]
+    rooms = [worker_room(facts, w) for w in workers]
+    jit = [jit_slot_count(facts.n_experts_used, room, shard) * shard for room in rooms]
+    resident_room = [max(0, room - j) // shard for room, j in zip(rooms, jit)]
+    caps = [0] * len(workers) if residency == "off" else resident_room
     usage = expert_usage(facts, counts)
     n_res = min(total, sum(caps))
     chosen = usage[:n_res]
@@ -143,8 +142,7 @@ def plan_memory(facts: ModelFacts, workers: list[WorkerSpec], *, residency: str 
     coord = DEFAULT_COORDINATOR_BASELINE + facts.trunk_bytes + PLAN_CONTEXT * facts.kv_bytes_per_token
     if shadow_in_process and facts.shadow:
         coord += facts.shadow["bytes"]
-    w0 = workers[0]
-    per_board = max(0, worker_room(facts, w0) - jit[0]) // shard
+    per_board = resident_room[0]  # boards of the first kind
     all_boards = math.ceil(total / per_board) if per_board else None
     return MemoryPlan(residency, plans, total, n_res, hit, total - n_res, coord, coordinator_budget, all_boards,
                       per_layer)

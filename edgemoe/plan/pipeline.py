@@ -6,8 +6,8 @@ A decode token walks the MoE layers one after another (paper section 2). Per lay
     t_W  = fan-out + (group size - 1) * request cost
            + ceil(k / group size) * (hidden-state bytes / link rate + shard / worker compute rate)
            (each worker of the layer's group gets one request for its experts and computes them in one
-           graph; fan-out and request cost are measured on local 1- and 2-worker clusters, every expert
-           resident)
+           graph; fan-out and request cost are measured on local clusters of 1 and min(k, 4) workers, every
+           expert resident)
     stall: an expert the predictor missed (probability 1 - recall) and that is not resident is read on
            demand: shard / storage rate, once per layer that has such a miss
 
@@ -95,7 +95,8 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     fanout = max(coordinator.fanout_s, rtt)  # a real network's round trip can exceed the measured fan-out
     # a worker gets one request per layer for its ceil(k/g) experts (one graph): the layer pays one fan-out,
     # each further worker's message, and the hidden states out and back
-    network = L * (fanout + (g - 1) * request + per_worker * 2 * hidden / net)
+    messages = L * (fanout + (g - 1) * request)
+    network = messages + L * per_worker * 2 * hidden / net
     # misses: a routed expert neither resident nor predicted is read on demand
     p_stream = 1.0 - mem.resident_hit
     r = recall if predictor != "reactive" else 0.0
@@ -124,8 +125,7 @@ def predict_decode(facts: ModelFacts, mem: MemoryPlan, workers: list[BoardSpeed]
     cpu = 0.0
     if shared_host:
         # every routed expert is computed once (on `threads` threads); each request and fan-out is CPU at both ends
-        work = head + trunk + shadow + L * k * shard / slow_w.compute_bytes_s * slow_w.threads \
-            + L * (fanout + (g - 1) * request)
+        work = head + trunk + shadow + L * k * shard / slow_w.compute_bytes_s * slow_w.threads + messages
         cpu = work / max(1, coordinator.cores)
     terms = {"path": path, "storage": storage, "cpu": cpu, "shadow": shadow if shadow_node else 0.0}
     token = max(terms.values())
