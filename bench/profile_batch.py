@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--predictor", default="lookahead")
     p.add_argument("-n", "--sequences", type=int, default=4)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--top", type=int, default=12, help="profile lines printed (default 12)")
     a = p.parse_args()
     opts = ClusterOptions(workers=a.workers, predictor=a.predictor, memory_budget=a.memory_budget)
     with open_engine(a.model, opts, n_ctx=256, n_threads=1, n_seq=a.sequences) as e:
@@ -37,6 +38,7 @@ def main() -> None:
             last = [int(np.argmax(o[0])) for o in out]
             distinct = []
             prof = cProfile.Profile()
+            trunk0, experts0 = e.stats.trunk_s, e.stats.experts_s
             t0 = time.perf_counter()
             prof.enable()
             for _ in range(a.steps):
@@ -46,8 +48,10 @@ def main() -> None:
             prof.disable()
             dt = (time.perf_counter() - t0) / a.steps
             print(f"{n} sequence(s): {dt * 1e3:.0f} ms/step, aggregate {n / dt:.2f} tok/s, "
-                  f"{np.mean(distinct):.2f} distinct experts per layer", flush=True)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+                  f"{np.mean(distinct):.2f} distinct experts per layer; trunk "
+                  f"{(e.stats.trunk_s - trunk0) / a.steps * 1e3:.0f} ms, experts (the cluster's answers) "
+                  f"{(e.stats.experts_s - experts0) / a.steps * 1e3:.0f} ms per step", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
 
 
 if __name__ == "__main__":
