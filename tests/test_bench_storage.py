@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from edgemoe.bench.storage import expert_bytes_per_token, shard_read_rate
+import pytest
+
+from edgemoe.bench.cluster import ClusterBench, planner_cold_rate
+from edgemoe.bench.storage import COLD_CACHED_MAX, expert_bytes_per_token, shard_read_rate
 from edgemoe.format.manifest import load_manifest
+from edgemoe.util.files import cached_share, drop_page_cache
 from edgemoe.util.proc import storage_read_bytes
 
 MODEL = "olmoe-q8_0"
@@ -31,6 +37,51 @@ def test_shard_read_rate_maps_the_shards_it_names(converted_models: dict[str, Pa
     assert every.streams == 3 and every.seconds > 0 and every.bytes_per_s > 0
     some = shard_read_rate(model, n_files=5, streams=2, cold=False)
     assert some.files == 5 and some.streams == 2 and some.bytes == 5 * files[0].stat().st_size
+
+
+def _drop_takes(path: Path) -> bool:
+    drop_page_cache(path)
+    return cached_share([path]) == 0.0
+
+
+def test_cached_share_follows_the_page_cache(tmp_path: Path) -> None:
+    f = tmp_path / "data.bin"
+    with open(f, "wb") as out:
+        out.write(os.urandom(32 << 20))
+        out.flush()
+        os.fsync(out.fileno())
+    assert cached_share([f]) == 1.0  # just written: every page cached
+    if not _drop_takes(f):
+        pytest.skip("this file system keeps pages that POSIX_FADV_DONTNEED asks it to drop")
+    with open(f, "rb") as src:
+        src.read(8 << 20)
+    assert 0.25 <= cached_share([f]) <= 0.5  # a quarter read, plus the kernel's readahead (up to a few MiB)
+    empty = tmp_path / "empty.bin"
+    empty.touch()
+    assert cached_share([empty]) is None and cached_share([]) is None  # no pages to ask about
+    both = cached_share([f, empty])
+    assert both is not None and 0.25 <= both <= 0.5
+
+
+def test_shard_read_rate_says_whether_the_read_was_cold(converted_models: dict[str, Path]) -> None:
+    model = converted_models[MODEL]
+    shards = sorted((model / "experts").iterdir())
+    if not all([_drop_takes(p) for p in shards]):
+        pytest.skip("this file system keeps pages that POSIX_FADV_DONTNEED asks it to drop")
+    cold = shard_read_rate(model, n_files=6, streams=2)
+    assert cold.cached_share == 0.0 and not cold.from_page_cache
+    warm = shard_read_rate(model, n_files=6, streams=2, cold=False)
+    assert warm.cached_share == 1.0 and warm.from_page_cache
+    assert cached_share(shards) == 0.0  # and it leaves nothing cached
+
+
+def test_the_planner_takes_theplanner_cold_rate_only_where_the_drop_took() -> None:
+    r = ClusterBench(model="m", reference="r", workers=4, memory_budget=None, predictor="shadow", shadow_node=None,
+                     threads=1, prompt_tokens=16, n_predict=8, repeats=1, residency="auto",
+                     shard_read_cold_bytes_per_s=6e8, shard_read_warm_bytes_per_s=9e9)
+    assert planner_cold_rate(replace(r, shard_read_cold_cached_share=0.0)) == 6e8
+    assert planner_cold_rate(replace(r, shard_read_cold_cached_share=None)) == 6e8  # the kernel could not tell: as measured
+    assert planner_cold_rate(replace(r, shard_read_cold_cached_share=COLD_CACHED_MAX + 0.01)) is None
 
 
 def test_storage_read_bytes_reads_proc_io() -> None:

@@ -187,6 +187,21 @@ def test_profile_board_measures_and_writes_a_strict_profile(converted_models: di
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
+def test_a_profile_whose_storage_rate_came_from_the_page_cache_says_so(tmp_path: Path) -> None:
+    from edgemoe.bench.board import BoardMeasurement
+    from edgemoe.cli.profile_board import render
+    from edgemoe.cluster.profile import load_profile
+
+    m = BoardMeasurement(cores=2, memory_total=8 << 30, threads=1, storage_read_mb_s=9000.0, compute_mb_s=900.0,
+                         round_trip_us=60.0, network_mb_s=800.0, layer_overhead_us=100.0, worker_baseline=60 << 20,
+                         request_us=200.0, fanout_us=900.0, storage_from_page_cache=True)
+    for cached in (True, False):
+        out = tmp_path / f"b{cached}.toml"
+        out.write_text(render("b", 512 << 20, replace(m, storage_from_page_cache=cached), "a board"))
+        assert load_profile(out).storage_read_mb_s == 9000.0  # still a valid profile, the number kept
+        assert ("the rate below is the page cache's" in out.read_text()) is cached
+
+
 def test_info_into_a_closed_pipe_ends_quietly(converted_models: dict[str, Path]) -> None:
     """`edgemoe info DIR | head -1`: the reader has left before the output is written; no BrokenPipe
     traceback, SIGPIPE's exit status."""

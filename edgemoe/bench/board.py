@@ -25,12 +25,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 
 from edgemoe.format.manifest import load_manifest
 from edgemoe.plan.pipeline import BoardSpeed
+
+if TYPE_CHECKING:
+    from edgemoe.bench.storage import StorageRate
 
 
 @dataclass
@@ -46,6 +50,7 @@ class BoardMeasurement:
     worker_baseline: int
     request_us: float
     fanout_us: float
+    storage_from_page_cache: bool = False  # the kernel ignored the drop: storage_read_mb_s is the page cache's
 
 
 def memory_total() -> int:
@@ -60,11 +65,12 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def storage_rate(model_dir: Path, n_files: int = 24) -> float:
-    """Cold shard read rate, MB/s, one loader (what one worker's storage gives)."""
+def storage_rate(model_dir: Path, n_files: int = 24) -> "StorageRate":
+    """Cold shard read, one loader (what one worker's storage gives); its from_page_cache says whether
+    the kernel ignored the drop."""
     from edgemoe.bench.storage import shard_read_rate
 
-    return shard_read_rate(model_dir, n_files=n_files, streams=1).bytes_per_s / 1e6
+    return shard_read_rate(model_dir, n_files=n_files, streams=1)
 
 
 def compute_rate(model_dir: Path, threads: int, n_embd: int, repeats: int = 5, n_shards: int = 32) -> float:
@@ -234,7 +240,11 @@ def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> 
 
     n_embd = facts_of_dir(model_dir).n_embd
     say("reading expert shards cold from storage ...")
-    storage = storage_rate(model_dir)
+    read = storage_rate(model_dir)
+    storage = read.bytes_per_s / 1e6
+    if read.from_page_cache:
+        say(f"  warning: the kernel kept {100 * read.cached_share:.0f}% of the shards cached after the drop: "
+            "this is the page cache's rate, not the storage's")
     say(f"  {storage:.0f} MB/s; computing experts on {threads} thread(s) ...")
     comp = compute_rate(model_dir, threads, n_embd)
     say(f"  {comp:.0f} MB/s of weights; loopback round trips ...")
@@ -247,7 +257,8 @@ def measure_board(model_dir: str | os.PathLike[str], threads: int, log=None) -> 
         "baseline memory ...")
     base = worker_baseline()
     say(f"  {base / 2**20:.0f} MiB")
-    return BoardMeasurement(cores(), memory_total(), threads, storage, comp, rtt, bw, ovh, base, req, fanout)
+    return BoardMeasurement(cores(), memory_total(), threads, storage, comp, rtt, bw, ovh, base, req, fanout,
+                            read.from_page_cache)
 
 
 def this_machine(model_dir: str | os.PathLike[str], threads: int, profile: str | None = None) -> tuple[BoardSpeed, int]:
@@ -266,7 +277,7 @@ def this_machine(model_dir: str | os.PathLike[str], threads: int, profile: str |
     n_embd = facts_of_dir(model_dir).n_embd
     comp = compute_rate(model_dir, threads, n_embd)
     rtt, bw = loopback(n_embd)
-    storage = storage_rate(model_dir)
+    storage = storage_rate(model_dir).bytes_per_s / 1e6
     fanout, request = request_costs(model_dir, threads)
     speed = BoardSpeed("this-machine", cores(), threads, comp * 1e6, storage * 1e6, rtt * 1e-6, bw * 1e6,
                        layer_overhead(model_dir, threads, comp) * 1e-6, request * 1e-6, fanout * 1e-6)

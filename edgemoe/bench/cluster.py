@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.bench.confined import LlamaCppChild
-from edgemoe.bench.storage import expert_bytes_per_token, shard_read_rate
+from edgemoe.bench.storage import COLD_CACHED_MAX, expert_bytes_per_token, shard_read_rate
 from edgemoe.cluster.budget import parse_size
 from edgemoe.cluster.cgroup import CgroupUnavailable, MemoryCgroup
 from edgemoe.cluster.session import ClusterOptions, open_engine
@@ -80,6 +80,7 @@ class ClusterBench:
     shard_read_cold_bytes_per_s: float = 0.0  # expert shards mapped as workers map them, page cache dropped
     shard_read_warm_bytes_per_s: float = 0.0  # ... and from the page cache
     shard_read_streams: int = 0
+    shard_read_cold_cached_share: float | None = None  # of the shards still cached after the drop (None: unknown)
     storage_bytes_per_token: list[float] = field(default_factory=list)  # what the workers really read, per decode token
     predicted_tok_s: float = 0.0  # edgemoe plan's model of this cluster (plan/local.py), for validation
     predicted_bottleneck: str = ""
@@ -143,6 +144,7 @@ def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4,
     cold = shard_read_rate(model, streams=workers or 1)
     warm = shard_read_rate(model, streams=workers or 1, cold=False)
     r.shard_read_cold_bytes_per_s, r.shard_read_warm_bytes_per_s = cold.bytes_per_s, warm.bytes_per_s
+    r.shard_read_cold_cached_share = cold.cached_share
     r.shard_read_streams = cold.streams
     opts = ClusterOptions(workers=workers, predictor=predictor, memory_budget=memory_budget, shadow_node=shadow_node,
                           residency=residency)
@@ -186,7 +188,7 @@ def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4,
 
     machine, baseline = this_machine(model, threads, board_profile)
     pred = predict_local_cluster(model, workers=workers, memory_budget=memory_budget, predictor=predictor, recall=r.recall,
-                                 machine=machine, baseline=baseline, storage_bytes_s=_plausible_cold_rate(r),
+                                 machine=machine, baseline=baseline, storage_bytes_s=planner_cold_rate(r),
                                  shadow_node=shadow_node is not None, residency=residency)
     r.predicted_tok_s, r.predicted_bottleneck = pred.tok_s, pred.bottleneck
     r.prediction = {**pred.to_dict(), "machine": asdict(machine)}
@@ -205,12 +207,12 @@ def bench_cluster(model: str | Path, reference: str | Path, *, workers: int = 4,
     return r
 
 
-def _plausible_cold_rate(r: ClusterBench) -> float | None:
-    """The bench's cold shard rate, unless it is no slower than half the warm one: then the page cache
-    was not dropped (gVisor ignores the advice; measured there 18.5 GB/s "cold" once, 1.0-1.7 GB/s other
-    times, on the same files) and the planner takes the machine's own measured rate instead."""
-    cold, warm = r.shard_read_cold_bytes_per_s, r.shard_read_warm_bytes_per_s
-    return cold if cold and warm and cold < 0.5 * warm else None
+def planner_cold_rate(r: ClusterBench) -> float | None:
+    """The bench's cold shard rate for the planner, unless the kernel kept the pages the drop asked it to
+    forget (gVisor did on a lent machine: 18.5 GB/s "cold" once, 1.0-1.7 GB/s other times, same files);
+    then the planner takes the single-loader rate it measured itself (edgemoe.bench.board.this_machine)."""
+    share = r.shard_read_cold_cached_share
+    return None if share is not None and share > COLD_CACHED_MAX else r.shard_read_cold_bytes_per_s
 
 
 def _private_copy(reference: str | Path, tmp: Path) -> Path:

@@ -19,7 +19,11 @@ from pathlib import Path
 
 from edgemoe.format.manifest import Manifest, expert_file_name, load_manifest
 from edgemoe.model.expert_ffn import MappedShard, ShardLayout
-from edgemoe.util.files import drop_page_cache
+from edgemoe.util.files import cached_share, drop_page_cache
+
+
+# More than this share of the shards still cached after the drop: the "cold" read was not cold.
+COLD_CACHED_MAX = 0.1
 
 
 @dataclass
@@ -28,10 +32,16 @@ class StorageRate:
     bytes: int
     seconds: float
     streams: int
+    cached_share: float | None = None  # of the shards' bytes in the page cache as the reads began (None: unknown)
 
     @property
     def bytes_per_s(self) -> float:
         return self.bytes / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def from_page_cache(self) -> bool:
+        """The kernel kept the pages the drop asked it to forget: this rate is the page cache's."""
+        return self.cached_share is not None and self.cached_share > COLD_CACHED_MAX
 
 
 def expert_bytes_per_token(manifest: Manifest) -> float:
@@ -63,6 +73,7 @@ def shard_read_rate(model_dir: str | Path, *, n_files: int | None = None, stream
         for lay in part:
             MappedShard(lay, populate=True).close()
 
+    share = cached_share([lay.path for lay in layouts])
     parts = [layouts[i::streams] for i in range(streams)]
     threads = [threading.Thread(target=load, args=(p,)) for p in parts if p]
     t0 = time.perf_counter()
@@ -73,4 +84,4 @@ def shard_read_rate(model_dir: str | Path, *, n_files: int | None = None, stream
     seconds = time.perf_counter() - t0
     for lay in layouts:  # leave nothing cached: a worker's cgroup is charged only for pages it faults in itself
         drop_page_cache(lay.path)
-    return StorageRate(len(layouts), sum(lay.size for lay in layouts), seconds, len(threads))
+    return StorageRate(len(layouts), sum(lay.size for lay in layouts), seconds, len(threads), share)
