@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.bench.confined import LlamaCppChild
-from edgemoe.bench.storage import COLD_CACHED_MAX, expert_bytes_per_token, shard_read_rate
+from edgemoe.bench.storage import expert_bytes_per_token, page_cache_kept, shard_read_rate
 from edgemoe.cluster.budget import parse_size
 from edgemoe.cluster.cgroup import CgroupUnavailable, MemoryCgroup
 from edgemoe.cluster.session import ClusterOptions, open_engine
@@ -88,6 +88,12 @@ class ClusterBench:
     confined: list[ConfinedRun] = field(default_factory=list)
     confined_n_predict: int = 0
     confined_note: str = ""  # why the confined runs were skipped
+
+    @property
+    def cold_read_from_page_cache(self) -> bool:
+        """The kernel ignored the bench's page-cache drop: its cold rate (and the ceilings from it) are the
+        page cache's."""
+        return page_cache_kept(self.shard_read_cold_cached_share)
 
     @property
     def storage_bound_tok_s(self) -> float:
@@ -211,8 +217,7 @@ def planner_cold_rate(r: ClusterBench) -> float | None:
     """The bench's cold shard rate for the planner, unless the kernel kept the pages the drop asked it to
     forget (gVisor did on a lent machine: 18.5 GB/s "cold" once, 1.0-1.7 GB/s other times, same files);
     then the planner takes the single-loader rate it measured itself (edgemoe.bench.board.this_machine)."""
-    share = r.shard_read_cold_cached_share
-    return None if share is not None and share > COLD_CACHED_MAX else r.shard_read_cold_bytes_per_s
+    return None if r.cold_read_from_page_cache else r.shard_read_cold_bytes_per_s
 
 
 def _private_copy(reference: str | Path, tmp: Path) -> Path:

@@ -26,6 +26,11 @@ from edgemoe.util.files import cached_share, drop_page_cache
 COLD_CACHED_MAX = 0.1
 
 
+def page_cache_kept(cached_share: float | None) -> bool:
+    """Whether a cold read's cached share (StorageRate.cached_share) says the kernel ignored the drop."""
+    return cached_share is not None and cached_share > COLD_CACHED_MAX
+
+
 @dataclass
 class StorageRate:
     files: int
@@ -41,7 +46,7 @@ class StorageRate:
     @property
     def from_page_cache(self) -> bool:
         """The kernel kept the pages the drop asked it to forget: this rate is the page cache's."""
-        return self.cached_share is not None and self.cached_share > COLD_CACHED_MAX
+        return page_cache_kept(self.cached_share)
 
 
 def expert_bytes_per_token(manifest: Manifest) -> float:

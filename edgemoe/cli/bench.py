@@ -177,7 +177,6 @@ def run_cluster(args: argparse.Namespace) -> int:
         if not Path(args.plot).resolve().parent.is_dir():
             raise UserError(f"--plot {args.plot}: directory {Path(args.plot).resolve().parent} does not exist")
     from edgemoe.bench.cluster import bench_cluster, plot
-    from edgemoe.bench.storage import COLD_CACHED_MAX
 
     r = bench_cluster(args.model, _reference_for(args.model, args.reference), workers=args.workers,
                       memory_budget=args.memory_budget, predictor=args.predictor, threads=args.threads,
@@ -216,9 +215,8 @@ def run_cluster(args: argparse.Namespace) -> int:
           f"the page cache ({r.shard_read_streams} loaders): storage allows {s['storage_bound_tok_s']:.1f} tok/s at "
           f"these reads, {s['dropping_storage_bound_tok_s']:.1f} tok/s to a cluster that drops every expert "
           f"(cluster at {s['cluster_to_dropping_storage_bound']:.2f}x that)")
-    share = r.shard_read_cold_cached_share
-    if share is not None and share > COLD_CACHED_MAX:
-        print(f"warning: the kernel kept {100 * share:.0f}% of the shards cached after the drop: the cold rate is the "
+    if r.cold_read_from_page_cache:
+        print(f"warning: the kernel kept {100 * r.shard_read_cold_cached_share:.0f}% of the shards cached after the drop: the cold rate is the "
               "page cache's, and so are the storage ceilings above")
     print(f"planner (edgemoe plan's model of this cluster): {r.predicted_tok_s:.1f} tok/s predicted, "
           f"{s['predicted_over_measured']:.2f}x the measured; bottleneck {r.predicted_bottleneck}")
